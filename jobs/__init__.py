@@ -1,0 +1,1 @@
+"""What a person or a cluster runs: one module per job, and the `altclip` command."""

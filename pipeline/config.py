@@ -1,0 +1,81 @@
+"""One typed config per job, checked before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.table import DEFAULT_TABLE_NAME
+
+DEFAULT_MODEL = "BAAI/AltCLIP"
+TOWERS = ("image", "text")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: raised before any work, with a message that says what to change."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    manifest: str
+    out: str
+    model: str = DEFAULT_MODEL
+    table: str | None = None
+    table_name: str = DEFAULT_TABLE_NAME
+    towers: tuple[str, ...] = TOWERS
+    id_col: str = "id"
+    image_col: str | None = None  # None: "image" or "image_bytes", whichever the manifest has
+    caption_col: str | None = None  # None: "caption" when the manifest has it
+    batch_size: int = 64
+    dtype: str = "auto"
+    concurrency: int | None = None  # actors per tower; None: one per GPU, or one on CPU
+    num_gpus: float | None = None  # per actor; None: share one GPU between the towers if any
+    rows_per_shard: int = 10_000
+    storage_options: dict = field(default_factory=dict)
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or an in-process Ray
+
+    def __post_init__(self):
+        unknown = [t for t in self.towers if t not in TOWERS]
+        if unknown or not self.towers:
+            raise ConfigError(
+                f"--towers {','.join(self.towers) or '(empty)'}: choose one or both of image,text"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError(f"--concurrency {self.concurrency}: must be at least 1")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"--num-gpus {self.num_gpus}: must be 0 or more")
+        if self.rows_per_shard < 1:
+            raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    outputs: str
+    table: str
+    table_name: str = DEFAULT_TABLE_NAME
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    table: str
+    text: str | None = None
+    image: str | None = None
+    against: str | None = None  # "image" or "text"; None: the other modality for text, image for images
+    k: int = 10
+    where: str | None = None
+    model: str | None = None  # None: the model the table was built with
+    table_name: str = DEFAULT_TABLE_NAME
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if (self.text is None) == (self.image is None):
+            raise ConfigError("give exactly one query: --text TEXT or --image PATH")
+        if self.against not in (None, "image", "text"):
+            raise ConfigError(f"--against {self.against}: choose image or text")
+        if self.k < 1:
+            raise ConfigError(f"--k {self.k}: must be at least 1")

@@ -1,0 +1,114 @@
+"""The tower actors: `ImageEmbedder` (pixels -> image_embedding), `TextEmbedder` (ids -> text_embedding)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from pipeline.images import PIXELS, ImagePreprocessing
+from pipeline.model import load_tower, pick_device
+from pipeline.text import INPUT_IDS
+from pipeline.timing import add_stage_seconds
+from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
+
+
+def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int) -> pa.FixedSizeListArray:
+    """`fixed_size_list<float32>[D]` with the given rows filled and every other row null.
+
+    A plain fixed-size list, not Ray's tensor extension type, which LanceDB does not take.
+    """
+    full = np.zeros((num_rows, dim), dtype=np.float32)
+    full[rows] = vectors
+    is_null = np.ones(num_rows, dtype=bool)
+    is_null[rows] = False
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(full.reshape(-1)), dim, mask=pa.array(is_null)
+    )
+
+
+class _TowerActor:
+    kind: str
+
+    def __init__(self, local_dir: str, dtype: str, num_threads: int | None = None):
+        self.device = pick_device()
+        if self.device.type == "cpu" and num_threads:
+            # Leave the other cores to the decode and tokenize tasks.
+            torch.set_num_threads(num_threads)
+        self.dtype = dtype
+        self.tower = load_tower(self.kind, local_dir, dtype, self.device)
+        self.dim = self.tower.projection.out_features
+
+    def _vectors(self, inputs: dict[str, torch.Tensor] | None, rows: list[int], num_rows: int):
+        vectors = np.zeros((0, self.dim), dtype=np.float32)
+        if rows:
+            with torch.inference_mode():
+                embedded = self.tower(**inputs)
+            vectors = F.normalize(embedded.float(), dim=-1).cpu().numpy()
+        return vector_column(vectors, rows, num_rows, self.dim)
+
+
+class ImageEmbedder(_TowerActor):
+    """Holds the vision tower only; normalises uint8 pixels on its device."""
+
+    kind = "image"
+
+    def __init__(self, local_dir: str, dtype: str, preprocessing: ImagePreprocessing,
+                 num_threads: int | None = None):
+        super().__init__(local_dir, dtype, num_threads)
+        self.height, self.width = preprocessing.output_hw()
+        self.lookup = torch.from_numpy(preprocessing.normalization_table()).to(self.device)
+        self.channels = torch.arange(3, device=self.device)[None, :, None, None]
+
+    def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) normalised, in the tower's dtype."""
+        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).long()
+        return self.lookup[self.channels, x].to(self.tower.projection.weight.dtype)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        pixels = batch.column(PIXELS).to_pylist()
+        rows = [i for i, p in enumerate(pixels) if p is not None]
+        inputs = None
+        if rows:
+            stacked = np.frombuffer(bytearray(b"".join(pixels[i] for i in rows)), dtype=np.uint8)
+            stacked = stacked.reshape(len(rows), self.height, self.width, 3)
+            inputs = {"pixel_values": self.pixel_values(stacked)}
+        out = batch.drop_columns([PIXELS]).append_column(
+            IMAGE_EMBEDDING, self._vectors(inputs, rows, batch.num_rows)
+        )
+        return add_stage_seconds(out, "image_tower", time.perf_counter() - started)
+
+
+class TextEmbedder(_TowerActor):
+    """Holds the text tower only; pads each batch to its longest caption."""
+
+    kind = "text"
+
+    def __init__(self, local_dir: str, dtype: str, pad_token_id: int, num_threads: int | None = None):
+        super().__init__(local_dir, dtype, num_threads)
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        ids = batch.column(INPUT_IDS).to_pylist()
+        rows = [i for i, row in enumerate(ids) if row is not None]
+        inputs = None
+        if rows:
+            longest = max(len(ids[i]) for i in rows)
+            input_ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)
+            attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
+            for j, i in enumerate(rows):
+                input_ids[j, : len(ids[i])] = ids[i]
+                attention_mask[j, : len(ids[i])] = 1
+            inputs = {
+                "input_ids": torch.from_numpy(input_ids).to(self.device),
+                "attention_mask": torch.from_numpy(attention_mask).to(self.device),
+            }
+        out = batch.drop_columns([INPUT_IDS]).append_column(
+            TEXT_EMBEDDING, self._vectors(inputs, rows, batch.num_rows)
+        )
+        return add_stage_seconds(out, "text_tower", time.perf_counter() - started)

@@ -1,0 +1,203 @@
+"""Fetch, decode and preprocess images: bytes -> uint8 pixels the vision tower takes, per row."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.timing import add_stage_seconds
+from schemas.embeddings import HEIGHT, IMAGE_ERROR, IMAGE_SHA256, WIDTH, error
+from schemas.manifest import IMAGE, IMAGE_BYTES
+
+PIXELS = "pixels"  # uint8 HxWx3 bytes, between the decode stage and the image tower
+# PIL's own decompression-bomb threshold; checked from the header, before decoding.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+FETCH_THREADS = 16
+
+
+class ImageError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(error(kind, message))
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What the model's saved image processor asks for, as the PIL reference applies it."""
+
+    shortest_edge: int | None  # resize the short side to this, keeping the aspect ratio ...
+    resize_hw: tuple[int, int] | None  # ... or resize to exactly (height, width)
+    crop_hw: tuple[int, int] | None
+    resample: int
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_image_processor(cls, processor) -> "ImagePreprocessing":
+        size = dict(processor.size) if processor.do_resize else {}
+        crop = dict(processor.crop_size) if processor.do_center_crop else None
+        return cls(
+            shortest_edge=size.get("shortest_edge"),
+            resize_hw=(size["height"], size["width"]) if "height" in size else None,
+            crop_hw=(crop["height"], crop["width"]) if crop else None,
+            resample=int(processor.resample),
+            rescale_factor=float(processor.rescale_factor) if processor.do_rescale else 1.0,
+            mean=tuple(processor.image_mean) if processor.do_normalize else (0.0, 0.0, 0.0),
+            std=tuple(processor.image_std) if processor.do_normalize else (1.0, 1.0, 1.0),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def normalization_table(self) -> np.ndarray:
+        """(3, 256) float32: uint8 value -> normalised value per channel.
+
+        The same arithmetic as the reference (rescale in float64, then float32 (x - mean) / std),
+        so a lookup gives bit-identical values while pixels travel as uint8 until the tower.
+        """
+        values = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None]
+        return (values[None, :] - mean) / std
+
+    def output_hw(self) -> tuple[int, int]:
+        if self.crop_hw:
+            return self.crop_hw
+        if self.resize_hw:
+            return self.resize_hw
+        raise ValueError("images of varying size: the processor neither crops nor resizes to a fixed size")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the reference converts: transparency composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _resize_hw(prep: ImagePreprocessing, width: int, height: int) -> tuple[int, int]:
+    if prep.resize_hw:
+        return prep.resize_hw
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = prep.shortest_edge, int(prep.shortest_edge * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def _center_crop(pixels: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    crop_h, crop_w = crop_hw
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return pixels[top : top + crop_h, left : left + crop_w]
+    # Smaller than the crop: zero-pad around it, as the reference does.
+    padded = np.zeros((max(crop_h, height), max(crop_w, width), 3), dtype=pixels.dtype)
+    pad_top, pad_left = -(-(padded.shape[0] - height) // 2), -(-(padded.shape[1] - width) // 2)
+    padded[pad_top : pad_top + height, pad_left : pad_left + width] = pixels
+    top, left = top + pad_top, left + pad_left
+    return padded[max(0, top) : top + crop_h, max(0, left) : left + crop_w]
+
+
+def decode(data: bytes) -> Image.Image:
+    """Bytes -> a loaded PIL image, or an ImageError of a precise kind."""
+    if not data:
+        raise ImageError("decode_error", "empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("decode_error", f"not an image PIL can identify ({len(data)} bytes)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", str(exc)) from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError("too_large", f"{width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
+    try:
+        image.load()
+    except OSError as exc:
+        kind = "truncated" if "truncated" in str(exc) else "decode_error"
+        raise ImageError(kind, str(exc)) from None
+    except Exception as exc:  # PIL raises assorted errors on malformed files
+        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    return image
+
+
+def preprocess(image: Image.Image, prep: ImagePreprocessing) -> np.ndarray:
+    """A decoded image -> uint8 (H, W, 3) pixels: RGB, resized, centre-cropped."""
+    rgb = to_rgb(image)
+    if prep.shortest_edge or prep.resize_hw:
+        height, width = _resize_hw(prep, *rgb.size)
+        rgb = rgb.resize((width, height), resample=prep.resample)
+    pixels = np.asarray(rgb, dtype=np.uint8)
+    return _center_crop(pixels, prep.crop_hw) if prep.crop_hw else pixels
+
+
+def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ImageError("not_found", f"{uri} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError("read_error", f"{uri} is a directory") from None
+    except PermissionError:
+        raise ImageError("read_error", f"{uri}: permission denied") from None
+    except OSError as exc:
+        raise ImageError("read_error", f"{uri}: {exc}") from None
+
+
+def preprocess_images(
+    batch: pa.Table, preprocessing: ImagePreprocessing, storage_options: dict | None = None
+) -> pa.Table:
+    """Ray Data stage: fetch + decode + preprocess every row; failures become `image_error`."""
+    started = time.perf_counter()
+    uris = batch.column(IMAGE).to_pylist()
+    inline = batch.column(IMAGE_BYTES).to_pylist()
+
+    def fetch(i: int) -> bytes | ImageError:
+        if inline[i] is not None:
+            return inline[i]
+        if uris[i] is None:
+            return ImageError("no_image", "the row has neither an image URI nor image bytes")
+        try:
+            return read_bytes(uris[i], storage_options)
+        except ImageError as exc:
+            return exc
+
+    with ThreadPoolExecutor(min(FETCH_THREADS, max(1, batch.num_rows))) as pool:
+        fetched = list(pool.map(fetch, range(batch.num_rows)))
+
+    pixels, widths, heights, hashes, errors = [], [], [], [], []
+    for data in fetched:
+        sha = width = height = out = err = None
+        if isinstance(data, ImageError):
+            err = str(data)
+        else:
+            sha = hashlib.sha256(data).hexdigest()
+            try:
+                image = decode(data)
+                width, height = image.size
+                out = preprocess(image, preprocessing).tobytes()
+            except ImageError as exc:
+                err = str(exc)
+        pixels.append(out)
+        widths.append(width)
+        heights.append(height)
+        hashes.append(sha)
+        errors.append(err)
+    table = batch.drop_columns([IMAGE_BYTES])
+    table = table.append_column(PIXELS, pa.array(pixels, pa.binary()))
+    table = table.append_column(WIDTH, pa.array(widths, pa.int32()))
+    table = table.append_column(HEIGHT, pa.array(heights, pa.int32()))
+    table = table.append_column(IMAGE_SHA256, pa.array(hashes, pa.string()))
+    table = table.append_column(IMAGE_ERROR, pa.array(errors, pa.string()))
+    return add_stage_seconds(table, "decode", time.perf_counter() - started)
+

@@ -1,0 +1,113 @@
+"""The Ray Data plan: read -> decode + tokenize (CPU tasks) -> tower actors -> write."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import ray
+
+from pipeline.config import ConfigError, EmbedConfig
+from pipeline.embedders import ImageEmbedder, TextEmbedder
+from pipeline.images import preprocess_images
+from pipeline.manifest import Manifest, read_manifest, to_contract_columns
+from pipeline.model import ModelSpec
+from pipeline.text import tokenize_captions
+from schemas.manifest import IMAGE_BYTES
+
+# An actor that cannot be placed (a GPU nobody has) fails the job after this long instead of
+# waiting forever, which is Ray Data's default.
+ACTOR_START_TIMEOUT_S = 600
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS); without either, start Ray in-process."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Resources per tower actor, decided from the options and what the cluster has."""
+
+    num_gpus: float
+    num_cpus: float
+    concurrency: int
+    torch_threads: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.num_gpus > 0
+
+
+def plan_placement(config: EmbedConfig) -> Placement:
+    resources = ray.cluster_resources()
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    towers = len(config.towers)
+    if config.num_gpus is not None:
+        num_gpus = config.num_gpus
+        if num_gpus > 0 and gpus == 0:
+            raise ConfigError(
+                f"--num-gpus {num_gpus}: the Ray cluster has no GPUs; pass --num-gpus 0 to run on CPUs"
+            )
+    else:
+        # Both towers share each GPU unless told otherwise.
+        num_gpus = 1.0 / towers if gpus else 0.0
+    if num_gpus:
+        concurrency = config.concurrency or max(1, int(gpus / towers / num_gpus))
+        return Placement(num_gpus, 1.0, concurrency, torch_threads=0)
+    concurrency = config.concurrency or 1
+    actors = towers * concurrency
+    # On CPUs keep one core for reading, decoding and tokenizing; the actors split the rest.
+    spare = max(cpus - 1, 1.0)
+    return Placement(0.0, min(1.0, spare / actors), concurrency, torch_threads=max(1, int(spare // actors)))
+
+
+def embed_dataset(config: EmbedConfig, manifest: Manifest, model: ModelSpec, dtype: str,
+                  placement: Placement):
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Small blocks so decode tasks and tower actors work side by side from the first rows on.
+    ds = read_manifest(manifest).repartition(target_num_rows_per_block=config.batch_size)
+    ds = ds.map_batches(to_contract_columns, fn_kwargs={"manifest": manifest},
+                        batch_format="pyarrow", batch_size=None)
+    actor_args = dict(
+        batch_format="pyarrow",
+        batch_size=config.batch_size,
+        concurrency=placement.concurrency,
+        num_gpus=placement.num_gpus,
+        num_cpus=placement.num_cpus,
+    )
+    if "image" in config.towers:
+        ds = ds.map_batches(
+            preprocess_images,
+            fn_kwargs={"preprocessing": model.preprocessing, "storage_options": config.storage_options},
+            batch_format="pyarrow", batch_size=config.batch_size,
+        )
+    else:
+        ds = ds.map_batches(lambda t: t.drop_columns([IMAGE_BYTES]), batch_format="pyarrow")
+    if "text" in config.towers:
+        ds = ds.map_batches(
+            tokenize_captions,
+            fn_kwargs={"model_dir": model.local_dir, "max_tokens": model.max_tokens},
+            batch_format="pyarrow", batch_size=config.batch_size,
+        )
+    if "image" in config.towers:
+        ds = ds.map_batches(
+            ImageEmbedder,
+            fn_constructor_kwargs={"local_dir": model.local_dir, "dtype": dtype,
+                                   "preprocessing": model.preprocessing,
+                                   "num_threads": placement.torch_threads},
+            **actor_args,
+        )
+    if "text" in config.towers:
+        ds = ds.map_batches(
+            TextEmbedder,
+            fn_constructor_kwargs={"local_dir": model.local_dir, "dtype": dtype,
+                                   "pad_token_id": model.pad_token_id,
+                                   "num_threads": placement.torch_threads},
+            **actor_args,
+        )
+    return ds
+

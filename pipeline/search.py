@@ -1,0 +1,96 @@
+"""Search the table: embed a query with the table's own model, then nearest rows by cosine."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import ConfigError, SearchConfig
+from pipeline.embedders import ImageEmbedder, TextEmbedder
+from pipeline.images import preprocess_images
+from pipeline.model import ModelSpec, resolve_model
+from pipeline.table import open_table, table_provenance
+from pipeline.text import tokenize_captions
+from schemas.embeddings import (
+    CAPTION_SHA256,
+    CAPTION_TRUNCATED,
+    IMAGE_EMBEDDING,
+    IMAGE_ERROR,
+    IMAGE_SHA256,
+    MODEL,
+    TEXT_EMBEDDING,
+    TEXT_ERROR,
+)
+from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
+from schemas.table import SEARCH_COLUMNS
+
+# Columns a hit leaves out: vectors and bookkeeping; what remains is the row and its metadata.
+_HIDDEN = {IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_SHA256, CAPTION_SHA256, IMAGE_ERROR,
+           TEXT_ERROR, CAPTION_TRUNCATED, MODEL, "_distance"}
+
+
+def embed_text_query(model: ModelSpec, dtype: str, text: str) -> np.ndarray:
+    """A caption's vector through the same stages the embed job runs."""
+    batch = tokenize_captions(pa.table({CAPTION: [text]}), model.local_dir, model.max_tokens)
+    if batch.column(TEXT_ERROR)[0].is_valid:
+        raise ConfigError(f"--text: {batch.column(TEXT_ERROR)[0]}")
+    out = TextEmbedder(model.local_dir, dtype, model.pad_token_id)(batch)
+    return np.asarray(out.column(TEXT_EMBEDDING)[0].as_py(), dtype=np.float32)
+
+
+def embed_image_query(model: ModelSpec, dtype: str, uri: str, storage_options=None) -> np.ndarray:
+    """An image's vector through the same stages the embed job runs."""
+    batch = pa.table({IMAGE: [uri], IMAGE_BYTES: pa.nulls(1, pa.binary())})
+    batch = preprocess_images(batch, model.preprocessing, storage_options)
+    if batch.column(IMAGE_ERROR)[0].is_valid:
+        raise ConfigError(f"--image {uri}: {batch.column(IMAGE_ERROR)[0]}")
+    out = ImageEmbedder(model.local_dir, dtype, model.preprocessing)(batch)
+    return np.asarray(out.column(IMAGE_EMBEDDING)[0].as_py(), dtype=np.float32)
+
+
+def search(config: SearchConfig) -> list[dict]:
+    """Nearest rows, best first, each as {id, score, caption, image, metadata...}."""
+    table = open_table(config.table, config.table_name, config.storage_options)
+    origin = table_provenance(table) or {}
+    if config.model is None and "model" not in origin:
+        raise ConfigError("the table does not record its model: name it with --model")
+    model = resolve_model(config.model or origin["model"])
+    if origin.get("revision") not in (None, model.revision):
+        print(
+            f"warning: the table was built with {origin['model']}@{origin['revision']}, "
+            f"the query uses {model.label}: scores may not be comparable",
+            file=sys.stderr,
+        )
+    if model.dim != origin.get("dim", model.dim):
+        raise ConfigError(
+            f"--model {model.ref} makes {model.dim}-d vectors, the table holds {origin['dim']}-d ones"
+        )
+    dtype = origin.get("dtype", "float32")
+    if config.text is not None:
+        vector = embed_text_query(model, dtype, config.text)
+    else:
+        vector = embed_image_query(model, dtype, config.image, config.storage_options)
+    column = SEARCH_COLUMNS[config.against or "image"]
+    where = f"{column} IS NOT NULL" + (f" AND ({config.where})" if config.where else "")
+    try:
+        rows = (
+            table.search(vector, vector_column_name=column)
+            .distance_type("cosine")
+            .where(where, prefilter=True)
+            .limit(config.k)
+            .to_list()
+        )
+    except Exception as exc:  # LanceDB reports a bad filter as a generic error
+        if not config.where:
+            raise
+        raise ConfigError(f"--where {config.where!r}: {exc}") from exc
+    return [_hit(row) for row in rows]
+
+
+def _hit(row: dict) -> dict:
+    hit = {ID: row[ID], "score": round(1.0 - float(row["_distance"]), 6),
+           CAPTION: row.get(CAPTION), IMAGE: row.get(IMAGE)}
+    hit.update({k: v for k, v in row.items() if k not in _HIDDEN and k not in hit})
+    return hit

@@ -1,0 +1,83 @@
+"""The embeddings contract: the Arrow schema of the embed job's Parquet output."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from schemas.manifest import CAPTION, ID, IMAGE
+
+IMAGE_EMBEDDING = "image_embedding"
+TEXT_EMBEDDING = "text_embedding"
+VECTOR_COLUMNS = (IMAGE_EMBEDDING, TEXT_EMBEDDING)
+IMAGE_SHA256 = "image_sha256"
+CAPTION_SHA256 = "caption_sha256"
+WIDTH = "width"
+HEIGHT = "height"
+IMAGE_ERROR = "image_error"
+TEXT_ERROR = "text_error"
+CAPTION_TRUNCATED = "caption_truncated"
+MODEL = "model"
+
+# Key of the provenance JSON in the Parquet footer (Arrow schema metadata).
+PROVENANCE_KEY = b"altclip.provenance"
+
+# Error kinds: the text before the colon of `image_error` / `text_error`.
+ERROR_KINDS = (
+    "not_found",  # the image URI does not exist
+    "read_error",  # the bytes could not be read (permissions, a directory, storage failure)
+    "decode_error",  # the bytes are not an image PIL can decode
+    "truncated",  # an image file that ends early
+    "too_large",  # more pixels than the decompression-bomb limit
+    "no_image",  # the row has neither an image URI nor inline bytes
+    "empty_caption",  # null, empty or whitespace-only caption
+)
+
+
+def vector_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def embeddings_schema(
+    dim: int, metadata_fields: list[pa.Field], provenance: dict | None = None
+) -> pa.Schema:
+    """The output schema: contract columns around the manifest's own metadata columns."""
+    fields = [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(IMAGE, pa.string()),
+        pa.field(CAPTION, pa.string()),
+        *metadata_fields,
+        pa.field(IMAGE_EMBEDDING, vector_type(dim)),
+        pa.field(TEXT_EMBEDDING, vector_type(dim)),
+        pa.field(IMAGE_SHA256, pa.string()),
+        pa.field(CAPTION_SHA256, pa.string()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(IMAGE_ERROR, pa.string()),
+        pa.field(TEXT_ERROR, pa.string()),
+        pa.field(CAPTION_TRUNCATED, pa.bool_()),
+        pa.field(MODEL, pa.string()),
+    ]
+    metadata = {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)} if provenance else None
+    return pa.schema(fields, metadata=metadata)
+
+
+def contract_column_names() -> set[str]:
+    """Output column names a manifest's metadata column may not take."""
+    return set(embeddings_schema(1, []).names)
+
+
+def provenance_of(schema: pa.Schema) -> dict | None:
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+def error(kind: str, message: str) -> str:
+    """An error value in the `kind: message` form that the summary counts by kind."""
+    assert kind in ERROR_KINDS, kind
+    return f"{kind}: {message}"
+
+
+def error_kind(value: str) -> str:
+    return value.split(":", 1)[0]

@@ -1,0 +1,19 @@
+"""The manifest contract: the columns an input table may carry and the formats it may come in."""
+
+ID = "id"
+IMAGE = "image"
+IMAGE_BYTES = "image_bytes"
+CAPTION = "caption"
+
+# The columns with a meaning of their own; every other manifest column is metadata.
+KNOWN_COLUMNS = (ID, IMAGE, IMAGE_BYTES, CAPTION)
+
+# File name suffix -> manifest format.
+FORMATS_BY_SUFFIX = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "json",
+    ".json": "json",
+    ".ndjson": "json",
+}
