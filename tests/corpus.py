@@ -1,0 +1,80 @@
+"""Images and captions the tests write for themselves: odd sizes, modes and scripts."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+CAPTIONS = [
+    "a photo of a cat",
+    "una foto de un gato en la nieve",
+    "ein Hund im Schnee bei Nacht",
+    "кошка в снегу",
+    "صورة قطة في الليل",
+    "一只猫的照片",
+    "猫の写真",
+    "고양이의 사진",
+    "μια γάτα στο χιόνι",
+    "x",
+    "a much longer caption about a red car parked in the mountains at night with two children",
+    "emoji 🐱 and mixed 猫 scripts кошка",
+]
+
+
+def _pattern(width: int, height: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // max(1, width - 1)), (y * 255 // max(1, height - 1)),
+                     ((x + y) * 7) % 256], axis=-1)
+    noise = rng.integers(0, 40, size=(height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def odd_images() -> dict[str, bytes]:
+    """name -> encoded image bytes, covering sizes, aspect ratios and colour modes."""
+    images = {}
+
+    def save(name: str, image: Image.Image, fmt: str, **kw):
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        images[name] = buf.getvalue()
+
+    save("landscape.jpg", Image.fromarray(_pattern(640, 480, 1)), "JPEG", quality=92)
+    save("portrait.png", Image.fromarray(_pattern(300, 517, 2)), "PNG")
+    save("wide.jpg", Image.fromarray(_pattern(1000, 61, 3)), "JPEG")
+    save("tall.png", Image.fromarray(_pattern(45, 700, 4)), "PNG")
+    save("tiny.png", Image.fromarray(_pattern(7, 5, 5)), "PNG")
+    save("exact.png", Image.fromarray(_pattern(224, 224, 6)), "PNG")
+    save("grey.jpg", Image.fromarray(_pattern(333, 250, 7)).convert("L"), "JPEG")
+    rgba = Image.fromarray(_pattern(256, 300, 8)).convert("RGBA")
+    alpha = np.zeros((300, 256), dtype=np.uint8)
+    alpha[50:250, 40:200] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    save("rgba.png", rgba, "PNG")
+    palette = Image.fromarray(_pattern(240, 260, 9)).convert("P", palette=Image.Palette.ADAPTIVE)
+    save("palette.png", palette, "PNG", transparency=0)
+    save("cmyk.jpg", Image.fromarray(_pattern(400, 300, 10)).convert("CMYK"), "JPEG")
+    return images
+
+
+def write_corpus(folder, images: dict[str, bytes] | None = None, extra_rows: list[dict] = (),
+                 manifest_name: str = "manifest.parquet") -> str:
+    """Images under folder/images and a Parquet manifest beside them (relative paths)."""
+    images = odd_images() if images is None else images
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rows = []
+    for n, (name, data) in enumerate(sorted(images.items())):
+        with open(os.path.join(folder, "images", name), "wb") as f:
+            f.write(data)
+        rows.append({"id": f"row-{n:02d}", "image": f"images/{name}",
+                     "caption": CAPTIONS[n % len(CAPTIONS)], "lang": ["en", "es", "de"][n % 3],
+                     "rank": n})
+    rows.extend(extra_rows)
+    manifest = os.path.join(folder, manifest_name)
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest

@@ -1,0 +1,36 @@
+"""The installed `altclip` command as the README runs it: make-test-model and demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from transformers import AltCLIPModel, AltCLIPProcessor
+
+from jobs.make_test_model import sample_captions
+
+
+def test_test_model_loads_with_transformers_own_classes(tiny_model):
+    processor = AltCLIPProcessor.from_pretrained(tiny_model)
+    model = AltCLIPModel.from_pretrained(tiny_model)
+    assert model.config.projection_dim == 64
+    unk = processor.tokenizer.unk_token_id
+    # Every script the tokenizer was trained on is tokenized into real pieces, not <unk>.
+    for _, caption in sample_captions()[:: 24]:
+        ids = processor.tokenizer(caption)["input_ids"]
+        assert ids[0] == processor.tokenizer.bos_token_id and ids[-1] == processor.tokenizer.eos_token_id
+        assert unk not in ids, caption
+
+
+def test_demo_falls_back_loudly_to_the_tiny_model(tmp_path):
+    altclip = os.path.join(os.path.dirname(sys.executable), "altclip")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the hub is unreachable: the fallback must show
+    result = subprocess.run([altclip, "demo", "--workdir", str(tmp_path / "demo")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--model BAAI/AltCLIP: not a local folder" in result.stderr
+    assert "TINY MODEL OF RANDOM WEIGHTS" in result.stderr and "MEANINGLESS" in result.stderr
+    assert "embedded 36 rows" in result.stderr
+    assert 'top 5 images for "un círculo rojo":' in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line[:2] in {f"{n}." for n in range(1, 6)}]) == 5

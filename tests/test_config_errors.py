@@ -1,0 +1,59 @@
+"""Bad configuration fails before any work, with a message that says what to change."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import altclip
+
+
+@pytest.fixture()
+def manifest(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"key": ["a"], "url": ["a.jpg"], "TEXT": ["un gato"]}), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ([], "has no 'id' column (its columns: key, url, TEXT); name the column that identifies each row with --id-col"),
+        (["--id-col", "key"], "has no 'image' or 'image_bytes' column"),
+        (["--id-col", "key", "--image-col", "link"], "--image-col link: the manifest has no such column"),
+        (["--id-col", "key", "--image-col", "url"], "has no 'caption' column"),
+        (["--id-col", "key", "--image-col", "url", "--caption-col", "TEXT", "--towers", "image,audio"],
+         "--towers image,audio: choose one or both of image,text"),
+    ],
+)
+def test_column_options_are_checked_before_work(manifest, tiny_model, tmp_path, options, message):
+    out = tmp_path / "out"
+    result = altclip("embed", manifest, "--out", out, "--model", tiny_model, *options, expect_exit=1)
+    assert message in result.stderr
+    assert not out.exists()
+
+
+def test_unreadable_and_missing_manifests(tiny_model, tmp_path):
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"this is not parquet")
+    result = altclip("embed", broken, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
+    assert "cannot read manifest file" in result.stderr and "as parquet" in result.stderr
+
+    result = altclip("embed", tmp_path / "nowhere.csv", "--out", tmp_path / "out", "--model",
+                     tiny_model, expect_exit=1)
+    assert "does not exist" in result.stderr
+
+    odd = tmp_path / "manifest.xlsx"
+    odd.write_bytes(b"")
+    result = altclip("embed", odd, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
+    assert "unknown format .xlsx" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_cannot_be_loaded_is_named(manifest, tmp_path):
+    result = altclip("embed", manifest, "--out", tmp_path / "out", "--id-col", "key",
+                     "--image-col", "url", "--caption-col", "TEXT",
+                     "--model", "no-such-org/no-such-model", expect_exit=1)
+    assert "--model no-such-org/no-such-model: not a local folder" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,87 @@
+"""Every manifest row ends in the output once: with its vectors, or with a precise error."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tests.conftest import altclip, read_output
+from tests.corpus import odd_images
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_bad_rows_get_errors_and_the_job_succeeds(tiny_model, ray_session, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = _jpeg()
+    (images / "good.jpg").write_bytes(good)
+    (images / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (images / "random.jpg").write_bytes(bytes(range(256)) * 10)
+    (images / "page.jpg").write_bytes(b"<html><body>404 Not Found</body></html>")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "folder.jpg").mkdir()
+    rows = [
+        {"id": "good", "image": "images/good.jpg", "caption": "a red rectangle"},
+        {"id": "missing", "image": "images/nope.jpg", "caption": "still has a caption"},
+        {"id": "truncated", "image": "images/truncated.jpg", "caption": "cut short"},
+        {"id": "random", "image": "images/random.jpg", "caption": "noise"},
+        {"id": "html", "image": "images/page.jpg", "caption": "an error page"},
+        {"id": "empty-file", "image": "images/empty.jpg", "caption": "zero bytes"},
+        {"id": "directory", "image": "images/folder.jpg", "caption": "a folder"},
+        {"id": "no-image", "image": None, "caption": "text only"},
+        {"id": "null-caption", "image": "images/good.jpg", "caption": None},
+        {"id": "blank-caption", "image": "images/good.jpg", "caption": "  \t "},
+    ]
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    out = tmp_path / "out"
+
+    result = altclip("embed", manifest, "--out", out, "--model", tiny_model, "--batch-size", "3")
+
+    got = read_output(out)
+    assert set(got) == {r["id"] for r in rows}
+    kinds = {i: (r["image_error"] or "").split(":")[0] or None for i, r in got.items()}
+    assert kinds == {
+        "good": None, "missing": "not_found", "truncated": "truncated", "random": "decode_error",
+        "html": "decode_error", "empty-file": "decode_error", "directory": "read_error",
+        "no-image": "no_image", "null-caption": None, "blank-caption": None,
+    }
+    for row_id, row in got.items():
+        assert (row["image_embedding"] is None) == (kinds[row_id] is not None), row_id
+        assert len(row["text_embedding"] or []) in (0, 64)
+    assert got["missing"]["text_embedding"] is not None  # a failed image keeps its caption's vector
+    assert got["null-caption"]["text_error"].startswith("empty_caption:")
+    assert got["blank-caption"]["text_error"].startswith("empty_caption:")
+    assert got["blank-caption"]["image_embedding"] is not None
+    assert got["good"]["image_sha256"] is not None and got["good"]["width"] == 320
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == summary["rows_out"] == len(rows)
+    assert summary["image_ok"] == 3 and summary["text_ok"] == 8
+    assert summary["errors_by_kind"] == {
+        "image.decode_error": 3, "image.no_image": 1, "image.not_found": 1,
+        "image.read_error": 1, "image.truncated": 1, "text.empty_caption": 2,
+    }
+    assert "embedded 10 of 10 rows" in result.stderr
+
+
+def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path):
+    (tmp_path / "a.png").write_bytes(odd_images()["exact.png"])
+    table = pa.table({
+        "id": ["a"], "image": ["a.png"], "caption": ["un gato"],
+        "lang": ["es"], "score": [0.5], "width": [999],  # `width` clashes with an output column
+    })
+    pq.write_table(table, tmp_path / "m.parquet")
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model)
+    row = read_output(tmp_path / "out")["a"]
+    assert row["lang"] == "es" and row["score"] == 0.5
+    assert row["manifest_width"] == 999 and row["width"] == 224

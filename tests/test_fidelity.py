@@ -1,0 +1,130 @@
+"""The pipeline's vectors equal transformers' AltCLIP reference on the same inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.images import decode, preprocess
+from pipeline.model import resolve_model
+from tests.conftest import altclip, read_output
+from tests.corpus import odd_images, write_corpus
+
+FLOAT32_MIN_COSINE = 0.99999
+# bfloat16 keeps 8 bits of mantissa: the tiny model's worst row measured 0.99996; deeper towers
+# drift further, so the stated tolerance is 0.99.
+BFLOAT16_MIN_COSINE = 0.99
+LONG_CAPTION = " ".join(["una foto de un gato en la nieve"] * 40)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    from transformers import AltCLIPModel, AltCLIPProcessor, CLIPImageProcessorPil
+
+    model = AltCLIPModel.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tokenizer = AltCLIPProcessor.from_pretrained(tiny_model).tokenizer
+    # Without torchvision this is what AltCLIPProcessor uses; named so it stays the reference.
+    image_processor = CLIPImageProcessorPil.from_pretrained(tiny_model)
+
+    class Reference:
+        def pixels(self, data: bytes) -> np.ndarray:
+            return image_processor(images=Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"][0]
+
+        def image(self, data: bytes) -> np.ndarray:
+            pixel_values = torch.from_numpy(self.pixels(data))[None]
+            with torch.inference_mode():
+                out = model.get_image_features(pixel_values=pixel_values).pooler_output
+            return torch.nn.functional.normalize(out, dim=-1)[0].numpy()
+
+        def texts(self, captions: list[str], **tokenizer_options) -> np.ndarray:
+            inputs = tokenizer(captions, padding=True, return_tensors="pt", **tokenizer_options)
+            with torch.inference_mode():
+                out = model.get_text_features(**inputs).pooler_output
+            return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+    return Reference()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fidelity")
+    extra = [{"id": "long", "image": "images/exact.png", "caption": LONG_CAPTION, "lang": "es", "rank": 99}]
+    return folder, write_corpus(folder, extra_rows=extra)
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_preprocessed_pixels_are_bit_identical_to_the_reference(tiny_model, reference):
+    prep = resolve_model(tiny_model).preprocessing
+    table = prep.normalization_table()
+    for name, data in odd_images().items():
+        pixels = preprocess(decode(data), prep)  # uint8 (H, W, 3)
+        ours = table[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]
+        expected = reference.pixels(data)
+        assert ours.shape == expected.shape, name
+        assert np.array_equal(ours, expected), f"{name}: max diff {np.abs(ours - expected).max()}"
+
+
+def test_float32_vectors_equal_the_reference(tiny_model, reference, corpus, ray_session, tmp_path):
+    folder, manifest = corpus
+    out = tmp_path / "out"
+    # A batch size that does not divide the rows, so batches mix caption lengths and padding.
+    altclip("embed", manifest, "--out", out, "--model", tiny_model, "--dtype", "float32",
+            "--batch-size", "4")
+    rows = read_output(out)
+    images = odd_images()
+    manifest_rows = pq.read_table(manifest).to_pylist()
+    assert set(rows) == {r["id"] for r in manifest_rows}
+
+    for r in manifest_rows:
+        name = r["image"].split("/")[-1]
+        got = rows[r["id"]]
+        assert got["image_error"] is None and got["text_error"] is None, got
+        assert _cosine(got["image_embedding"], reference.image(images[name])) >= FLOAT32_MIN_COSINE, name
+        assert abs(np.linalg.norm(got["image_embedding"]) - 1) < 1e-5
+        assert (got["width"], got["height"]) == Image.open(io.BytesIO(images[name])).size
+
+    short = [r for r in manifest_rows if r["id"] != "long"]
+    batched = reference.texts([r["caption"] for r in short])  # padded to the longest
+    for r, expected in zip(short, batched):
+        alone = reference.texts([r["caption"]])[0]  # no padding at all
+        got = rows[r["id"]]["text_embedding"]
+        assert _cosine(got, expected) >= FLOAT32_MIN_COSINE, r["caption"]
+        assert _cosine(got, alone) >= FLOAT32_MIN_COSINE, r["caption"]
+        assert rows[r["id"]]["caption_truncated"] is False
+
+    long = rows["long"]
+    max_tokens = resolve_model(tiny_model).max_tokens
+    truncated = reference.texts([LONG_CAPTION], truncation=True, max_length=max_tokens)[0]
+    assert long["caption_truncated"] is True
+    assert _cosine(long["text_embedding"], truncated) >= FLOAT32_MIN_COSINE
+
+    footer = json.loads(pq.read_schema(next(out.glob("part-*.parquet"))).metadata[b"altclip.provenance"])
+    assert footer["dtype"] == "float32" and footer["dim"] == 64 and footer["model"] == tiny_model
+    assert footer["preprocessing"]["crop_hw"] == [224, 224]
+
+
+def test_bfloat16_vectors_are_close_to_the_float32_reference(tiny_model, reference, corpus,
+                                                            ray_session, tmp_path):
+    folder, manifest = corpus
+    out = tmp_path / "out"
+    altclip("embed", manifest, "--out", out, "--model", tiny_model, "--dtype", "bfloat16")
+    rows = read_output(out)
+    images = odd_images()
+    worst = 1.0
+    for r in pq.read_table(manifest).to_pylist():
+        if r["id"] == "long":
+            continue
+        got = rows[r["id"]]
+        worst = min(worst, _cosine(got["image_embedding"], reference.image(images[r["image"].split("/")[-1]])))
+        worst = min(worst, _cosine(got["text_embedding"], reference.texts([r["caption"]])[0]))
+    assert worst >= BFLOAT16_MIN_COSINE

@@ -1,0 +1,79 @@
+"""Manifests in every format and layout give the same vectors; foreign column names map by option."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import altclip, read_output
+from tests.corpus import odd_images, write_corpus
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model, ray_session, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("formats")
+    manifest = write_corpus(folder)
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--dtype", "float32")
+    return folder, pq.read_table(manifest), read_output(folder / "out")
+
+
+def _same_vectors(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for row_id, row in expected.items():
+        for column in ("image_embedding", "text_embedding"):
+            np.testing.assert_allclose(got[row_id][column], row[column], atol=1e-6)
+
+
+def test_csv_jsonl_folder_and_glob(tiny_model, baseline, tmp_path):
+    folder, table, expected = baseline
+    pacsv.write_csv(table, folder / "manifest.csv")
+    with open(folder / "manifest.jsonl", "w") as f:
+        for row in table.to_pylist():
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    parts = folder / "parts"
+    parts.mkdir()
+    pq.write_table(table.slice(0, 4), parts / "a.parquet")
+    pq.write_table(table.slice(4), parts / "b.parquet")
+    (parts / "_SUCCESS").write_text("")
+    # Images are relative to the manifest's own folder: copy them beside the parts.
+    (parts / "images").symlink_to(folder / "images")
+
+    for n, manifest in enumerate([folder / "manifest.csv", folder / "manifest.jsonl", parts,
+                                  f"{parts}/*.parquet"]):
+        out = tmp_path / f"out{n}"
+        altclip("embed", manifest, "--out", out, "--model", tiny_model, "--dtype", "float32")
+        _same_vectors(read_output(out), expected)
+
+
+def test_foreign_column_names_and_inline_bytes(tiny_model, baseline, tmp_path):
+    folder, table, expected = baseline
+    images = odd_images()
+    names = [p.split("/")[-1] for p in table.column("image").to_pylist()]
+    foreign = pa.table({
+        "key": table.column("id"),
+        "jpg": pa.array([images[n] for n in names], pa.binary()),
+        "TEXT": table.column("caption"),
+    })
+    pq.write_table(foreign, tmp_path / "foreign.parquet")
+    out = tmp_path / "out"
+    altclip("embed", tmp_path / "foreign.parquet", "--out", out, "--model", tiny_model,
+            "--dtype", "float32", "--id-col", "key", "--image-col", "jpg", "--caption-col", "TEXT")
+    got = read_output(out)
+    _same_vectors(got, expected)
+    assert all(r["image"] is None for r in got.values())  # inline bytes are not copied out
+
+
+def test_one_tower_only(tiny_model, baseline, tmp_path):
+    folder, table, expected = baseline
+    out = tmp_path / "out"
+    altclip("embed", folder / "manifest.parquet", "--out", out, "--model", tiny_model,
+            "--dtype", "float32", "--towers", "text")
+    got = read_output(out)
+    assert all(r["image_embedding"] is None and r["image_error"] is None for r in got.values())
+    for row_id, row in expected.items():
+        np.testing.assert_allclose(got[row_id]["text_embedding"], row["text_embedding"], atol=1e-6)
