@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import __version__
+from pipeline import __version__, storage
 from jobs.load import run_load
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.manifest import open_manifest, read_manifest
@@ -34,7 +34,8 @@ def run_embed(config: EmbedConfig) -> dict:
     started = time.perf_counter()
     # Everything that can be wrong with the options fails here, before Ray or a model starts.
     manifest = open_manifest(config)
-    model = resolve_model(config.model)
+    model = resolve_model(config.model, config.storage_options)
+    storage.check_writable(config.out, config.storage_options, "--out")
     if list_shards(config.out, config.storage_options):
         raise ConfigError(
             f"--out {config.out} already holds embeddings: choose an empty output folder"

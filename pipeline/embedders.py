@@ -9,8 +9,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from pipeline.images import PIXELS, ImagePreprocessing
-from pipeline.model import load_tower, pick_device
+from pipeline.images import PIXELS
+from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
 from pipeline.timing import add_stage_seconds
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
@@ -33,13 +33,13 @@ def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int)
 class _TowerActor:
     kind: str
 
-    def __init__(self, local_dir: str, dtype: str, num_threads: int | None = None):
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
         self.device = pick_device()
         if self.device.type == "cpu" and num_threads:
             # Leave the other cores to the decode and tokenize tasks.
             torch.set_num_threads(num_threads)
         self.dtype = dtype
-        self.tower = load_tower(self.kind, local_dir, dtype, self.device)
+        self.tower = load_tower(self.kind, model.local_dir(), dtype, self.device)
         self.dim = self.tower.projection.out_features
 
     def _vectors(self, inputs: dict[str, torch.Tensor] | None, rows: list[int], num_rows: int):
@@ -56,11 +56,10 @@ class ImageEmbedder(_TowerActor):
 
     kind = "image"
 
-    def __init__(self, local_dir: str, dtype: str, preprocessing: ImagePreprocessing,
-                 num_threads: int | None = None):
-        super().__init__(local_dir, dtype, num_threads)
-        self.height, self.width = preprocessing.output_hw()
-        self.lookup = torch.from_numpy(preprocessing.normalization_table()).to(self.device)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
+        super().__init__(model, dtype, num_threads)
+        self.height, self.width = model.preprocessing.output_hw()
+        self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
 
     def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
@@ -88,9 +87,9 @@ class TextEmbedder(_TowerActor):
 
     kind = "text"
 
-    def __init__(self, local_dir: str, dtype: str, pad_token_id: int, num_threads: int | None = None):
-        super().__init__(local_dir, dtype, num_threads)
-        self.pad_token_id = pad_token_id
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
+        super().__init__(model, dtype, num_threads)
+        self.pad_token_id = model.pad_token_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
+from pipeline import storage
 from pipeline.timing import add_stage_seconds
 from schemas.embeddings import HEIGHT, IMAGE_ERROR, IMAGE_SHA256, WIDTH, error
 from schemas.manifest import IMAGE, IMAGE_BYTES
@@ -21,6 +24,11 @@ PIXELS = "pixels"  # uint8 HxWx3 bytes, between the decode stage and the image t
 # PIL's own decompression-bomb threshold; checked from the header, before decoding.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
 FETCH_THREADS = 16
+HTTP_TIMEOUT_S = 20
+HTTP_ATTEMPTS = 4
+HTTP_BACKOFF_S = 0.5
+MAX_DOWNLOAD_BYTES = 64 << 20
+_RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
 
 
 class ImageError(Exception):
@@ -141,17 +149,57 @@ def preprocess(image: Image.Image, prep: ImagePreprocessing) -> np.ndarray:
 
 
 def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+    """An image's bytes from a path, an object-store URI or an http(s) URL."""
+    if storage.is_url(uri):
+        return fetch_url(uri)
+    shown = storage.redact(uri)
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        fs, path = storage.filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ImageError("not_found", f"{uri} does not exist") from None
+        raise ImageError("not_found", f"{shown} does not exist") from None
     except IsADirectoryError:
-        raise ImageError("read_error", f"{uri} is a directory") from None
+        raise ImageError("read_error", f"{shown} is a directory") from None
     except PermissionError:
-        raise ImageError("read_error", f"{uri}: permission denied") from None
-    except OSError as exc:
-        raise ImageError("read_error", f"{uri}: {exc}") from None
+        raise ImageError("read_error", f"{shown}: permission denied") from None
+    except Exception as exc:  # every storage backend raises its own kinds
+        raise ImageError("read_error", f"{shown}: {storage.describe(exc)}") from None
+
+
+def fetch_url(url: str) -> bytes:
+    """GET with a timeout per attempt, retries with backoff on transient failures, a size cap."""
+    shown = storage.redact(url)
+    request = urllib.request.Request(url, headers={"User-Agent": "altclip-pipeline"})
+    for attempt in range(HTTP_ATTEMPTS):
+        last = attempt == HTTP_ATTEMPTS - 1
+        try:
+            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+                length = response.headers.get("Content-Length")
+                if length and int(length) > MAX_DOWNLOAD_BYTES:
+                    raise ImageError("too_large", f"{shown}: {length} bytes > {MAX_DOWNLOAD_BYTES}")
+                data = response.read(MAX_DOWNLOAD_BYTES + 1)
+            if len(data) > MAX_DOWNLOAD_BYTES:
+                raise ImageError("too_large", f"{shown}: more than {MAX_DOWNLOAD_BYTES} bytes")
+            return data
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise ImageError("not_found", f"{shown}: HTTP {exc.code}") from None
+            if exc.code not in _RETRYABLE_HTTP or last:
+                raise ImageError("read_error", f"{shown}: HTTP {exc.code}") from None
+        except (TimeoutError, socket.timeout):
+            if last:
+                raise ImageError("timeout", f"{shown}: no answer in {HTTP_TIMEOUT_S} s, "
+                                 f"{HTTP_ATTEMPTS} attempts") from None
+        except (urllib.error.URLError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, (TimeoutError, socket.timeout)) and last:
+                raise ImageError("timeout", f"{shown}: no answer in {HTTP_TIMEOUT_S} s, "
+                                 f"{HTTP_ATTEMPTS} attempts") from None
+            if last:
+                raise ImageError("read_error", f"{shown}: {reason}") from None
+        time.sleep(HTTP_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def preprocess_images(

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import glob as globlib
+import json
 import posixpath
+import re
+import tarfile
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -35,6 +38,7 @@ class Manifest:
     caption_col: str | None
     metadata_fields: tuple[pa.Field, ...]  # as they appear in the output
     metadata_sources: tuple[str, ...]  # the manifest column behind each metadata field
+    schema: pa.Schema  # of the manifest's first file, as read
     storage_options: dict
 
     def filesystem(self):
@@ -43,11 +47,15 @@ class Manifest:
 
 def open_manifest(config: EmbedConfig) -> Manifest:
     """Find the manifest's files and check its columns against the options, before any work."""
+    fs, path = storage.filesystem(config.manifest, config.storage_options)
     try:
-        fs, path = storage.filesystem(config.manifest, config.storage_options)
-    except (ImportError, ValueError) as exc:
-        raise ConfigError(f"cannot open manifest {config.manifest}: {exc}") from exc
-    files, root = _list_files(fs, path, config.manifest)
+        files, root = _list_files(fs, path, config.manifest)
+    except ConfigError:
+        raise
+    except Exception as exc:  # unreachable endpoint, no such bucket, access denied, ...
+        raise ConfigError(
+            f"cannot list manifest {storage.redact(config.manifest)}: {storage.describe(exc)}"
+        ) from None
     formats = {FORMATS_BY_SUFFIX[_suffix(f)] for f in files}
     if len(formats) > 1:
         raise ConfigError(
@@ -66,8 +74,32 @@ def _suffix(path: str) -> str:
     return posixpath.splitext(path)[1].lower()
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """Shard patterns as WebDataset writes them: `{00000..00099}` (zero-padded) and `{a,b}`."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, tail, body = pattern[: match.start()], pattern[match.end():], match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        choices = [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
+    else:
+        choices = body.split(",")
+    return [p for choice in choices for p in expand_braces(head + choice + tail)]
+
+
 def _list_files(fs, path: str, uri: str) -> tuple[list[str], str]:
-    if globlib.has_magic(path):
+    if "{" in path:
+        files = expand_braces(path)
+        missing = [f for f in files if not fs.exists(f)]
+        if missing:
+            raise ConfigError(
+                f"manifest {uri}: {len(missing)} of {len(files)} shards do not exist, "
+                f"e.g. {storage.unstrip(fs, missing[0])}"
+            )
+        root = posixpath.dirname(path.split("{")[0])
+    elif globlib.has_magic(path):
         files = sorted(fs.glob(path))
         root = path.split("*")[0].split("?")[0].split("[")[0]
         root = root if root.endswith("/") else posixpath.dirname(root)
@@ -102,7 +134,57 @@ def _read_schema(fs, path: str, fmt: str) -> pa.Schema:
             return pq.read_schema(f)
         if fmt == "csv":
             return pacsv.open_csv(f).schema
+        if fmt == "webdataset":
+            return _webdataset_schema(f)
         return pajson.open_json(f).schema
+
+
+# WebDataset (img2dataset's layout): per key, an image file, a `.txt` caption, a `.json` of metadata.
+WEBDATASET_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+_WEBDATASET_OWN_FIELDS = {"key", "caption"}  # also in `.json`, already columns of their own
+
+
+def _webdataset_schema(f) -> pa.Schema:
+    """The flattened schema of a shard, from its first sample's files."""
+    sample, key = {}, None
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name, _, suffix = posixpath.basename(member.name).partition(".")
+            if key is not None and name != key:
+                break
+            key = name
+            sample[suffix.lower()] = tar.extractfile(member).read()
+    fields = [pa.field(ID, pa.string()), pa.field(IMAGE_BYTES, pa.binary()),
+              pa.field(CAPTION, pa.string())]
+    for name, value in json.loads(sample.get("json") or b"{}").items():
+        if name not in _WEBDATASET_OWN_FIELDS:
+            kind = pa.array([value]).type
+            fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
+    return pa.schema(fields)
+
+
+def flatten_webdataset(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Ray's WebDataset rows (a column per file suffix) -> one column per manifest field."""
+    n = batch.num_rows
+    images = [None] * n
+    for suffix in WEBDATASET_IMAGE_SUFFIXES:
+        if suffix in batch.column_names:
+            for i, data in enumerate(batch.column(suffix).to_pylist()):
+                images[i] = images[i] if images[i] is not None else data
+    captions = (
+        [None if t is None else t.decode("utf-8", errors="replace") for t in batch.column("txt").to_pylist()]
+        if "txt" in batch.column_names else [None] * n
+    )
+    metadata = [json.loads(m) if m else {} for m in
+                (batch.column("json").to_pylist() if "json" in batch.column_names else [None] * n)]
+    columns = {ID: pc.cast(batch.column("__key__"), pa.string()),
+               IMAGE_BYTES: pa.array(images, pa.binary()), CAPTION: pa.array(captions, pa.string())}
+    for field in schema:
+        if field.name not in columns:
+            columns[field.name] = pa.array([m.get(field.name) for m in metadata]).cast(field.type)
+    return pa.table(columns)
 
 
 def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: str) -> Manifest:
@@ -164,6 +246,7 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
         caption_col=caption_col,
         metadata_fields=tuple(fields),
         metadata_sources=tuple(sources),
+        schema=schema,
         storage_options=dict(config.storage_options),
     )
 
@@ -178,6 +261,10 @@ def read_manifest(manifest: Manifest):
         return ray.data.read_parquet(files, filesystem=fs)
     if manifest.format == "csv":
         return ray.data.read_csv(files, filesystem=fs)
+    if manifest.format == "webdataset":
+        return ray.data.read_webdataset(files, filesystem=fs, decoder=None).map_batches(
+            flatten_webdataset, fn_kwargs={"schema": manifest.schema}, batch_format="pyarrow"
+        )
     return ray.data.read_json(files, filesystem=fs)
 
 

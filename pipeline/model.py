@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.images import ImagePreprocessing
 
@@ -20,29 +24,38 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the driver knows of a model before any tower is loaded."""
+    """What the driver knows of a model before any tower is loaded; workers load from it."""
 
-    ref: str  # as the user named it
-    local_dir: str  # the folder the towers and processor load from
-    revision: str  # hub commit, or a fingerprint of a local folder's files
+    ref: str  # as the user named it: a hub id, a local folder, or a URI
+    revision: str  # hub commit, or a fingerprint of the folder's files
     dim: int  # projection dimension shared by both towers
     preprocessing: ImagePreprocessing
     max_tokens: int  # longest caption in tokens, <s> and </s> included
     pad_token_id: int
+    storage_options: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
         """The value of the per-row `model` column."""
         return f"{self.ref}@{self.revision}"
 
+    def local_dir(self) -> str:
+        """The model's folder on this node: fetched once per node for hub ids and URIs."""
+        return _local_dir(self.ref, self.revision, tuple(sorted(self.storage_options.items())))
 
-def resolve_model(ref: str) -> ModelSpec:
-    """A hub id or a folder saved with `save_pretrained` -> its spec; no weights are read."""
-    if os.path.isdir(ref):
-        local_dir, revision = os.path.abspath(ref), _fingerprint(ref)
+
+def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
+    """A hub id, a folder saved with `save_pretrained`, or its URI -> its spec (reads no weights)."""
+    storage_options = dict(storage_options or {})
+    if storage.has_scheme(ref) and not storage.is_local(ref):
+        revision = _remote_fingerprint(ref, storage_options)
+    elif os.path.isdir(ref):
+        revision = _fingerprint(ref)
+    elif os.path.exists(ref) or ref.startswith((".", "/")):
+        raise ConfigError(f"--model {ref}: not a folder; name a folder saved with save_pretrained")
     else:
-        local_dir = _download(ref)
-        revision = os.path.basename(local_dir.rstrip("/"))
+        revision = os.path.basename(_download(ref, None).rstrip("/"))
+    local_dir = _local_dir(ref, revision, tuple(sorted(storage_options.items())))
     from transformers import AltCLIPConfig, AutoImageProcessor, AutoTokenizer
 
     try:
@@ -59,22 +72,75 @@ def resolve_model(ref: str) -> ModelSpec:
     max_tokens = min(tokenizer.model_max_length, text.max_position_embeddings - text.pad_token_id - 1)
     return ModelSpec(
         ref=ref,
-        local_dir=local_dir,
         revision=revision,
         dim=config.projection_dim,
         preprocessing=ImagePreprocessing.from_image_processor(image_processor),
         max_tokens=max_tokens,
         pad_token_id=tokenizer.pad_token_id,
+        storage_options=storage_options,
     )
 
 
-def _download(repo_id: str) -> str:
+@functools.lru_cache(maxsize=8)
+def _local_dir(ref: str, revision: str, storage_options: tuple) -> str:
+    if storage.has_scheme(ref) and not storage.is_local(ref):
+        return _copy_to_cache(ref, revision, dict(storage_options))
+    if os.path.isdir(ref):
+        return os.path.abspath(ref)
+    return _download(ref, revision)
+
+
+def cache_root() -> str:
+    return os.environ.get("ALTCLIP_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "altclip-pipeline"
+    )
+
+
+def _copy_to_cache(uri: str, revision: str, storage_options: dict) -> str:
+    """Copy a model folder from object storage into this node's cache, once per revision."""
+    target = os.path.join(cache_root(), "models", revision)
+    if os.path.isdir(target):
+        return target
+    fs, path = storage.filesystem(uri, storage_options)
+    partial = f"{target}.partial-{uuid.uuid4().hex}"
+    try:
+        fs.get(path.rstrip("/") + "/", partial + "/", recursive=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(partial, target)  # whole or not at all; another process may have won
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _remote_fingerprint(uri: str, storage_options: dict) -> str:
+    """A model folder's identity in object storage: names, sizes and ETags (or mtimes)."""
+    fs, path = storage.filesystem(uri, storage_options)
+    try:
+        files = fs.find(path.rstrip("/"), detail=True)
+    except Exception as exc:  # unreachable endpoint, missing bucket, access denied
+        raise ConfigError(f"--model {storage.redact(uri)}: cannot list it ({storage.describe(exc)})") from None
+    if not files:
+        raise ConfigError(f"--model {storage.redact(uri)}: no files there; save the model there "
+                          "with save_pretrained and copy the folder up")
+    digest = hashlib.sha256(uri.encode())
+    for name, info in sorted(files.items()):
+        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        digest.update(f"{name}\0{info.get('size')}\0{tag}\n".encode())
+    return "sha256-" + digest.hexdigest()[:16]
+
+
+def _download(repo_id: str, revision: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        local_dir = snapshot_download(repo_id, allow_patterns=["*.json", "*.model", "*.safetensors"])
+        local_dir = snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=["*.json", "*.model", "*.safetensors"])
         if not any(os.path.exists(os.path.join(local_dir, f)) for f in _WEIGHT_FILES):
-            local_dir = snapshot_download(repo_id, allow_patterns=["*.json", "*.model", "*.bin"])
+            local_dir = snapshot_download(repo_id, revision=revision,
+                                          allow_patterns=["*.json", "*.model", "*.bin"])
     except Exception as exc:  # offline, unknown repo, no permission: all mean the same here
         raise ConfigError(
             f"--model {repo_id}: not a local folder, and it could not be fetched from the hub "

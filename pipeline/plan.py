@@ -90,22 +90,20 @@ def embed_dataset(config: EmbedConfig, manifest: Manifest, model: ModelSpec, dty
     if "text" in config.towers:
         ds = ds.map_batches(
             tokenize_captions,
-            fn_kwargs={"model_dir": model.local_dir, "max_tokens": model.max_tokens},
+            fn_kwargs={"model": model},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
     if "image" in config.towers:
         ds = ds.map_batches(
             ImageEmbedder,
-            fn_constructor_kwargs={"local_dir": model.local_dir, "dtype": dtype,
-                                   "preprocessing": model.preprocessing,
+            fn_constructor_kwargs={"model": model, "dtype": dtype,
                                    "num_threads": placement.torch_threads},
             **actor_args,
         )
     if "text" in config.towers:
         ds = ds.map_batches(
             TextEmbedder,
-            fn_constructor_kwargs={"local_dir": model.local_dir, "dtype": dtype,
-                                   "pad_token_id": model.pad_token_id,
+            fn_constructor_kwargs={"model": model, "dtype": dtype,
                                    "num_threads": placement.torch_threads},
             **actor_args,
         )

@@ -33,10 +33,10 @@ _HIDDEN = {IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_SHA256, CAPTION_SHA256, IMAGE_
 
 def embed_text_query(model: ModelSpec, dtype: str, text: str) -> np.ndarray:
     """A caption's vector through the same stages the embed job runs."""
-    batch = tokenize_captions(pa.table({CAPTION: [text]}), model.local_dir, model.max_tokens)
+    batch = tokenize_captions(pa.table({CAPTION: [text]}), model)
     if batch.column(TEXT_ERROR)[0].is_valid:
         raise ConfigError(f"--text: {batch.column(TEXT_ERROR)[0]}")
-    out = TextEmbedder(model.local_dir, dtype, model.pad_token_id)(batch)
+    out = TextEmbedder(model, dtype)(batch)
     return np.asarray(out.column(TEXT_EMBEDDING)[0].as_py(), dtype=np.float32)
 
 
@@ -46,7 +46,7 @@ def embed_image_query(model: ModelSpec, dtype: str, uri: str, storage_options=No
     batch = preprocess_images(batch, model.preprocessing, storage_options)
     if batch.column(IMAGE_ERROR)[0].is_valid:
         raise ConfigError(f"--image {uri}: {batch.column(IMAGE_ERROR)[0]}")
-    out = ImageEmbedder(model.local_dir, dtype, model.preprocessing)(batch)
+    out = ImageEmbedder(model, dtype)(batch)
     return np.asarray(out.column(IMAGE_EMBEDDING)[0].as_py(), dtype=np.float32)
 
 
@@ -56,7 +56,7 @@ def search(config: SearchConfig) -> list[dict]:
     origin = table_provenance(table) or {}
     if config.model is None and "model" not in origin:
         raise ConfigError("the table does not record its model: name it with --model")
-    model = resolve_model(config.model or origin["model"])
+    model = resolve_model(config.model or origin["model"], config.storage_options)
     if origin.get("revision") not in (None, model.revision):
         print(
             f"warning: the table was built with {origin['model']}@{origin['revision']}, "

@@ -13,7 +13,7 @@ from schemas.table import ANN_INDEX_MIN_ROWS, FULL_TEXT_COLUMN, KEY
 
 
 def connect(db_uri: str, storage_options: dict | None = None):
-    return lancedb.connect(db_uri, storage_options=storage_options or None)
+    return lancedb.connect(db_uri, storage_options=storage.lance_storage_options(db_uri, storage_options))
 
 
 def open_table(db_uri: str, name: str, storage_options: dict | None = None):

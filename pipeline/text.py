@@ -35,7 +35,7 @@ def token_ids(tokenizer, captions: list[str], max_tokens: int) -> tuple[list[lis
     return ids, truncated
 
 
-def tokenize_captions(batch: pa.Table, model_dir: str, max_tokens: int) -> pa.Table:
+def tokenize_captions(batch: pa.Table, model) -> pa.Table:
     """Ray Data stage: caption -> token ids; empty captions become `text_error`."""
     started = time.perf_counter()
     captions = batch.column(CAPTION).to_pylist()
@@ -50,7 +50,8 @@ def tokenize_captions(batch: pa.Table, model_dir: str, max_tokens: int) -> pa.Ta
     ids = [None] * batch.num_rows
     truncated = [None] * batch.num_rows
     if todo:
-        got_ids, got_cut = token_ids(load_tokenizer(model_dir), [captions[i] for i in todo], max_tokens)
+        got_ids, got_cut = token_ids(load_tokenizer(model.local_dir()), [captions[i] for i in todo],
+                                     model.max_tokens)
         for i, row_ids, cut in zip(todo, got_ids, got_cut):
             ids[i], truncated[i] = row_ids, cut
     table = batch.append_column(INPUT_IDS, pa.array(ids, pa.list_(pa.int32())))

@@ -73,10 +73,6 @@ class ParquetShardSink(Datasink):
     def min_rows_per_write(self) -> int:
         return self.rows_per_shard
 
-    def on_write_start(self, schema=None) -> None:
-        fs, path = storage.filesystem(self.out, self.storage_options)
-        fs.makedirs(path, exist_ok=True)
-
     def write(self, blocks, ctx) -> dict:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]

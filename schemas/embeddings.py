@@ -29,7 +29,8 @@ ERROR_KINDS = (
     "read_error",  # the bytes could not be read (permissions, a directory, storage failure)
     "decode_error",  # the bytes are not an image PIL can decode
     "truncated",  # an image file that ends early
-    "too_large",  # more pixels than the decompression-bomb limit
+    "too_large",  # more pixels than the decompression-bomb limit, or a download over the cap
+    "timeout",  # a fetch that got no answer in time, after retries
     "no_image",  # the row has neither an image URI nor inline bytes
     "empty_caption",  # null, empty or whitespace-only caption
 )

@@ -16,4 +16,5 @@ FORMATS_BY_SUFFIX = {
     ".jsonl": "json",
     ".json": "json",
     ".ndjson": "json",
+    ".tar": "webdataset",
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 
 import pyarrow.dataset as pads
 import pytest
@@ -12,8 +14,44 @@ from click.testing import CliRunner
 from jobs.cli import main
 
 
+SECRET_ACCESS_KEY = "SECRET-do-not-print-7f3a9c"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """moto's S3 server on 127.0.0.1; AWS_* set before Ray starts so its workers inherit them."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
+                       "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY, "AWS_REGION": "us-east-1"})
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server, tmp_path_factory):
+    # Set before Ray starts, so that workers copy models into the same per-test-run cache.
+    os.environ["ALTCLIP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
              include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -55,4 +93,3 @@ def _quiet_hub(monkeypatch):
     yield
 
 
-__all__ = ["altclip", "read_output", "os"]

@@ -1,0 +1,88 @@
+"""Images by http(s) URL: timeouts, retries with backoff, a size cap; failures stay per row."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import images
+from pipeline.images import ImageError, fetch_url
+from tests.conftest import altclip, read_output
+from tests.corpus import odd_images
+
+PNG = odd_images()["exact.png"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    hits: dict[str, int] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            hits[path] = hits.get(path, 0) + 1
+            if path == "/ok.png" or (path == "/flaky.png" and hits[path] > 2):
+                self._send(200, PNG)
+            elif path == "/flaky.png":
+                self._send(503, b"busy")
+            elif path == "/slow.png":
+                time.sleep(1.5)
+                self._send(200, PNG)
+            elif path == "/big.png":
+                self._send(200, b"x" * 4096)
+            else:
+                self._send(404, b"no")
+
+        def _send(self, status: int, body: bytes):
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except BrokenPipeError:
+                pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", hits
+    httpd.shutdown()
+
+
+def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypatch):
+    base, hits = server
+    monkeypatch.setattr(images, "HTTP_BACKOFF_S", 0.01)
+    assert fetch_url(f"{base}/ok.png") == PNG
+    assert fetch_url(f"{base}/flaky.png") == PNG and hits["/flaky.png"] == 3  # two 503s, then 200
+
+    with pytest.raises(ImageError, match=r"^not_found: .*/missing.png: HTTP 404"):
+        fetch_url(f"{base}/missing.png")
+
+    monkeypatch.setattr(images, "HTTP_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no answer in 0.3 s, 4 attempts"):
+        fetch_url(f"{base}/slow.png?signature=SECRET")
+    assert time.monotonic() - started < 5
+
+    monkeypatch.setattr(images, "MAX_DOWNLOAD_BYTES", 1000)
+    with pytest.raises(ImageError, match=r"^too_large: .*/big.png: 4096 bytes > 1000"):
+        fetch_url(f"{base}/big.png")
+
+
+def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_path):
+    base, _ = server
+    table = pa.table({"id": ["ok", "gone"], "image": [f"{base}/ok.png", f"{base}/gone.png?token=SECRET"],
+                      "caption": ["un gato", "un perro"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model)
+    rows = read_output(tmp_path / "out")
+    assert rows["ok"]["image_embedding"] is not None and rows["ok"]["width"] == 224
+    assert rows["gone"]["image_error"].startswith("not_found:")
+    assert "SECRET" not in rows["gone"]["image_error"]

@@ -1,0 +1,145 @@
+"""Manifests, images, model, outputs and table all in S3 (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from tests.conftest import SECRET_ACCESS_KEY, altclip, read_output
+from tests.corpus import CAPTIONS, odd_images, write_corpus
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    fs = s3fs.S3FileSystem()
+    for bucket in ("corpus", "models", "out", "tables"):
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+    return fs
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_model, ray_session, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    manifest = write_corpus(folder)
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--dtype", "float32")
+    return folder, read_output(folder / "out")
+
+
+def _read_s3_output(fs, prefix: str) -> dict[str, dict]:
+    rows = []
+    for path in fs.glob(f"{prefix}/part-*.parquet"):
+        with fs.open(path, "rb") as f:
+            rows.extend(pq.read_table(f).to_pylist())
+    return {r["id"]: r for r in rows}
+
+
+def _assert_same_vectors(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for row_id, row in expected.items():
+        for column in ("image_embedding", "text_embedding"):
+            np.testing.assert_allclose(got[row_id][column], row[column], atol=1e-6)
+
+
+def test_everything_in_s3_equals_the_local_run(s3, tiny_model, local_run, tmp_path):
+    folder, expected = local_run
+    s3.put(str(folder / "images"), "corpus/run/images", recursive=True)
+    s3.put(str(folder / "manifest.parquet"), "corpus/run/manifest.parquet")
+    s3.put(tiny_model, "models/tiny", recursive=True)
+    result = altclip("embed", "s3://corpus/run/manifest.parquet", "--out", "s3://out/run",
+                     "--model", "s3://models/tiny/", "--table", "s3://tables/db", "--dtype", "float32")
+
+    got = _read_s3_output(s3, "out/run")
+    _assert_same_vectors(got, expected)
+    assert got["row-00"]["image"] == "s3://corpus/run/images/" + sorted(odd_images())[0]
+    summary = json.loads(s3.cat("out/run/summary.json"))
+    assert summary["rows_out"] == len(expected) and summary["provenance"]["model"] == "s3://models/tiny/"
+    cached = os.path.join(os.environ["ALTCLIP_CACHE"], "models")
+    assert len(os.listdir(cached)) == 1  # copied once into this node's cache, used by every worker
+    assert "table: s3://tables/db" in result.stderr
+
+    hits = [json.loads(line) for line in altclip(
+        "search", "s3://tables/db", "--image", "s3://corpus/run/images/rgba.png", "--k", "2", "--json"
+    ).stdout.splitlines()]
+    assert hits[0]["image"].endswith("images/rgba.png") and hits[0]["score"] > 0.9999
+
+
+def _webdataset_shard(samples: list[tuple[str, bytes, str]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, image, caption in samples:
+            meta = json.dumps({"key": key, "caption": caption, "url": f"https://example.com/{key}.jpg",
+                               "width": 123, "status": "success"}).encode()
+            for suffix, data in (("jpg", image), ("txt", caption.encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_webdataset_shards_in_s3(s3, tiny_model, local_run):
+    folder, expected = local_run
+    images = odd_images()
+    manifest = pq.read_table(folder / "manifest.parquet").to_pylist()
+    samples = [(r["id"], images[r["image"].split("/")[-1]], r["caption"]) for r in manifest]
+    s3.pipe("corpus/wds/00000.tar", _webdataset_shard(samples[:6]))
+    s3.pipe("corpus/wds/00001.tar", _webdataset_shard(samples[6:]))
+
+    altclip("embed", "s3://corpus/wds/{00000..00001}.tar", "--out", "s3://out/wds",
+            "--model", tiny_model, "--dtype", "float32")
+
+    got = _read_s3_output(s3, "out/wds")
+    _assert_same_vectors(got, expected)
+    assert got["row-03"]["url"] == "https://example.com/row-03.jpg"
+    assert got["row-03"]["manifest_width"] == 123  # img2dataset's width, beside ours
+    assert got["row-03"]["caption"] == CAPTIONS[3]
+
+
+def test_storage_problems_fail_before_work_and_name_the_cause(s3, tiny_model, local_run, tmp_path):
+    folder, _ = local_run
+    manifest = str(folder / "manifest.parquet")
+
+    result = altclip("embed", manifest, "--out", "s3://no-such-bucket/run", "--model", tiny_model,
+                     expect_exit=1)
+    assert "--out s3://no-such-bucket/run: bucket 'no-such-bucket' does not exist" in result.stderr
+
+    result = altclip("embed", "s3://no-such-bucket/m.parquet", "--out", tmp_path / "o",
+                     "--model", tiny_model, expect_exit=1)
+    assert "manifest s3://no-such-bucket/m.parquet" in result.stderr
+
+    started = time.monotonic()
+    result = altclip("embed", "s3://corpus/run/manifest.parquet", "--out", tmp_path / "o2",
+                     "--model", tiny_model, "--storage-option", "endpoint_url=http://127.0.0.1:9",
+                     expect_exit=1)
+    assert "cannot list manifest s3://corpus/run/manifest.parquet" in result.stderr
+    assert time.monotonic() - started < 60  # a timeout, not a hang
+
+    for output in (result.stdout, result.stderr):
+        assert SECRET_ACCESS_KEY not in output
+
+
+def test_missing_objects_fail_their_rows_only(s3, tiny_model, ray_session, tmp_path):
+    s3.pipe("corpus/rows/a.png", odd_images()["exact.png"])
+    table = pa.table({"id": ["a", "b"], "image": ["a.png", "s3://corpus/rows/gone.png"],
+                      "caption": ["un gato", "un perro"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    s3.pipe("corpus/rows/manifest.parquet", buf.getvalue())
+    altclip("embed", "s3://corpus/rows/manifest.parquet", "--out", "s3://out/rows", "--model", tiny_model)
+    got = _read_s3_output(s3, "out/rows")
+    assert got["a"]["image_embedding"] is not None
+    assert got["b"]["image_error"] == "not_found: s3://corpus/rows/gone.png does not exist"
+    assert got["b"]["text_embedding"] is not None
+    for path in s3.find("out/rows"):
+        assert SECRET_ACCESS_KEY.encode() not in s3.cat(path)
