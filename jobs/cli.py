@@ -7,7 +7,15 @@ import sys
 
 import click
 
-from pipeline.config import DEFAULT_MODEL, DTYPES, ConfigError, EmbedConfig, LoadConfig, SearchConfig
+from pipeline.config import (
+    DEFAULT_MODEL,
+    DTYPES,
+    ConfigError,
+    EmbedConfig,
+    LoadConfig,
+    ReembedConfig,
+    SearchConfig,
+)
 from schemas.table import DEFAULT_TABLE_NAME
 
 
@@ -42,47 +50,142 @@ def main() -> None:
     """Embed image/caption corpora with AltCLIP on Ray, load them into LanceDB, search them."""
 
 
+_JOB_OPTIONS = [
+    click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                 help="Hub id, a folder saved with save_pretrained, or its URI."),
+    click.option("--towers", default="image,text", show_default=True, help="image, text or both."),
+    click.option("--id-col", default="id", show_default=True),
+    click.option("--image-col", default=None,
+                 help="Column of image URIs/paths or bytes [image|image_bytes]."),
+    click.option("--caption-col", default=None, help="Column of captions [caption]."),
+    click.option("--batch-size", default=64, show_default=True, type=int),
+    click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES)),
+    click.option("--concurrency", default=None, type=int, help="Actors per tower [one per GPU, or 1]."),
+    click.option("--num-gpus", default=None, type=float,
+                 help="GPUs per tower actor [1/number of towers when the cluster has GPUs, else 0]."),
+    click.option("--address", default=None,
+                 help="Ray cluster address [RAY_ADDRESS, else in-process Ray]."),
+    click.option("--allow-local-paths", is_flag=True,
+                 help="Let a manifest from object storage name local files."),
+    click.option("--allow-private-urls", is_flag=True,
+                 help="Let image URLs reach loopback, link-local and private addresses."),
+    storage_option,
+    table_name,
+]
+
+
+def job_options(command):
+    """The options `embed` and `reembed` share, turned into one EmbedConfig by `_embed_config`."""
+    for option in reversed(_JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _embed_config(manifest: str, out: str | None, table: str | None, towers: str,
+                  storage_options: tuple[str, ...], **options) -> EmbedConfig:
+    return _run(lambda: EmbedConfig(
+        manifest=manifest, out=out or "", table=table,
+        towers=tuple(t.strip() for t in towers.split(",") if t.strip()),
+        storage_options=_storage_options(storage_options), **options,
+    ))
+
+
 @main.command("embed")
 @click.argument("manifest")
 @click.option("--out", required=True, help="Output folder or URI for Parquet shards and summary.json.")
 @click.option("--table", default=None, help="Also load the rows into this LanceDB database.")
-@table_name
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Hub id or a folder saved with save_pretrained.")
-@click.option("--towers", default="image,text", show_default=True, help="image, text or both.")
-@click.option("--id-col", default="id", show_default=True)
-@click.option("--image-col", default=None, help="Column of image URIs/paths or bytes [image|image_bytes].")
-@click.option("--caption-col", default=None, help="Column of captions [caption].")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES))
-@click.option("--concurrency", default=None, type=int, help="Actors per tower [one per GPU, or 1].")
-@click.option("--num-gpus", default=None, type=float,
-              help="GPUs per tower actor [1/number of towers when the cluster has GPUs, else 0].")
 @click.option("--rows-per-shard", default=10_000, show_default=True, type=int)
-@click.option("--address", default=None, help="Ray cluster address [RAY_ADDRESS, else in-process Ray].")
-@storage_option
-def embed_command(manifest, out, table, table_name, model, towers, id_col, image_col, caption_col,
-                  batch_size, dtype, concurrency, num_gpus, rows_per_shard, address, storage_options):
-    """Embed the images and captions of MANIFEST (Parquet, CSV or JSON Lines; file, folder, glob)."""
-    config = _run(lambda: EmbedConfig(
-        manifest=manifest, out=out, table=table, table_name=table_name, model=model,
-        towers=tuple(t.strip() for t in towers.split(",") if t.strip()), id_col=id_col,
-        image_col=image_col, caption_col=caption_col, batch_size=batch_size, dtype=dtype,
-        concurrency=concurrency, num_gpus=num_gpus, rows_per_shard=rows_per_shard,
-        storage_options=_storage_options(storage_options), address=address,
-    ))
+@click.option("--overwrite", is_flag=True,
+              help="Replace what OUT holds; without it a rerun resumes (and refuses other settings).")
+@job_options
+def embed_command(manifest, out, table, **options):
+    """Embed the images and captions of MANIFEST (Parquet, CSV or JSON Lines; file, folder, glob;
+    WebDataset shards)."""
+    config = _embed_config(manifest, out, table, **options)
     from jobs.embed import run_embed
 
     summary = _run(run_embed, config)
     _print_summary(summary)
 
 
+@main.command("reembed")
+@click.argument("manifest")
+@click.option("--table", required=True, help="LanceDB database folder or URI (created if absent).")
+@click.option("--out", default=None, help="Also write the re-embedded rows as Parquet here.")
+@click.option("--prune", is_flag=True, help="Delete table rows whose id left the manifest.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@job_options
+def reembed_command(manifest, table, out, prune, dry_run, **options):
+    """Bring TABLE up to date with MANIFEST: embed only new and changed rows, upsert them."""
+    from jobs.reembed import run_reembed
+
+    config = ReembedConfig(_embed_config(manifest, out, table, **options), prune=prune,
+                           dry_run=dry_run)
+    summary = _run(run_reembed, config)
+    counts = (f"new {summary['new']}, image changed {summary['image_changed']}, "
+              f"caption changed {summary['caption_changed']}, "
+              f"model stale {'all' if summary['model_stale'] else 0}, "
+              f"gone from the manifest {summary['deleted']}, unchanged {summary['unchanged']}")
+    if dry_run:
+        click.echo(f"dry run, nothing changed: {counts}; would embed {summary['images_to_embed']} "
+                   f"images and {summary['captions_to_embed']} captions, reuse "
+                   f"{summary['images_reused']} image vectors")
+        return
+    click.echo(f"{counts}; embedded {summary['image_tower_rows']} images and "
+               f"{summary['text_tower_rows']} captions, reused {summary['images_reused']} image "
+               f"vectors; upserted {summary['rows_upserted']}, deleted {summary['rows_deleted']} rows "
+               f"in {summary['seconds_total']:.1f} s", err=True)
+    click.echo(json.dumps(summary, default=str))
+
+
+@main.group("table")
+def table_group() -> None:
+    """Versions of a table: list them, roll back."""
+
+
+@table_group.command("versions")
+@click.argument("db")
+@table_name
+@storage_option
+def table_versions_command(db, table_name, storage_options):
+    """List TABLE's versions with what each run changed."""
+    from pipeline.table import table_versions
+
+    for v in _run(table_versions, db, table_name, _storage_options(storage_options)):
+        run = v["run"] or {}
+        what = ", ".join(f"{k} {val}" for k, val in run.items() if k != "job") if run else ""
+        click.echo(f"{v['version']:>5}  {v['timestamp']}  {v['rows']:>9} rows  {run.get('job', '')}  {what}")
+
+
+@table_group.command("restore")
+@click.argument("db")
+@click.argument("version", type=int)
+@table_name
+@storage_option
+def table_restore_command(db, version, table_name, storage_options):
+    """Make VERSION of the table the latest again (as a new version)."""
+    from pipeline.table import restore_version
+
+    result = _run(restore_version, db, table_name, version, _storage_options(storage_options))
+    click.echo(f"table: {result['uri']} '{result['name']}' restored to version {version} "
+               f"({result['rows']} rows, now version {result['version']})")
+
+
 def _print_summary(summary: dict) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
+    rejected = summary["rows_rejected"]
+    if summary["rows_embedded"] == 0:
+        click.echo(f"nothing to do: all {summary['rows_out']} rows are already in the output "
+                   "(no model work)", err=True)
+    else:
+        resumed = (f" (resumed: {summary['rows_already_done']} rows were already done)"
+                   if summary["rows_already_done"] else "")
+        click.echo(f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s, "
+                   f"{summary['rows_per_second']} rows/s{resumed}", err=True)
     click.echo(
-        f"embedded {summary['rows_out']} of {summary['rows_in']} rows "
-        f"(image vectors {summary['image_ok']}, text vectors {summary['text_ok']}; errors: {errors}) "
-        f"in {summary['seconds_total']:.1f} s, {summary['rows_per_second']} rows/s",
+        f"output: {summary['rows_out']} of {summary['rows_in']} manifest rows "
+        f"(image vectors {summary['image_ok']}, text vectors {summary['text_ok']}; errors: {errors}; "
+        f"rejected: {rejected['missing_id']} without id, {rejected['duplicate_id']} duplicate ids)",
         err=True,
     )
     click.echo(f"summary: {summary['summary_uri']}", err=True)

@@ -102,7 +102,7 @@ def run_demo(workdir: str, model: str | None, query: str) -> list[dict]:
     summary = run_embed(EmbedConfig(manifest=manifest, out=os.path.join(workdir, "out"),
                                     model=model, table=db))
     click.echo(
-        f"embedded {summary['rows_out']} rows in {summary['seconds_total']:.1f} s "
+        f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s "
         f"({summary['rows_per_second']} rows/s); summary: {summary['summary_uri']}",
         err=True,
     )

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import time
+
+import pyarrow as pa
 
 from pipeline import __version__, storage
 from jobs.load import run_load
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
-from pipeline.manifest import open_manifest, read_manifest
+from pipeline.manifest import open_manifest, scan_ids, select_rows
 from pipeline.model import ModelSpec, resolve_dtype, resolve_model
-from pipeline.plan import embed_dataset, ensure_ray, plan_placement
-from pipeline.writer import ParquetShardSink, list_shards, summarize, write_summary
+from pipeline.plan import embed_dataset, ensure_ray, manifest_rows, plan_placement
+from pipeline.writer import (
+    ParquetShardSink,
+    output_totals,
+    read_ids,
+    read_output_provenance,
+    remove_outputs,
+    remove_unpublished,
+    summarize,
+    write_summary,
+)
 from schemas.embeddings import embeddings_schema
 
 
 def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...]) -> dict:
-    """What produced the vectors; two outputs with equal provenance are comparable."""
-    return {
+    """What produced the vectors; two outputs with equal provenance are comparable.
+
+    In JSON's own types, so it compares equal to a copy read back from a footer.
+    """
+    return json.loads(json.dumps({
         "model": model.ref,
         "revision": model.revision,
         "dim": model.dim,
@@ -26,30 +41,68 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...]) -> dict:
         "preprocessing": {"reference": "CLIPImageProcessorPil", **model.preprocessing.to_dict()},
         "max_tokens": model.max_tokens,
         "pipeline_version": __version__,
-    }
+    }))
+
+
+# Provenance that changes the vectors: an output mixes runs only where these agree.
+COMPARED_PROVENANCE = ("model", "revision", "dim", "dtype", "towers", "preprocessing", "max_tokens")
+
+
+def _rows_already_done(config: EmbedConfig, origin: dict) -> pa.Array:
+    """Ids a previous run of the same job published under OUT (none with --overwrite).
+
+    A run killed half-way left whole shards only (each is published by a rename), so its
+    rows are either done, and skipped now, or not written at all.
+    """
+    if config.overwrite:
+        remove_outputs(config.out, config.storage_options)
+        return pa.array([], pa.string())
+    previous = read_output_provenance(config.out, config.storage_options)
+    if previous is None:
+        return pa.array([], pa.string())
+    changed = [k for k in COMPARED_PROVENANCE if previous.get(k) != origin.get(k)]
+    if changed:
+        details = "; ".join(f"{k}: {previous.get(k)!r} there, {origin.get(k)!r} now" for k in changed)
+        raise ConfigError(
+            f"--out {config.out} holds embeddings made differently ({details}): rerun with the "
+            "same options, choose another --out, or pass --overwrite to replace them"
+        )
+    remove_unpublished(config.out, config.storage_options)
+    return read_ids(config.out, config.storage_options)
 
 
 def run_embed(config: EmbedConfig) -> dict:
-    """Run the whole job; returns the summary that is also written to OUT/summary.json."""
+    """Run the whole job; returns the summary that is also written to OUT/summary.json.
+
+    Rerun with the same arguments, it resumes: rows already in OUT are not embedded again.
+    """
     started = time.perf_counter()
-    # Everything that can be wrong with the options fails here, before Ray or a model starts.
+    # Everything that can be wrong with the options fails here, before a model starts.
     manifest = open_manifest(config)
     model = resolve_model(config.model, config.storage_options)
     storage.check_writable(config.out, config.storage_options, "--out")
-    if list_shards(config.out, config.storage_options):
-        raise ConfigError(
-            f"--out {config.out} already holds embeddings: choose an empty output folder"
-        )
     ensure_ray(config.address)
     placement = plan_placement(config)
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
     origin = provenance(model, dtype, config.towers)
-    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
-    sink = ParquetShardSink(config.out, schema, model.label, config.rows_per_shard,
-                            config.storage_options)
-    rows_in = read_manifest(manifest).count()
-    embed_dataset(config, manifest, model, dtype, placement).write_datasink(sink)
-    summary = summarize(sink.shards, rows_in, time.perf_counter() - started, origin)
+    done = _rows_already_done(config, origin)
+    scan = scan_ids(manifest)
+    # Rows of a duplicated id are all held back from the stream; its first row joins it again.
+    excluded = pa.concat_arrays([done, scan.duplicated_ids])
+    extra_rows = scan.first_of_duplicates
+    if extra_rows is not None and len(done):
+        extra_rows = select_rows(extra_rows, manifest.id_col, done)
+    pending = scan.pending(done)
+    sink = ParquetShardSink(
+        config.out, embeddings_schema(model.dim, list(manifest.metadata_fields), origin),
+        model.label, config.rows_per_shard, config.storage_options,
+    )
+    if pending is None or pending > 0:
+        rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size)
+        local_ok = storage.is_local(config.manifest) or config.allow_local_paths
+        embed_dataset(rows, config, model, dtype, placement, local_ok).write_datasink(sink)
+    totals = output_totals(config.out, config.storage_options)
+    summary = summarize(sink.shards, totals, scan, len(done), time.perf_counter() - started, origin)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
     if config.table:
         summary["table"] = run_load(

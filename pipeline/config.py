@@ -33,6 +33,9 @@ class EmbedConfig:
     rows_per_shard: int = 10_000
     storage_options: dict = field(default_factory=dict)
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or an in-process Ray
+    overwrite: bool = False  # replace what OUT holds instead of resuming it
+    allow_local_paths: bool = False  # local image paths in a manifest from object storage
+    allow_private_urls: bool = False  # image URLs on loopback, link-local or private addresses
 
     def __post_init__(self):
         unknown = [t for t in self.towers if t not in TOWERS]
@@ -79,3 +82,12 @@ class SearchConfig:
             raise ConfigError(f"--against {self.against}: choose image or text")
         if self.k < 1:
             raise ConfigError(f"--k {self.k}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class ReembedConfig:
+    """`reembed`: bring a table up to date with its manifest, embedding only what changed."""
+
+    embed: EmbedConfig  # manifest, model, towers, columns, resources; `out` may be empty
+    prune: bool = False  # delete table rows whose id left the manifest
+    dry_run: bool = False

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -148,13 +150,30 @@ def preprocess(image: Image.Image, prep: ImagePreprocessing) -> np.ndarray:
     return _center_crop(pixels, prep.crop_hw) if prep.crop_hw else pixels
 
 
-def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Where image fetches may go, and with which storage settings."""
+
+    storage_options: dict = field(default_factory=dict, repr=False)
+    # A manifest from object storage may not make the job read this machine's files ...
+    allow_local_paths: bool = True
+    # ... and URLs may not reach loopback, link-local or private addresses (the cluster's own
+    # services, cloud metadata endpoints) unless allowed.
+    allow_private_urls: bool = False
+
+
+def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """An image's bytes from a path, an object-store URI or an http(s) URL."""
-    if storage.is_url(uri):
-        return fetch_url(uri)
     shown = storage.redact(uri)
+    if storage.is_url(uri):
+        if not policy.allow_private_urls:
+            _refuse_private_host(uri)
+        return fetch_url(uri)
+    if storage.is_local(uri) and not policy.allow_local_paths:
+        raise ImageError("forbidden", f"{shown}: a local path in a manifest from object storage "
+                         "(pass --allow-local-paths to permit it)")
     try:
-        fs, path = storage.filesystem(uri, storage_options)
+        fs, path = storage.filesystem(uri, policy.storage_options)
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
@@ -165,6 +184,19 @@ def read_bytes(uri: str, storage_options: dict | None = None) -> bytes:
         raise ImageError("read_error", f"{shown}: permission denied") from None
     except Exception as exc:  # every storage backend raises its own kinds
         raise ImageError("read_error", f"{shown}: {storage.describe(exc)}") from None
+
+
+def _refuse_private_host(url: str) -> None:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError as exc:
+        raise ImageError("read_error", f"{storage.redact(url)}: cannot resolve {host} ({exc})") from None
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global or ip.is_multicast:
+            raise ImageError("forbidden", f"{storage.redact(url)}: {host} is a non-public address "
+                             f"({ip}); pass --allow-private-urls to permit it")
 
 
 def fetch_url(url: str) -> bytes:
@@ -202,11 +234,8 @@ def fetch_url(url: str) -> bytes:
     raise AssertionError("unreachable")
 
 
-def preprocess_images(
-    batch: pa.Table, preprocessing: ImagePreprocessing, storage_options: dict | None = None
-) -> pa.Table:
-    """Ray Data stage: fetch + decode + preprocess every row; failures become `image_error`."""
-    started = time.perf_counter()
+def fetch_all(batch: pa.Table, policy: FetchPolicy) -> list[bytes | ImageError]:
+    """Every row's image bytes (inline, or fetched in parallel threads), or why not."""
     uris = batch.column(IMAGE).to_pylist()
     inline = batch.column(IMAGE_BYTES).to_pylist()
 
@@ -216,13 +245,20 @@ def preprocess_images(
         if uris[i] is None:
             return ImageError("no_image", "the row has neither an image URI nor image bytes")
         try:
-            return read_bytes(uris[i], storage_options)
+            return read_bytes(uris[i], policy)
         except ImageError as exc:
             return exc
 
     with ThreadPoolExecutor(min(FETCH_THREADS, max(1, batch.num_rows))) as pool:
-        fetched = list(pool.map(fetch, range(batch.num_rows)))
+        return list(pool.map(fetch, range(batch.num_rows)))
 
+
+def preprocess_images(
+    batch: pa.Table, preprocessing: ImagePreprocessing, policy: FetchPolicy = FetchPolicy()
+) -> pa.Table:
+    """Ray Data stage: fetch + decode + preprocess every row; failures become `image_error`."""
+    started = time.perf_counter()
+    fetched = fetch_all(batch, policy)
     pixels, widths, heights, hashes, errors = [], [], [], [], []
     for data in fetched:
         sha = width = height = out = err = None
@@ -249,3 +285,14 @@ def preprocess_images(
     table = table.append_column(IMAGE_ERROR, pa.array(errors, pa.string()))
     return add_stage_seconds(table, "decode", time.perf_counter() - started)
 
+
+
+def hash_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy()) -> pa.Table:
+    """Ray Data stage: fetch each image and hash its bytes, without decoding (change detection)."""
+    started = time.perf_counter()
+    fetched = fetch_all(batch, policy)
+    hashes = [None if isinstance(d, ImageError) else hashlib.sha256(d).hexdigest() for d in fetched]
+    errors = [str(d) if isinstance(d, ImageError) else None for d in fetched]
+    table = batch.append_column(IMAGE_SHA256, pa.array(hashes, pa.string()))
+    table = table.append_column(IMAGE_ERROR, pa.array(errors, pa.string()))
+    return add_stage_seconds(table, "hash", time.perf_counter() - started)

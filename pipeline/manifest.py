@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
@@ -299,3 +300,66 @@ def to_contract_columns(batch: pa.Table, manifest: Manifest) -> pa.Table:
         else:  # a file of a folder manifest without this column
             columns[field.name] = pa.nulls(n, field.type)
     return pa.table(columns)
+
+
+@dataclass(frozen=True)
+class IdScan:
+    """The manifest's ids, read before any work: row count, rejects and duplicates."""
+
+    rows: int
+    ids: pa.Array | None  # every valid id once (string); None for WebDataset
+    missing_ids: int  # rows whose id is null or empty: rejected
+    duplicate_rows: int  # rows whose id an earlier row already has: rejected
+    duplicated_ids: pa.Array  # ids that more than one row has
+    first_of_duplicates: pa.Table | None  # the first row of each duplicated id, manifest columns
+
+    def pending(self, done: pa.Array) -> int | None:
+        """How many ids are not done yet (None: unknown without reading the shards)."""
+        if self.ids is None:
+            return None
+        return int(pc.sum(pc.invert(pc.is_in(self.ids, value_set=done))).as_py() or 0)
+
+
+def scan_ids(manifest: Manifest) -> IdScan:
+    """Read only the id column (in manifest order) to count rows and find bad and repeated ids.
+
+    WebDataset keys are unique by construction and are not read twice: the shards are counted.
+    """
+    if manifest.format == "webdataset":
+        rows = read_manifest(manifest).count()
+        return IdScan(rows, None, 0, 0, pa.array([], pa.string()), None)
+    fs = storage.arrow_filesystem(manifest.filesystem())
+    dataset = pads.dataset(list(manifest.files), format=manifest.format, filesystem=fs)
+    ids = pc.cast(dataset.to_table(columns=[manifest.id_col]).column(0).combine_chunks(), pa.string())
+    valid = pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), ""))
+    valid = pc.fill_null(valid, False)
+    good = ids.filter(valid)
+    counts = pc.value_counts(good)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    duplicated = repeated.field("values")
+    first_rows = None
+    if len(duplicated):
+        matching = dataset.to_table(filter=pc.field(manifest.id_col).cast(pa.string()).isin(duplicated))
+        seen, keep = set(), []
+        for i, row_id in enumerate(pc.cast(matching.column(manifest.id_col), pa.string()).to_pylist()):
+            if row_id not in seen:
+                seen.add(row_id)
+                keep.append(i)
+        first_rows = matching.take(keep)
+    return IdScan(
+        rows=len(ids),
+        ids=pc.unique(good),
+        missing_ids=len(ids) - len(good),
+        duplicate_rows=int(pc.sum(repeated.field("counts")).as_py() or 0) - len(duplicated),
+        duplicated_ids=duplicated,
+        first_of_duplicates=first_rows,
+    )
+
+
+def select_rows(batch: pa.Table, id_col: str, excluded: pa.Array) -> pa.Table:
+    """Ray Data stage: drop rows without an id and rows whose id is excluded (done, duplicated)."""
+    ids = pc.cast(batch.column(id_col), pa.string())
+    keep = pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), ""))
+    if len(excluded):
+        keep = pc.and_(keep, pc.invert(pc.is_in(ids, value_set=excluded)))
+    return batch.filter(pc.fill_null(keep, False))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.embedders import ImageEmbedder, TextEmbedder
-from pipeline.images import preprocess_images
-from pipeline.manifest import Manifest, read_manifest, to_contract_columns
+from pipeline.images import FetchPolicy, preprocess_images
+from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
 from pipeline.model import ModelSpec
 from pipeline.text import tokenize_captions
 from schemas.manifest import IMAGE_BYTES
@@ -64,14 +65,28 @@ def plan_placement(config: EmbedConfig) -> Placement:
     return Placement(0.0, min(1.0, spare / actors), concurrency, torch_threads=max(1, int(spare // actors)))
 
 
-def embed_dataset(config: EmbedConfig, manifest: Manifest, model: ModelSpec, dtype: str,
-                  placement: Placement):
+def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table | None,
+                  rows_per_block: int):
+    """The manifest's rows in the contract's columns, less those whose ids are `excluded`
+    (already done, or duplicated), plus `extra_rows` (the one row kept of each duplicated id)."""
+    ds = read_manifest(manifest).map_batches(
+        select_rows, fn_kwargs={"id_col": manifest.id_col, "excluded": excluded},
+        batch_format="pyarrow", batch_size=None,
+    )
+    if extra_rows is not None and extra_rows.num_rows:
+        ds = ds.union(ray.data.from_arrow(extra_rows))
+    # Small blocks so decode tasks and tower actors work side by side from the first rows on.
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    return ds.map_batches(to_contract_columns, fn_kwargs={"manifest": manifest},
+                          batch_format="pyarrow", batch_size=None)
+
+
+def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,
+                  allow_local_paths: bool):
+    """Rows in the contract's columns -> the same rows with their vectors (the towers in
+    `config.towers` only), errors, hashes and sizes."""
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    # Small blocks so decode tasks and tower actors work side by side from the first rows on.
-    ds = read_manifest(manifest).repartition(target_num_rows_per_block=config.batch_size)
-    ds = ds.map_batches(to_contract_columns, fn_kwargs={"manifest": manifest},
-                        batch_format="pyarrow", batch_size=None)
     actor_args = dict(
         batch_format="pyarrow",
         batch_size=config.batch_size,
@@ -82,7 +97,11 @@ def embed_dataset(config: EmbedConfig, manifest: Manifest, model: ModelSpec, dty
     if "image" in config.towers:
         ds = ds.map_batches(
             preprocess_images,
-            fn_kwargs={"preprocessing": model.preprocessing, "storage_options": config.storage_options},
+            fn_kwargs={"preprocessing": model.preprocessing, "policy": FetchPolicy(
+                storage_options=config.storage_options,
+                allow_local_paths=allow_local_paths,
+                allow_private_urls=config.allow_private_urls,
+            )},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
     else:

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.embedders import ImageEmbedder, TextEmbedder
-from pipeline.images import preprocess_images
+from pipeline.images import FetchPolicy, preprocess_images
 from pipeline.model import ModelSpec, resolve_model
 from pipeline.table import open_table, table_provenance
 from pipeline.text import tokenize_captions
@@ -41,9 +41,11 @@ def embed_text_query(model: ModelSpec, dtype: str, text: str) -> np.ndarray:
 
 
 def embed_image_query(model: ModelSpec, dtype: str, uri: str, storage_options=None) -> np.ndarray:
-    """An image's vector through the same stages the embed job runs."""
+    """An image's vector through the same stages the embed job runs (the user's own query may
+    name any file or URL)."""
     batch = pa.table({IMAGE: [uri], IMAGE_BYTES: pa.nulls(1, pa.binary())})
-    batch = preprocess_images(batch, model.preprocessing, storage_options)
+    policy = FetchPolicy(storage_options or {}, allow_local_paths=True, allow_private_urls=True)
+    batch = preprocess_images(batch, model.preprocessing, policy)
     if batch.column(IMAGE_ERROR)[0].is_valid:
         raise ConfigError(f"--image {uri}: {batch.column(IMAGE_ERROR)[0]}")
     out = ImageEmbedder(model, dtype)(batch)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
+
 import lancedb
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline import storage
@@ -57,8 +61,91 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         table = db.create_table(name, data=dataset.scanner().to_reader(), on_bad_vectors="null")
         inserted, updated = table.count_rows(), 0
     index_table(table)
+    record_run(db, name, table.version, {"job": "load", "outputs": storage.redact(out),
+                                         "inserted": inserted, "updated": updated})
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": inserted,
             "updated": updated, "version": table.version}
+
+
+def open_table_if_exists(db_uri: str, name: str, storage_options: dict | None = None):
+    db = connect(db_uri, storage_options)
+    return db.open_table(name) if name in db.table_names() else None
+
+
+def read_columns(table, columns: list[str], where: str | None = None) -> pa.Table:
+    """Some columns of the rows matching a SQL filter (LanceDB's own filter language)."""
+    query = table.search()
+    if where:
+        query = query.where(where)
+    return query.select(columns).limit(None).to_arrow()
+
+
+def in_filter(column: str, values: list[str]) -> str:
+    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+    return f"{column} IN ({quoted})"
+
+
+def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | None, replace: bool,
+                  storage_options: dict | None, record: dict) -> dict:
+    """Upsert `rows` by id and delete the `deleted` ids (or replace the whole table), re-index,
+    and record what the run changed beside the version it made."""
+    db = connect(db_uri, storage_options)
+    removed = 0
+    if replace:
+        table = db.create_table(name, data=rows, mode="overwrite", on_bad_vectors="null")
+    else:
+        table = db.open_table(name)
+        if rows.num_rows:
+            (table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
+             .execute(rows, on_bad_vectors="null"))
+        ids = deleted.to_pylist() if deleted is not None else []
+        for start in range(0, len(ids), 1000):
+            table.delete(in_filter(KEY, ids[start:start + 1000]))
+        removed = len(ids)
+    index_table(table)
+    record_run(db, name, table.version, record)
+    return {"uri": db_uri, "name": name, "rows": table.count_rows(), "version": table.version,
+            "deleted": removed}
+
+
+def _runs_name(name: str) -> str:
+    return f"{name}__runs"
+
+
+def record_run(db, name: str, version: int, details: dict) -> None:
+    """What a job changed, kept in a small table beside the embeddings (local or object storage)."""
+    row = pa.table({"table_version": [int(version)], "time": [datetime.now(timezone.utc).isoformat()],
+                    "job": [str(details.get("job"))],
+                    "details": [json.dumps(details, sort_keys=True, default=str)]})
+    if _runs_name(name) in db.table_names():
+        db.open_table(_runs_name(name)).add(row)
+    else:
+        db.create_table(_runs_name(name), data=row)
+
+
+def table_versions(db_uri: str, name: str, storage_options: dict | None = None) -> list[dict]:
+    """The table's versions, oldest first, each with the job that made it where one did."""
+    table = open_table(db_uri, name, storage_options)
+    db = connect(db_uri, storage_options)
+    runs = {}
+    if _runs_name(name) in db.table_names():
+        for run in db.open_table(_runs_name(name)).to_arrow().to_pylist():
+            runs[run["table_version"]] = json.loads(run["details"])
+    return [{"version": v["version"], "timestamp": v["timestamp"].isoformat(),
+             "rows": int(v["metadata"].get("total_rows", 0)), "run": runs.get(v["version"])}
+            for v in table.list_versions()]
+
+
+def restore_version(db_uri: str, name: str, version: int, storage_options: dict | None = None) -> dict:
+    """Make `version`'s rows the latest again (a new version; the history stays)."""
+    table = open_table(db_uri, name, storage_options)
+    known = [v["version"] for v in table.list_versions()]
+    if version not in known:
+        raise ConfigError(f"table '{name}' has no version {version} (versions: {known[0]}..{known[-1]})")
+    table.restore(version)
+    record_run(connect(db_uri, storage_options), name, table.version,
+               {"job": "restore", "restored_version": version})
+    return {"uri": db_uri, "name": name, "rows": table.count_rows(), "version": table.version}
 
 
 def _model_of(provenance: dict) -> tuple:

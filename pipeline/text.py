@@ -35,11 +35,16 @@ def token_ids(tokenizer, captions: list[str], max_tokens: int) -> tuple[list[lis
     return ids, truncated
 
 
+def caption_hashes(captions: list[str | None]) -> list[str | None]:
+    """sha256 of each caption's UTF-8 bytes: what change detection compares."""
+    return [None if c is None else hashlib.sha256(c.encode("utf-8")).hexdigest() for c in captions]
+
+
 def tokenize_captions(batch: pa.Table, model) -> pa.Table:
     """Ray Data stage: caption -> token ids; empty captions become `text_error`."""
     started = time.perf_counter()
     captions = batch.column(CAPTION).to_pylist()
-    hashes = [None if c is None else hashlib.sha256(c.encode("utf-8")).hexdigest() for c in captions]
+    hashes = caption_hashes(captions)
     errors = [
         error("empty_caption", "caption is null" if c is None else "caption is empty or whitespace")
         if c is None or not c.strip()

@@ -8,12 +8,14 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import storage
 from pipeline.timing import pop_stage_seconds
+from schemas.manifest import ID, IMAGE
 from schemas.embeddings import (
     IMAGE_EMBEDDING,
     IMAGE_ERROR,
@@ -34,6 +36,11 @@ def conform(table: pa.Table, schema: pa.Schema, model_label: str) -> pa.Table:
     for field in schema:
         if field.name == MODEL:
             columns.append(pa.array([model_label] * table.num_rows, pa.string()))
+        elif field.name == IMAGE and IMAGE in table.column_names:
+            # Signed URLs carry credentials in their query string: outputs keep the rest.
+            columns.append(pa.array(
+                [storage.redact(v) if v and storage.is_url(v) else v
+                 for v in table.column(IMAGE).to_pylist()], pa.string()))
         elif field.name in table.column_names:
             columns.append(table.column(field.name).cast(field.type))
         else:
@@ -41,19 +48,26 @@ def conform(table: pa.Table, schema: pa.Schema, model_label: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def shard_counts(table: pa.Table) -> dict:
-    """Rows, vectors and errors by kind in one shard: what the summary adds up."""
+def errors_by_kind(table: pa.Table) -> collections.Counter:
+    """Errors by `side.kind` in a table with the two error columns."""
     errors = collections.Counter()
     for column in (IMAGE_ERROR, TEXT_ERROR):
         side = column.split("_")[0]
         for value in table.column(column).drop_null().to_pylist():
             errors[f"{side}.{error_kind(value)}"] += 1
-    return {
-        "rows": table.num_rows,
-        "image_ok": table.num_rows - table.column(IMAGE_EMBEDDING).null_count,
-        "text_ok": table.num_rows - table.column(TEXT_EMBEDDING).null_count,
-        "errors": dict(errors),
-    }
+    return errors
+
+
+def write_shard(out: str, table: pa.Table, storage_options: dict | None = None) -> str:
+    """Write one shard under a temporary name, then rename it into place; returns its name."""
+    fs, path = storage.filesystem(out, storage_options)
+    path = path.rstrip("/")
+    name = f"{SHARD_PREFIX}{uuid.uuid4().hex}.parquet"
+    temporary = f"{path}/.{name}.tmp"
+    with fs.open(temporary, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(temporary, f"{path}/{name}")
+    return name
 
 
 class ParquetShardSink(Datasink):
@@ -77,18 +91,12 @@ class ParquetShardSink(Datasink):
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": {}, "seconds": {}}
+            return {"rows": 0, "seconds": {}}
         table, seconds = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
-        table = conform(table, self.schema, self.model_label)
-        fs, path = storage.filesystem(self.out, self.storage_options)
-        name = f"{SHARD_PREFIX}{uuid.uuid4().hex}.parquet"
-        temporary = f"{path}/.{name}.tmp"
-        with fs.open(temporary, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        fs.mv(temporary, f"{path}/{name}")
+        name = write_shard(self.out, conform(table, self.schema, self.model_label), self.storage_options)
         seconds["write"] = time.perf_counter() - started
-        return {**shard_counts(table), "seconds": seconds, "shard": name}
+        return {"rows": table.num_rows, "seconds": seconds, "shard": name}
 
     def on_write_complete(self, write_result) -> None:
         self.shards = [r for r in write_result.write_returns if r["rows"]]
@@ -111,24 +119,85 @@ def read_output_provenance(out: str, storage_options: dict | None = None) -> dic
         return provenance_of(pq.read_schema(f))
 
 
-def summarize(shards: list[dict], rows_in: int, seconds_total: float, provenance: dict) -> dict:
-    """The run's summary: counts that add up to the rows in, busy seconds per stage, rows/s."""
-    errors = collections.Counter()
+def read_ids(out: str, storage_options: dict | None = None) -> pa.Array:
+    """The ids already published under OUT: the rows a rerun does not embed again."""
+    shards = list_shards(out, storage_options)
+    if not shards:
+        return pa.array([], pa.string())
+    fs, _ = storage.filesystem(shards[0], storage_options)
+    paths = [storage.filesystem(s, storage_options)[1] for s in shards]
+    dataset = pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs))
+    return dataset.to_table(columns=[ID]).column(0).combine_chunks()
+
+
+def remove_outputs(out: str, storage_options: dict | None = None) -> None:
+    """Delete published shards, leftovers of killed writes and the summary (for --overwrite)."""
+    fs, path = storage.filesystem(out, storage_options)
+    for pattern in (f"{SHARD_PREFIX}*.parquet", f".{SHARD_PREFIX}*.tmp", SUMMARY_NAME):
+        for found in fs.glob(f"{path.rstrip('/')}/{pattern}"):
+            fs.rm_file(found)
+
+
+def remove_unpublished(out: str, storage_options: dict | None = None) -> int:
+    """Delete shards a killed run left half-written (one job writes an output at a time)."""
+    fs, path = storage.filesystem(out, storage_options)
+    leftovers = fs.glob(f"{path.rstrip('/')}/.{SHARD_PREFIX}*.tmp")
+    for found in leftovers:
+        fs.rm_file(found)
+    return len(leftovers)
+
+
+def output_totals(out: str, storage_options: dict | None = None) -> dict:
+    """Rows, vectors and errors by kind over every published shard (vector nulls from footers)."""
+    totals = {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter()}
+    for shard in list_shards(out, storage_options):
+        fs, path = storage.filesystem(shard, storage_options)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            metadata = parquet.metadata
+            names = parquet.schema_arrow.names
+            for g in range(metadata.num_row_groups):
+                group = metadata.row_group(g)
+                for side, column in (("image_ok", IMAGE_EMBEDDING), ("text_ok", TEXT_EMBEDDING)):
+                    # a fixed-size list column is one leaf: its nulls are the rows without a vector
+                    leaf = group.column(_leaf_index(metadata, names, column))
+                    totals[side] += group.num_rows - leaf.statistics.null_count
+            totals["rows"] += metadata.num_rows
+            errors = parquet.read(columns=[IMAGE_ERROR, TEXT_ERROR])
+        totals["errors"].update(errors_by_kind(errors))
+    totals["errors"] = dict(sorted(totals["errors"].items()))
+    return totals
+
+
+def _leaf_index(metadata, names: list[str], column: str) -> int:
+    for i in range(metadata.num_columns):
+        if metadata.schema.column(i).path.split(".")[0] == column:
+            return i
+    raise KeyError(column)
+
+
+def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, seconds_total: float,
+              provenance: dict) -> dict:
+    """The run's summary: counts over the whole output that add up to the rows in, plus this
+    run's work (rows embedded, busy seconds per stage, rows/s)."""
     stage_seconds = collections.Counter()
     for shard in shards:
-        errors.update(shard["errors"])
         stage_seconds.update(shard["seconds"])
-    rows_out = sum(s["rows"] for s in shards)
+    rows_embedded = sum(s["rows"] for s in shards)
     return {
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "image_ok": sum(s["image_ok"] for s in shards),
-        "text_ok": sum(s["text_ok"] for s in shards),
-        "errors_by_kind": dict(sorted(errors.items())),
+        "rows_in": scan.rows,
+        "rows_out": totals["rows"],
+        "rows_rejected": {"missing_id": scan.missing_ids, "duplicate_id": scan.duplicate_rows},
+        "duplicate_id_examples": scan.duplicated_ids.to_pylist()[:10],
+        "image_ok": totals["image_ok"],
+        "text_ok": totals["text_ok"],
+        "errors_by_kind": totals["errors"],
+        "rows_already_done": rows_done_before,
+        "rows_embedded": rows_embedded,
         "seconds_total": round(seconds_total, 3),
         "stage_busy_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items())},
-        "rows_per_second": round(rows_out / seconds_total, 2) if seconds_total else None,
-        "shards": sorted(s["shard"] for s in shards),
+        "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,
+        "shards_written": sorted(s["shard"] for s in shards),
         "provenance": provenance,
     }
 

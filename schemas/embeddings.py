@@ -31,6 +31,7 @@ ERROR_KINDS = (
     "truncated",  # an image file that ends early
     "too_large",  # more pixels than the decompression-bomb limit, or a download over the cap
     "timeout",  # a fetch that got no answer in time, after retries
+    "forbidden",  # a local path from a remote manifest, or a URL to a non-public address
     "no_image",  # the row has neither an image URI nor inline bytes
     "empty_caption",  # null, empty or whitespace-only caption
 )

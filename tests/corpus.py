@@ -59,6 +59,17 @@ def odd_images() -> dict[str, bytes]:
     palette = Image.fromarray(_pattern(240, 260, 9)).convert("P", palette=Image.Palette.ADAPTIVE)
     save("palette.png", palette, "PNG", transparency=0)
     save("cmyk.jpg", Image.fromarray(_pattern(400, 300, 10)).convert("CMYK"), "JPEG")
+    grey16 = Image.fromarray(_pattern(260, 240, 11)[..., 0].astype(np.uint16) * 257)  # I;16
+    save("grey16.png", grey16, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° on display; the reference does not apply it
+    save("exif-rotated.jpg", Image.fromarray(_pattern(320, 200, 12)), "JPEG", exif=exif.tobytes())
+    frames = [Image.fromarray(_pattern(120, 90, seed)) for seed in (13, 14, 15)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    images["animated.gif"] = buf.getvalue()
+    save("one-pixel.png", Image.fromarray(_pattern(1, 1, 16)), "PNG")
+    save("needle.png", Image.fromarray(_pattern(20000, 20, 17)), "PNG")
     return images
 
 

@@ -71,7 +71,7 @@ def test_bad_rows_get_errors_and_the_job_succeeds(tiny_model, ray_session, tmp_p
         "image.decode_error": 3, "image.no_image": 1, "image.not_found": 1,
         "image.read_error": 1, "image.truncated": 1, "text.empty_caption": 2,
     }
-    assert "embedded 10 of 10 rows" in result.stderr
+    assert "output: 10 of 10 manifest rows" in result.stderr
 
 
 def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path):

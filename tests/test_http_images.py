@@ -81,8 +81,15 @@ def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_
     table = pa.table({"id": ["ok", "gone"], "image": [f"{base}/ok.png", f"{base}/gone.png?token=SECRET"],
                       "caption": ["un gato", "un perro"]})
     pq.write_table(table, tmp_path / "m.parquet")
-    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model)
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "refused", "--model", tiny_model)
+    refused = read_output(tmp_path / "refused")
+    assert refused["ok"]["image_error"].startswith("forbidden: ")  # 127.0.0.1 is not public
+    assert "--allow-private-urls" in refused["ok"]["image_error"]
+
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
+            "--allow-private-urls")
     rows = read_output(tmp_path / "out")
     assert rows["ok"]["image_embedding"] is not None and rows["ok"]["width"] == 224
     assert rows["gone"]["image_error"].startswith("not_found:")
     assert "SECRET" not in rows["gone"]["image_error"]
+    assert rows["gone"]["image"] == f"{base}/gone.png?…"  # the signed part never reaches outputs

@@ -1,0 +1,190 @@
+"""The reembed job: bring a table up to date with its manifest, embedding only what changed.
+
+What a nightly schedule runs. Images are fetched and hashed (not decoded) every run; the towers
+run only on new content: a changed caption never re-runs the image tower, and an image whose
+bytes the table already holds a vector for reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from jobs.embed import COMPARED_PROVENANCE, provenance
+from pipeline import storage, table as tables
+from pipeline.changes import ChangePlan, plan_changes
+from pipeline.config import ReembedConfig
+from pipeline.images import FetchPolicy, hash_images
+from pipeline.manifest import open_manifest, scan_ids
+from pipeline.model import resolve_dtype, resolve_model
+from pipeline.plan import embed_dataset, ensure_ray, manifest_rows, plan_placement
+from pipeline.text import caption_hashes
+from pipeline.timing import pop_stage_seconds
+from pipeline.writer import conform, write_shard
+from schemas.embeddings import (
+    CAPTION_SHA256,
+    CAPTION_TRUNCATED,
+    HEIGHT,
+    IMAGE_EMBEDDING,
+    IMAGE_ERROR,
+    IMAGE_SHA256,
+    TEXT_EMBEDDING,
+    TEXT_ERROR,
+    WIDTH,
+    embeddings_schema,
+)
+from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
+
+IMAGE_SIDE = (IMAGE_EMBEDDING, WIDTH, HEIGHT, IMAGE_ERROR)
+TEXT_SIDE = (TEXT_EMBEDDING, TEXT_ERROR, CAPTION_TRUNCATED)
+
+
+def _collect(ds) -> pa.Table:
+    tables_ = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    tables_ = [t for t in tables_ if t.num_rows]
+    if not tables_:
+        return pa.table({})
+    return pop_stage_seconds(pa.concat_tables(tables_, promote_options="default"))[0]
+
+
+def _stored_state(table) -> tuple[pa.Table, pa.Array]:
+    """(id, hashes) of every row, and the image hashes the table holds a vector for."""
+    state = tables.read_columns(table, [ID, IMAGE_SHA256, CAPTION_SHA256])
+    with_vectors = tables.read_columns(table, [IMAGE_SHA256], f"{IMAGE_EMBEDDING} IS NOT NULL")
+    return state, pc.unique(with_vectors.column(IMAGE_SHA256).combine_chunks().drop_null())
+
+
+def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, policy) -> pa.Table:
+    """Run one tower on in-memory rows (id, image, image_bytes, caption) through the same stages
+    as the embed job."""
+    if not rows.num_rows:
+        return pa.table({})
+    one_tower = dataclasses.replace(config, towers=(tower,))
+    ds = ray.data.from_arrow(rows).repartition(target_num_rows_per_block=config.batch_size)
+    return _collect(embed_dataset(ds, one_tower, model, dtype, placement, policy.allow_local_paths))
+
+
+def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text_results: pa.Table,
+              reused: dict, old_rows: dict) -> pa.Table:
+    """The upserted rows in full: fresh sides from the towers, the rest from the table."""
+    by_hash = {r[ID]: r for r in image_results.to_pylist()} if image_results.num_rows else {}
+    by_id = {r[ID]: r for r in text_results.to_pylist()} if text_results.num_rows else {}
+    image_redo = set(plan.new.to_pylist()) | set(plan.image_changed.to_pylist())
+    text_redo = set(plan.new.to_pylist()) | set(plan.caption_changed.to_pylist())
+    rows = []
+    for row in current.filter(pc.is_in(current.column(ID), value_set=plan.upserted)).to_pylist():
+        if row[ID] in image_redo:
+            source = by_hash.get(row[IMAGE_SHA256]) or reused.get(row[IMAGE_SHA256])
+            if source is not None:
+                row.update({k: source.get(k) for k in IMAGE_SIDE})
+            else:  # the fetch failed: the hash pass has the error
+                row.update({IMAGE_EMBEDDING: None, WIDTH: None, HEIGHT: None})
+        else:
+            row.update({k: old_rows[row[ID]].get(k) for k in IMAGE_SIDE})
+        if row[ID] in text_redo:
+            row.update({k: by_id[row[ID]].get(k) for k in TEXT_SIDE})
+        else:
+            row.update({k: old_rows[row[ID]].get(k) for k in TEXT_SIDE})
+        row.pop(IMAGE_BYTES, None)
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def run_reembed(config: ReembedConfig) -> dict:
+    started = time.perf_counter()
+    e = config.embed
+    manifest = open_manifest(e)
+    model = resolve_model(e.model, e.storage_options)
+    if e.out:
+        storage.check_writable(e.out, e.storage_options, "--out")
+    ensure_ray(e.address)
+    placement = plan_placement(e)
+    dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
+    origin = provenance(model, dtype, e.towers)
+    scan = scan_ids(manifest)
+    policy = FetchPolicy(e.storage_options, storage.is_local(e.manifest) or e.allow_local_paths,
+                         e.allow_private_urls)
+
+    # 1. What the manifest holds now: rows with the hashes of their image bytes and captions.
+    current = _collect(
+        manifest_rows(manifest, scan.duplicated_ids, scan.first_of_duplicates, e.batch_size)
+        .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
+    )
+    current = current.append_column(
+        CAPTION_SHA256, pa.array(caption_hashes(current.column(CAPTION).to_pylist()), pa.string()))
+
+    # 2. What the table holds, and the difference.
+    table = tables.open_table_if_exists(e.table, e.table_name, e.storage_options)
+    stored, stored_hashes, model_stale = None, pa.array([], pa.string()), False
+    if table is not None:
+        stored, stored_hashes = _stored_state(table)
+        previous = tables.table_provenance(table) or {}
+        model_stale = any(previous.get(k) != origin.get(k) for k in COMPARED_PROVENANCE)
+    plan = plan_changes(current, stored, model_stale, stored_hashes)
+    summary = {"rows_in": scan.rows, **plan.counts(),
+               "rows_rejected": {"missing_id": scan.missing_ids, "duplicate_id": scan.duplicate_rows}}
+    if config.dry_run:
+        return {"dry_run": True, **summary}
+
+    # 3. The towers, on new content only.
+    image_rows = plan.images_to_embed
+    image_input = pa.table({ID: image_rows.column(IMAGE_SHA256), IMAGE: image_rows.column(IMAGE),
+                            IMAGE_BYTES: image_rows.column(IMAGE_BYTES),
+                            CAPTION: pa.nulls(image_rows.num_rows, pa.string())})
+    text_rows = plan.captions_to_embed
+    text_input = pa.table({ID: text_rows.column(ID), IMAGE: pa.nulls(text_rows.num_rows, pa.string()),
+                           IMAGE_BYTES: pa.nulls(text_rows.num_rows, pa.binary()),
+                           CAPTION: text_rows.column(CAPTION)})
+    image_results = _embed(image_input, "image", e, model, dtype, placement, policy)
+    text_results = _embed(text_input, "text", e, model, dtype, placement, policy)
+
+    # 4. Reused vectors and unchanged sides come from the table.
+    reused, old_rows = {}, {}
+    if table is not None and not model_stale and len(plan.upserted):
+        wanted = pc.unique(pa.concat_arrays([plan.new, plan.image_changed]))
+        hashes = current.filter(pc.is_in(current.column(ID), value_set=wanted)).column(IMAGE_SHA256)
+        hashes = pc.unique(hashes.combine_chunks().drop_null()).to_pylist()
+        if hashes:
+            where = f"{IMAGE_EMBEDDING} IS NOT NULL AND {tables.in_filter(IMAGE_SHA256, hashes)}"
+            for r in tables.read_columns(table, [IMAGE_SHA256, *IMAGE_SIDE], where).to_pylist():
+                reused.setdefault(r[IMAGE_SHA256], r)
+        where = tables.in_filter(ID, plan.upserted.to_pylist())
+        old_rows = {r[ID]: r for r in
+                    tables.read_columns(table, [ID, *IMAGE_SIDE, *TEXT_SIDE], where).to_pylist()}
+    rows = _assemble(current, plan, image_results, text_results, reused, old_rows)
+    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
+    rows = conform(rows, schema, model.label) if rows.num_rows else schema.empty_table()
+    if e.out and rows.num_rows:
+        write_shard(e.out, rows, e.storage_options)
+
+    # 5. One new table version: upserts (and deletes with --prune).
+    result = tables.apply_changes(
+        e.table, e.table_name, rows, deleted=plan.deleted if (config.prune or model_stale) else None,
+        replace=table is None or model_stale, storage_options=e.storage_options,
+        record={"job": "reembed", "model": model.label, **plan.counts(),
+                "deleted": len(plan.deleted) if (config.prune or model_stale) else 0},
+    )
+    summary.update({
+        "image_tower_rows": (image_results.num_rows - image_results.column(IMAGE_EMBEDDING).null_count)
+        if image_results.num_rows else 0,
+        "text_tower_rows": (text_results.num_rows - text_results.column(TEXT_EMBEDDING).null_count)
+        if text_results.num_rows else 0,
+        "rows_upserted": rows.num_rows, "rows_deleted": result["deleted"],
+        "table": result, "seconds_total": round(time.perf_counter() - started, 3),
+    })
+    return summary
+
+
+def main() -> None:
+    """`python -m jobs.reembed ...` is `altclip reembed ...` (what a schedule runs)."""
+    from jobs.cli import reembed_command
+
+    reembed_command(prog_name="python -m jobs.reembed")
+
+
+if __name__ == "__main__":
+    main()

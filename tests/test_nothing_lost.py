@@ -1,0 +1,201 @@
+"""Nothing lost, nothing twice: odd ids, reruns, resumes after a killed driver or actor, and
+inputs the job must refuse to fetch."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.conftest import altclip, read_output
+from tests.corpus import odd_images
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims 10^10 pixels: refused from the header, never decoded."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def _manifest(tmp_path, rows: list[dict], name="m.parquet"):
+    path = tmp_path / name
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_odd_ids_and_captions(tiny_model, ray_session, tmp_path):
+    (tmp_path / "a.png").write_bytes(odd_images()["exact.png"])
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())
+    long_caption = "una foto de un gato " * 5000  # 100 KB
+    rows = [
+        {"id": "a", "image": "a.png", "caption": "first a"},
+        {"id": None, "image": "a.png", "caption": "no id"},
+        {"id": "", "image": "a.png", "caption": "empty id"},
+        {"id": "b", "image": "bomb.png", "caption": long_caption},
+        {"id": "a", "image": "a.png", "caption": "second a"},
+        {"id": "c", "image": "a.png", "caption": "control\x00\x07chars\u200b and emoji 🐱🐶"},
+        {"id": "d", "image": "a.png", "caption": "مرحبا بالعالم שלום עולם"},
+        {"id": "a", "image": "a.png", "caption": "third a"},
+    ]
+    out = tmp_path / "out"
+    result = altclip("embed", _manifest(tmp_path, rows), "--out", out, "--model", tiny_model)
+    got = read_output(out)
+    assert set(got) == {"a", "b", "c", "d"}
+    assert got["a"]["caption"] == "first a"  # the first row of a duplicated id wins
+    assert got["b"]["image_error"].startswith("too_large: ") and "10000000000 pixels" in got["b"]["image_error"]
+    assert got["b"]["caption_truncated"] is True and got["b"]["text_embedding"] is not None
+    assert got["c"]["text_embedding"] is not None and got["d"]["text_embedding"] is not None
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_in"] == 8 and summary["rows_out"] == 4
+    assert summary["rows_rejected"] == {"missing_id": 2, "duplicate_id": 2}
+    assert summary["duplicate_id_examples"] == ["a"]
+    assert "rejected: 2 without id, 2 duplicate ids" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """400 rows over a few image files: enough shards to kill a run between them."""
+    folder = tmp_path_factory.mktemp("kill")
+    images = odd_images()
+    names = ["landscape.jpg", "portrait.png", "exact.png", "rgba.png", "grey.jpg"]
+    for name in names:
+        (folder / name).write_bytes(images[name])
+    rows = [{"id": f"r{n:04d}", "image": names[n % len(names)], "caption": f"caption number {n}"}
+            for n in range(400)]
+    return _manifest(folder, rows)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tiny_model, ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    altclip("embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32",
+            "--batch-size", "10", "--rows-per-shard", "20")
+    return read_output(out)
+
+
+def _same(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for row_id, row in expected.items():
+        np.testing.assert_allclose(got[row_id]["image_embedding"], row["image_embedding"], atol=1e-6)
+        np.testing.assert_allclose(got[row_id]["text_embedding"], row["text_embedding"], atol=1e-6)
+
+
+def test_a_finished_job_rerun_does_no_model_work(corpus, tiny_model, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    args = ["embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32"]
+    altclip(*args)
+    shards = sorted(out.glob("part-*.parquet"))
+    result = altclip(*args)
+    assert "nothing to do: all 400 rows are already in the output (no model work)" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_embedded"] == 0 and summary["rows_out"] == 400
+    assert sorted(out.glob("part-*.parquet")) == shards
+
+    result = altclip(*args[:-1], "bfloat16", expect_exit=1)
+    assert "holds embeddings made differently (dtype: 'float32' there, 'bfloat16' now)" in result.stderr
+    altclip(*args[:-1], "bfloat16", "--overwrite")
+    assert json.loads((out / "summary.json").read_text())["provenance"]["dtype"] == "bfloat16"
+    assert len(read_output(out)) == 400
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted, tmp_path, fraction):
+    out = tmp_path / "out"
+    args = ["embed", str(corpus), "--out", str(out), "--model", tiny_model, "--dtype", "float32",
+            "--batch-size", "10", "--rows-per-shard", "20"]
+    altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
+    process = subprocess.Popen([altclip_bin, *args], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = max(1, int(400 * fraction / 20))
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("part-*.parquet"))) < target and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never published a shard"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    published = len(read_output(out))
+    assert 0 < published < 400
+
+    result = altclip(*args)
+
+    got = read_output(out)  # asserts no id twice
+    _same(got, uninterrupted)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_already_done"] == published
+    assert summary["rows_embedded"] == 400 - published  # only what was not published is redone
+    assert f"resumed: {published} rows were already done" in result.stderr
+    assert not list(out.glob(".part-*.tmp"))
+
+
+def test_a_killed_tower_actor_loses_nothing(corpus, tiny_model, uninterrupted, ray_session, tmp_path):
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_text_actor():
+        # Ray names an actor's process after it: "ray::MapWorker(MapBatches(TextEmbedder))...".
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+            pids = [int(line.split()[0]) for line in listing.splitlines()
+                    if "TextEmbedder" in line and "ray::" in line]
+            if pids and list(out.glob("part-*.parquet")):  # after it has embedded some rows
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_text_actor)
+    killer.start()
+    altclip("embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32",
+            "--batch-size", "10", "--rows-per-shard", "20")
+    killer.join()
+    assert killed, "no text actor was found to kill"
+    _same(read_output(out), uninterrupted)
+
+
+def test_a_manifest_from_object_storage_may_not_read_local_files(s3_server, tiny_model, ray_session,
+                                                                 tmp_path):
+    import s3fs
+
+    local_image = tmp_path / "local.png"
+    local_image.write_bytes(odd_images()["exact.png"])
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("untrusted"):
+        fs.mkdir("untrusted")
+    fs.pipe("untrusted/ok.png", odd_images()["exact.png"])
+    table = pa.table({"id": ["etc", "file", "local", "remote"],
+                      "image": ["/etc/passwd", "file:///etc/hostname", str(local_image), "ok.png"],
+                      "caption": ["a", "b", "c", "d"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe("untrusted/manifest.parquet", buf.getvalue())
+
+    altclip("embed", "s3://untrusted/manifest.parquet", "--out", tmp_path / "out", "--model", tiny_model)
+    got = read_output(tmp_path / "out")
+    for row_id in ("etc", "file", "local"):
+        assert got[row_id]["image_error"].startswith("forbidden: "), got[row_id]
+        assert got[row_id]["image_sha256"] is None  # not even read
+    assert got["remote"]["image_embedding"] is not None
+
+    altclip("embed", "s3://untrusted/manifest.parquet", "--out", tmp_path / "allowed", "--model",
+            tiny_model, "--allow-local-paths")
+    assert read_output(tmp_path / "allowed")["local"]["image_embedding"] is not None
