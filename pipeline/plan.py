@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,9 +23,13 @@ ACTOR_START_TIMEOUT_S = 600
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS); without either, start Ray in-process."""
+    """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets it); without
+    either, start Ray in-process. `auto` joins a cluster started on this machine by `ray start`."""
     if ray.is_initialized():
         return
+    # "local", not Ray's default: that would try whatever cluster this machine last started,
+    # even one long gone.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
 
 

@@ -10,6 +10,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
@@ -91,12 +92,13 @@ class ParquetShardSink(Datasink):
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"rows": 0, "seconds": {}}
-        table, seconds = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
+            return {"rows": 0, "seconds": {}, "nodes": {}}
+        table, seconds, nodes = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
         name = write_shard(self.out, conform(table, self.schema, self.model_label), self.storage_options)
         seconds["write"] = time.perf_counter() - started
-        return {"rows": table.num_rows, "seconds": seconds, "shard": name}
+        nodes["write"] = [ray.get_runtime_context().get_node_id()]
+        return {"rows": table.num_rows, "seconds": seconds, "nodes": nodes, "shard": name}
 
     def on_write_complete(self, write_result) -> None:
         self.shards = [r for r in write_result.write_returns if r["rows"]]
@@ -181,8 +183,11 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
     """The run's summary: counts over the whole output that add up to the rows in, plus this
     run's work (rows embedded, busy seconds per stage, rows/s)."""
     stage_seconds = collections.Counter()
+    stage_nodes = collections.defaultdict(set)
     for shard in shards:
         stage_seconds.update(shard["seconds"])
+        for stage, nodes in shard["nodes"].items():
+            stage_nodes[stage].update(nodes)
     rows_embedded = sum(s["rows"] for s in shards)
     return {
         "rows_in": scan.rows,
@@ -197,6 +202,8 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "seconds_total": round(seconds_total, 3),
         "stage_busy_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items())},
         "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,
+        # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
+        "stage_nodes": {k: sorted(v) for k, v in sorted(stage_nodes.items())},
         "shards_written": sorted(s["shard"] for s in shards),
         "provenance": provenance,
     }

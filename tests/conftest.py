@@ -52,7 +52,7 @@ _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 def ray_session(s3_server, tmp_path_factory):
     # Set before Ray starts, so that workers copy models into the same per-test-run cache.
     os.environ["ALTCLIP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    ray.init(num_cpus=2, logging_level="ERROR", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False,
              include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
