@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -13,6 +14,8 @@ from pipeline.config import (
     ConfigError,
     EmbedConfig,
     LoadConfig,
+    DEFAULT_TEMPLATE,
+    ClassifyConfig,
     ReembedConfig,
     SearchConfig,
 )
@@ -157,6 +160,22 @@ def table_versions_command(db, table_name, storage_options):
         click.echo(f"{v['version']:>5}  {v['timestamp']}  {v['rows']:>9} rows  {run.get('job', '')}  {what}")
 
 
+@table_group.command("index")
+@click.argument("db")
+@table_name
+@storage_option
+def table_index_command(db, table_name, storage_options):
+    """Rebuild the table's indexes: full-text on captions, ANN per vector column when large."""
+    from pipeline.table import index_table, open_table
+
+    built = _run(index_table, _run(open_table, db, table_name, _storage_options(storage_options)))
+    for column, info in built.items():
+        click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
+                   f"{info['vectors']} vectors")
+    if not built:
+        click.echo("full-text index rebuilt; too few vectors for an ANN index: search is exact")
+
+
 @table_group.command("restore")
 @click.argument("db")
 @click.argument("version", type=int)
@@ -212,6 +231,8 @@ def load_command(outputs, table, table_name, storage_options):
 @click.argument("table")
 @click.option("--text", default=None, help="Query text, in any language.")
 @click.option("--image", default=None, help="Query image path or URI.")
+@click.option("--vector", default=None, help="Query vector: a .npy file or a JSON list.")
+@click.option("--hybrid", is_flag=True, help="With --text: vector + full-text search on captions, fused.")
 @click.option("--against", type=click.Choice(["image", "text"]), default=None,
               help="Which vectors to search [image].")
 @click.option("--k", default=10, show_default=True, type=int)
@@ -220,11 +241,13 @@ def load_command(outputs, table, table_name, storage_options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit and line, best first.")
 @table_name
 @storage_option
-def search_command(table, text, image, against, k, where, model, as_json, table_name, storage_options):
+def search_command(table, text, image, vector, hybrid, against, k, where, model, as_json, table_name,
+                   storage_options):
     """Nearest rows of TABLE (a LanceDB database) to a text or an image, by cosine."""
     from jobs.search import run_search
 
-    config = _run(lambda: SearchConfig(table=table, text=text, image=image, against=against, k=k,
+    config = _run(lambda: SearchConfig(table=table, text=text, image=image, vector=vector,
+                                       hybrid=hybrid, against=against, k=k,
                                        where=where, model=model, table_name=table_name,
                                        storage_options=_storage_options(storage_options)))
     hits = _run(run_search, config)
@@ -235,6 +258,70 @@ def search_command(table, text, image, against, k, where, model, as_json, table_
     for rank, hit in enumerate(hits, 1):
         caption = (hit.get("caption") or "")[:60]
         click.echo(f"{rank:>3}  {hit['score']:.4f}  {hit['id']:<20} {caption:<60} {hit.get('image') or ''}")
+
+
+@main.command("sql")
+@click.argument("query")
+@click.option("--db", default=None, help="LanceDB database whose table the query can name.")
+@click.option("--parquet", "outputs", default=None, help="Embed outputs, visible as `outputs`.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row and line.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header line.")
+@table_name
+@storage_option
+def sql_command(query, db, outputs, as_json, as_csv, table_name, storage_options):
+    """Run the SQL QUERY (DuckDB) over a table (`--db`, visible by its name) and/or outputs."""
+    from pipeline.sql import run_sql
+
+    if not db and not outputs:
+        raise click.UsageError("name what to query: --db DB and/or --parquet OUT")
+    result = _run(run_sql, query, db, table_name, outputs, _storage_options(storage_options))
+    _print_rows(result, as_json, as_csv)
+
+
+def _print_rows(result, as_json: bool, as_csv: bool) -> None:
+    if as_json:
+        for row in result.to_pylist():
+            click.echo(json.dumps(row, ensure_ascii=False, default=str))
+    elif as_csv:
+        import pyarrow.csv as pacsv
+
+        buf = io.BytesIO()
+        pacsv.write_csv(result, buf)
+        click.echo(buf.getvalue().decode(), nl=False)
+    else:
+        rows = [[_cell(v) for v in row.values()] for row in result.to_pylist()]
+        widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(result.column_names)]
+        click.echo("  ".join(n.ljust(w) for n, w in zip(result.column_names, widths)))
+        for row in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _cell(value) -> str:
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@main.command("classify")
+@click.argument("db")
+@click.option("--labels", "label_files", multiple=True, required=True,
+              help="One label per line; repeat with the same classes in other languages.")
+@click.option("--template", "templates", multiple=True,
+              help='Prompt template, repeatable, averaged ["a photo of a {}"].')
+@click.option("--top-k", default=3, show_default=True, type=int)
+@click.option("--out", default=None, help="Write id + labels as Parquet here instead of into the table.")
+@click.option("--model", default=None, help="[the model the table was built with]")
+@table_name
+@storage_option
+def classify_command(db, label_files, templates, top_k, out, model, table_name, storage_options):
+    """Zero-shot labels for every image of the table in DB: label, label_score, top k."""
+    from jobs.classify import run_classify
+
+    config = _run(lambda: ClassifyConfig(
+        table=db, labels=label_files, templates=templates or (DEFAULT_TEMPLATE,), top_k=top_k,
+        out=out, model=model, table_name=table_name, storage_options=_storage_options(storage_options)))
+    result = _run(run_classify, config)
+    where = f"Parquet under {out}" if out else f"the table (version {result['version']})"
+    click.echo(f"labelled {result['rows']} images with {result['labels']} labels into {where}")
 
 
 @main.command("make-test-model")

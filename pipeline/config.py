@@ -9,6 +9,7 @@ from schemas.table import DEFAULT_TABLE_NAME
 DEFAULT_MODEL = "BAAI/AltCLIP"
 TOWERS = ("image", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_TEMPLATE = "a photo of a {}"  # CLIP's zero-shot prompt
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,8 @@ class SearchConfig:
     table: str
     text: str | None = None
     image: str | None = None
+    vector: str | None = None  # a .npy or JSON file holding the query vector
+    hybrid: bool = False  # text query: vector search + full-text search on captions, fused
     against: str | None = None  # "image" or "text"; None: the other modality for text, image for images
     k: int = 10
     where: str | None = None
@@ -76,8 +79,10 @@ class SearchConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if (self.text is None) == (self.image is None):
-            raise ConfigError("give exactly one query: --text TEXT or --image PATH")
+        if sum(q is not None for q in (self.text, self.image, self.vector)) != 1:
+            raise ConfigError("give exactly one query: --text TEXT, --image PATH or --vector FILE")
+        if self.hybrid and self.text is None:
+            raise ConfigError("--hybrid combines a vector and a full-text search: it needs --text")
         if self.against not in (None, "image", "text"):
             raise ConfigError(f"--against {self.against}: choose image or text")
         if self.k < 1:
@@ -91,3 +96,21 @@ class ReembedConfig:
     embed: EmbedConfig  # manifest, model, towers, columns, resources; `out` may be empty
     prune: bool = False  # delete table rows whose id left the manifest
     dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    table: str
+    labels: tuple[str, ...]  # label files: one label per line; several = several languages
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    top_k: int = 3
+    out: str | None = None  # write id + labels as Parquet here instead of into the table
+    model: str | None = None  # None: the model the table was built with
+    table_name: str = DEFAULT_TABLE_NAME
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.labels:
+            raise ConfigError("give the labels: --labels FILE (one label per line)")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k {self.top_k}: must be at least 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -28,16 +29,25 @@ from schemas.table import SEARCH_COLUMNS
 
 # Columns a hit leaves out: vectors and bookkeeping; what remains is the row and its metadata.
 _HIDDEN = {IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_SHA256, CAPTION_SHA256, IMAGE_ERROR,
-           TEXT_ERROR, CAPTION_TRUNCATED, MODEL, "_distance"}
+           TEXT_ERROR, CAPTION_TRUNCATED, MODEL, "_distance", "_relevance_score", "_score"}
+
+
+def embed_texts(model: ModelSpec, dtype: str, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """(len(texts), D) caption vectors through the same stages the embed job runs."""
+    embedder = TextEmbedder(model, dtype)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenize_captions(pa.table({CAPTION: texts[start:start + batch_size]}), model)
+        for text, failure in zip(texts[start:], batch.column(TEXT_ERROR).to_pylist()):
+            if failure:
+                raise ConfigError(f"{text!r}: {failure}")
+        out = embedder(batch).column(TEXT_EMBEDDING).combine_chunks()
+        chunks.append(np.asarray(out.values, dtype=np.float32).reshape(len(out), -1))
+    return np.concatenate(chunks)
 
 
 def embed_text_query(model: ModelSpec, dtype: str, text: str) -> np.ndarray:
-    """A caption's vector through the same stages the embed job runs."""
-    batch = tokenize_captions(pa.table({CAPTION: [text]}), model)
-    if batch.column(TEXT_ERROR)[0].is_valid:
-        raise ConfigError(f"--text: {batch.column(TEXT_ERROR)[0]}")
-    out = TextEmbedder(model, dtype)(batch)
-    return np.asarray(out.column(TEXT_EMBEDDING)[0].as_py(), dtype=np.float32)
+    return embed_texts(model, dtype, [text])[0]
 
 
 def embed_image_query(model: ModelSpec, dtype: str, uri: str, storage_options=None) -> np.ndarray:
@@ -72,18 +82,20 @@ def search(config: SearchConfig) -> list[dict]:
     dtype = origin.get("dtype", "float32")
     if config.text is not None:
         vector = embed_text_query(model, dtype, config.text)
-    else:
+    elif config.image is not None:
         vector = embed_image_query(model, dtype, config.image, config.storage_options)
+    else:
+        vector = _read_vector(config.vector, model.dim)
     column = SEARCH_COLUMNS[config.against or "image"]
     where = f"{column} IS NOT NULL" + (f" AND ({config.where})" if config.where else "")
     try:
-        rows = (
-            table.search(vector, vector_column_name=column)
-            .distance_type("cosine")
-            .where(where, prefilter=True)
-            .limit(config.k)
-            .to_list()
-        )
+        if config.hybrid:
+            # Reciprocal-rank fusion of the vector ranking and the captions' full-text ranking.
+            query = (table.search(query_type="hybrid", vector_column_name=column)
+                     .vector(vector).text(config.text))
+        else:
+            query = table.search(vector, vector_column_name=column)
+        rows = query.distance_type("cosine").where(where, prefilter=True).limit(config.k).to_list()
     except Exception as exc:  # LanceDB reports a bad filter as a generic error
         if not config.where:
             raise
@@ -91,8 +103,20 @@ def search(config: SearchConfig) -> list[dict]:
     return [_hit(row) for row in rows]
 
 
+def _read_vector(path: str, dim: int) -> np.ndarray:
+    try:
+        vector = np.load(path) if path.endswith(".npy") else np.asarray(json.load(open(path)))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--vector {path}: cannot read a vector from it ({exc})") from None
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if vector.shape != (dim,):
+        raise ConfigError(f"--vector {path}: {vector.shape[0]} values, the table's vectors have {dim}")
+    return vector / np.linalg.norm(vector)
+
+
 def _hit(row: dict) -> dict:
-    hit = {ID: row[ID], "score": round(1.0 - float(row["_distance"]), 6),
-           CAPTION: row.get(CAPTION), IMAGE: row.get(IMAGE)}
+    # Cosine similarity for vector search; the fused relevance for hybrid search.
+    score = row["_relevance_score"] if "_relevance_score" in row else 1.0 - float(row["_distance"])
+    hit = {ID: row[ID], "score": round(float(score), 6), CAPTION: row.get(CAPTION), IMAGE: row.get(IMAGE)}
     hit.update({k: v for k, v in row.items() if k not in _HIDDEN and k not in hit})
     return hit

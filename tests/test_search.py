@@ -59,3 +59,22 @@ def test_a_bad_filter_is_reported(db):
     result = altclip("search", db / "db", "--text", "x", "--where", "no_such_column = 1",
                      expect_exit=1)
     assert "--where 'no_such_column = 1'" in result.stderr
+
+
+def test_vector_file_hybrid_and_index(db, tmp_path):
+    outputs = read_output(db / "out")
+    vector_file = tmp_path / "q.json"
+    vector_file.write_text(json.dumps(outputs["row-05"]["text_embedding"]))
+    hits = _hits(altclip("search", db / "db", "--vector", vector_file, "--against", "text", "--k", "1",
+                         "--json"))
+    assert hits[0]["id"] == "row-05" and hits[0]["score"] > 0.9999
+
+    caption = outputs["row-07"]["caption"]
+    hits = _hits(altclip("search", db / "db", "--text", caption, "--hybrid", "--against", "text",
+                         "--k", "3", "--json"))
+    assert hits[0]["id"] == "row-07"  # first in both rankings
+
+    result = altclip("table", "index", db / "db")
+    assert "too few vectors for an ANN index: search is exact" in result.stdout
+    table = altclip("search", db / "db", "--text", "un gato", "--k", "2").stdout.splitlines()
+    assert len(table) == 2 and table[0].split()[0] == "1"

@@ -1,0 +1,58 @@
+"""The classify job: zero-shot labels for every image of a table, written back to it (or to
+Parquet)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.classify import (
+    LABEL,
+    LABEL_SCORE,
+    TOP_LABELS,
+    TOP_SCORES,
+    classify_batch,
+    label_vectors,
+    read_labels,
+)
+from pipeline.config import ClassifyConfig, ConfigError
+from pipeline.model import resolve_model
+from pipeline.table import connect, open_table, record_run, table_provenance
+from schemas.embeddings import IMAGE_EMBEDDING
+from schemas.manifest import ID
+from schemas.table import KEY
+
+_NEW_COLUMNS = pa.schema([pa.field(LABEL, pa.string()), pa.field(LABEL_SCORE, pa.float32()),
+                          pa.field(TOP_LABELS, pa.list_(pa.string())),
+                          pa.field(TOP_SCORES, pa.list_(pa.float32()))])
+
+
+def run_classify(config: ClassifyConfig) -> dict:
+    table = open_table(config.table, config.table_name, config.storage_options)
+    origin = table_provenance(table) or {}
+    if config.model is None and "model" not in origin:
+        raise ConfigError("the table does not record its model: name it with --model")
+    model = resolve_model(config.model or origin["model"], config.storage_options)
+    labels = read_labels(list(config.labels), list(config.templates))
+    classes = label_vectors(model, origin.get("dtype", "float32"), labels)
+    query = (table.search().where(f"{IMAGE_EMBEDDING} IS NOT NULL").select([ID, IMAGE_EMBEDDING])
+             .limit(None))
+    parts = [classify_batch(pa.Table.from_batches([b]), classes, labels.names, config.top_k)
+             for b in query.to_batches() if b.num_rows]
+    result = pa.concat_tables(parts) if parts else None
+    rows = result.num_rows if result is not None else 0
+    if config.out:
+        fs, path = storage.filesystem(config.out, config.storage_options)
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(f"{path.rstrip('/')}/labels.parquet", "wb") as f:
+            pq.write_table(result if result is not None else pa.table({}), f)
+        return {"rows": rows, "labels": len(labels.names), "out": config.out}
+    missing = [f for f in _NEW_COLUMNS if f.name not in table.schema.names]
+    if missing:
+        table.add_columns(pa.schema(missing))  # null until this run fills them in
+    if result is not None:
+        table.merge_insert(KEY).when_matched_update_all().execute(result)
+    record_run(connect(config.table, config.storage_options), config.table_name, table.version,
+               {"job": "classify", "labels": len(labels.names), "rows": rows})
+    return {"rows": rows, "labels": len(labels.names), "version": table.version}
