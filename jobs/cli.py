@@ -100,15 +100,24 @@ def _embed_config(manifest: str, out: str | None, table: str | None, towers: str
 @click.option("--rows-per-shard", default=10_000, show_default=True, type=int)
 @click.option("--overwrite", is_flag=True,
               help="Replace what OUT holds; without it a rerun resumes (and refuses other settings).")
+@click.option("--log-format", "progress", default="auto", show_default=True,
+              type=click.Choice(["auto", "text", "json"]),
+              help="Progress: auto = bars on a terminal, else a text line per interval; json lines.")
+@click.option("--progress-interval", "progress_interval_s", default=10.0, show_default=True,
+              type=float, help="Seconds between progress lines.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
 @job_options
-def embed_command(manifest, out, table, **options):
+def embed_command(manifest, out, table, quiet, **options):
     """Embed the images and captions of MANIFEST (Parquet, CSV or JSON Lines; file, folder, glob;
     WebDataset shards)."""
+    if quiet:
+        options["progress"] = "quiet"
     config = _embed_config(manifest, out, table, **options)
     from jobs.embed import run_embed
 
     summary = _run(run_embed, config)
-    _print_summary(summary)
+    if not quiet:
+        _print_summary(summary)
 
 
 @main.command("reembed")
@@ -322,6 +331,23 @@ def classify_command(db, label_files, templates, top_k, out, model, table_name, 
     result = _run(run_classify, config)
     where = f"Parquet under {out}" if out else f"the table (version {result['version']})"
     click.echo(f"labelled {result['rows']} images with {result['labels']} labels into {where}")
+
+
+@main.command("report")
+@click.argument("outputs")
+@click.option("--html", "html_path", default="report.html", show_default=True,
+              help="Where to write the page.")
+@click.option("--samples", default=12, show_default=True, type=int,
+              help="Images on the contact sheet.")
+@storage_option
+def report_command(outputs, html_path, samples, storage_options):
+    """Render the run in OUTPUTS as one self-contained HTML page."""
+    from pipeline.report import render_report
+
+    page = _run(render_report, outputs, _storage_options(storage_options), samples)
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(page)
+    click.echo(f"report: {html_path}")
 
 
 @main.command("make-test-model")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 
 import pyarrow as pa
+import ray
 
 from pipeline import __version__, storage
 from jobs.load import run_load
@@ -13,6 +16,7 @@ from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.manifest import open_manifest, scan_ids, select_rows
 from pipeline.model import ModelSpec, resolve_dtype, resolve_model
 from pipeline.plan import embed_dataset, ensure_ray, manifest_rows, plan_placement
+from pipeline.progress import ProgressLog, RowCounter
 from pipeline.writer import (
     ParquetShardSink,
     output_totals,
@@ -71,6 +75,18 @@ def _rows_already_done(config: EmbedConfig, origin: dict) -> pa.Array:
     return read_ids(config.out, config.storage_options)
 
 
+def _progress(config: EmbedConfig, counter, total: int | None):
+    """Ray Data's bars on a terminal; elsewhere (or when asked) a line per interval."""
+    ctx = ray.data.DataContext.get_current()
+    mode = config.progress
+    if mode == "auto":
+        mode = "bars" if sys.stderr.isatty() else "text"
+    ctx.enable_progress_bars = mode == "bars"
+    if mode in ("text", "json"):
+        return ProgressLog(counter, total, config.progress_interval_s, mode)
+    return contextlib.nullcontext()
+
+
 def run_embed(config: EmbedConfig) -> dict:
     """Run the whole job; returns the summary that is also written to OUT/summary.json.
 
@@ -100,7 +116,10 @@ def run_embed(config: EmbedConfig) -> dict:
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size)
         local_ok = storage.is_local(config.manifest) or config.allow_local_paths
-        embed_dataset(rows, config, model, dtype, placement, local_ok).write_datasink(sink)
+        counter = RowCounter.remote()
+        plan = embed_dataset(rows, config, model, dtype, placement, local_ok, counter)
+        with _progress(config, counter, pending):
+            plan.write_datasink(sink)
     totals = output_totals(config.out, config.storage_options)
     summary = summarize(sink.shards, totals, scan, len(done), time.perf_counter() - started, origin)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)

@@ -10,6 +10,7 @@ DEFAULT_MODEL = "BAAI/AltCLIP"
 TOWERS = ("image", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_TEMPLATE = "a photo of a {}"  # CLIP's zero-shot prompt
+PROGRESS_MODES = ("auto", "text", "json", "quiet")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,8 @@ class EmbedConfig:
     overwrite: bool = False  # replace what OUT holds instead of resuming it
     allow_local_paths: bool = False  # local image paths in a manifest from object storage
     allow_private_urls: bool = False  # image URLs on loopback, link-local or private addresses
+    progress: str = "auto"  # auto (bars on a terminal, else text lines) | text | json | quiet
+    progress_interval_s: float = 10.0
 
     def __post_init__(self):
         unknown = [t for t in self.towers if t not in TOWERS]
@@ -52,6 +55,8 @@ class EmbedConfig:
             raise ConfigError(f"--concurrency {self.concurrency}: must be at least 1")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be 0 or more")
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError(f"--log-format {self.progress}: choose one of {', '.join(PROGRESS_MODES)}")
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
 

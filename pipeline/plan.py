@@ -14,6 +14,7 @@ from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.images import FetchPolicy, preprocess_images
 from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
 from pipeline.model import ModelSpec
+from pipeline.progress import count_rows
 from pipeline.text import tokenize_captions
 from schemas.manifest import IMAGE_BYTES
 
@@ -87,7 +88,7 @@ def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table |
 
 
 def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,
-                  allow_local_paths: bool):
+                  allow_local_paths: bool, counter=None):
     """Rows in the contract's columns -> the same rows with their vectors (the towers in
     `config.towers` only), errors, hashes and sizes."""
     ctx = ray.data.DataContext.get_current()
@@ -131,5 +132,8 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
                                    "num_threads": placement.torch_threads},
             **actor_args,
         )
+    if counter is not None:
+        ds = ds.map_batches(count_rows, fn_kwargs={"counter": counter}, batch_format="pyarrow",
+                            batch_size=None, num_cpus=0)
     return ds
 

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
@@ -28,6 +29,7 @@ from schemas.embeddings import (
 )
 
 SHARD_PREFIX = "part-"
+ERROR_EXAMPLES = 5  # ids kept per error kind in the summary
 SUMMARY_NAME = "summary.json"
 
 
@@ -92,13 +94,16 @@ class ParquetShardSink(Datasink):
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"rows": 0, "seconds": {}, "nodes": {}}
-        table, seconds, nodes = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
+            return {"rows": 0, "seconds": {}, "nodes": {}, "timeline": {}}
+        table, seconds, nodes, timeline = pop_stage_seconds(
+            pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
         name = write_shard(self.out, conform(table, self.schema, self.model_label), self.storage_options)
         seconds["write"] = time.perf_counter() - started
         nodes["write"] = [ray.get_runtime_context().get_node_id()]
-        return {"rows": table.num_rows, "seconds": seconds, "nodes": nodes, "shard": name}
+        timeline["write"] = [[time.time(), table.num_rows]]
+        return {"rows": table.num_rows, "seconds": seconds, "nodes": nodes, "timeline": timeline,
+                "shard": name}
 
     def on_write_complete(self, write_result) -> None:
         self.shards = [r for r in write_result.write_returns if r["rows"]]
@@ -151,7 +156,8 @@ def remove_unpublished(out: str, storage_options: dict | None = None) -> int:
 
 def output_totals(out: str, storage_options: dict | None = None) -> dict:
     """Rows, vectors and errors by kind over every published shard (vector nulls from footers)."""
-    totals = {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter()}
+    totals = {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter(),
+              "error_examples": {}}
     for shard in list_shards(out, storage_options):
         fs, path = storage.filesystem(shard, storage_options)
         with fs.open(path, "rb") as f:
@@ -165,8 +171,15 @@ def output_totals(out: str, storage_options: dict | None = None) -> dict:
                     leaf = group.column(_leaf_index(metadata, names, column))
                     totals[side] += group.num_rows - leaf.statistics.null_count
             totals["rows"] += metadata.num_rows
-            errors = parquet.read(columns=[IMAGE_ERROR, TEXT_ERROR])
+            errors = parquet.read(columns=[ID, IMAGE_ERROR, TEXT_ERROR])
         totals["errors"].update(errors_by_kind(errors))
+        for column in (IMAGE_ERROR, TEXT_ERROR):
+            side = column.split("_")[0]
+            failed = errors.filter(pc.is_valid(errors.column(column)))
+            for row_id, value in zip(failed.column(ID).to_pylist(), failed.column(column).to_pylist()):
+                examples = totals["error_examples"].setdefault(f"{side}.{error_kind(value)}", [])
+                if len(examples) < ERROR_EXAMPLES:
+                    examples.append(row_id)
     totals["errors"] = dict(sorted(totals["errors"].items()))
     return totals
 
@@ -178,16 +191,34 @@ def _leaf_index(metadata, names: list[str], column: str) -> int:
     raise KeyError(column)
 
 
+def _bucketed(timeline: dict[str, list], buckets: int = 60) -> dict[str, list[list[float]]]:
+    points = [p for stage in timeline.values() for p in stage]
+    if not points:
+        return {}
+    start = min(p[0] for p in points)
+    width = max((max(p[0] for p in points) - start) / buckets, 1e-6)
+    result = {}
+    for stage, stage_points in sorted(timeline.items()):
+        counts = collections.Counter()
+        for at, rows in stage_points:
+            counts[min(buckets - 1, int((at - start) / width))] += rows
+        result[stage] = [[round((b + 1) * width, 3), counts[b]] for b in range(buckets) if counts[b]]
+    return result
+
+
 def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, seconds_total: float,
               provenance: dict) -> dict:
     """The run's summary: counts over the whole output that add up to the rows in, plus this
     run's work (rows embedded, busy seconds per stage, rows/s)."""
     stage_seconds = collections.Counter()
     stage_nodes = collections.defaultdict(set)
+    timeline = collections.defaultdict(list)
     for shard in shards:
         stage_seconds.update(shard["seconds"])
         for stage, nodes in shard["nodes"].items():
             stage_nodes[stage].update(nodes)
+        for stage, points in shard["timeline"].items():
+            timeline[stage].extend(points)
     rows_embedded = sum(s["rows"] for s in shards)
     return {
         "rows_in": scan.rows,
@@ -197,6 +228,7 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "image_ok": totals["image_ok"],
         "text_ok": totals["text_ok"],
         "errors_by_kind": totals["errors"],
+        "error_examples": dict(sorted(totals["error_examples"].items())),  # ids, a few per kind
         "rows_already_done": rows_done_before,
         "rows_embedded": rows_embedded,
         "seconds_total": round(seconds_total, 3),
@@ -204,6 +236,8 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,
         # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
         "stage_nodes": {k: sorted(v) for k, v in sorted(stage_nodes.items())},
+        # Rows each stage finished over time: [seconds since the first, rows], per time bucket.
+        "stage_timeline": _bucketed(timeline),
         "shards_written": sorted(s["shard"] for s in shards),
         "provenance": provenance,
     }

@@ -1,0 +1,73 @@
+"""`altclip serve DB`: a search page and a JSON API (OpenAPI at /openapi.json) over a table."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pipeline.config import ConfigError
+from schemas.table import DEFAULT_TABLE_NAME
+
+
+def _storage_options(pairs: tuple[str, ...]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: write it as KEY=VALUE", param_hint="--storage-option")
+        options[key] = value
+    return options
+
+
+def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
+              table_name: str = DEFAULT_TABLE_NAME, model: str | None = None,
+              storage_options: dict | None = None, allow_private_urls: bool = False,
+              quiet: bool = False) -> None:
+    """Load the table's model, then serve until interrupted."""
+    from pipeline.serve_app import Searcher, make_server
+
+    searcher = Searcher(db, table_name, model=model, storage_options=storage_options,
+                        allow_private_urls=allow_private_urls)
+    try:
+        server = make_server(searcher, host, port, quiet=quiet)
+    except OSError as exc:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+    print(f"serving table '{table_name}' ({searcher.model.label}, {searcher.dtype}) on "
+          f"http://{shown}:{bound_port}/  (API spec: /openapi.json; Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@click.command("serve")
+@click.argument("db")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; the API has no authentication).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--name", "table_name", default=DEFAULT_TABLE_NAME, show_default=True,
+              help="Table name inside the LanceDB database.")
+@click.option("--model", default=None, help="Query model [the one the table was built with].")
+@click.option("--allow-private-urls", is_flag=True,
+              help="Let thumbnails of http(s) image URLs reach loopback and private addresses.")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the filesystem of every URI (fsspec storage options).")
+def serve_command(db, host, port, table_name, model, allow_private_urls, quiet, storage_options):
+    """Serve a search page and a JSON API over DB (a LanceDB database): text in any language,
+    image uploads, metadata filters, thumbnails."""
+    try:
+        run_serve(db, host, port, table_name, model, _storage_options(storage_options),
+                  allow_private_urls, quiet)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(serve_command())

@@ -1,0 +1,71 @@
+"""Seeing a run: progress lines while it runs, the summary's figures, and the HTML report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import altclip
+from tests.corpus import odd_images, write_corpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, ray_session, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    images = odd_images()
+    write_corpus(folder, images={k: images[k] for k in sorted(images)[:8]})
+    rows = pq.read_table(folder / "manifest.parquet").to_pylist()
+    rows.append({"id": "broken", "image": "images/missing.jpg", "caption": "lost", "lang": "en",
+                 "rank": 99})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
+    result = altclip("embed", folder / "manifest.parquet", "--out", folder / "out", "--model",
+                     tiny_model, "--log-format", "json", "--progress-interval", "0.2",
+                     "--batch-size", "4")
+    return folder, result, len(rows)
+
+
+def test_progress_lines_and_summary_figures(run):
+    folder, result, rows = run
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert events and events[-1]["event"] == "finished"
+    assert events[-1]["rows_done"] == events[-1]["rows_total"] == rows
+    assert all(e["rows_done"] <= rows for e in events)
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert summary["rows_in"] == summary["rows_out"] == rows
+    assert summary["image_ok"] + summary["errors_by_kind"]["image.not_found"] == rows
+    assert summary["error_examples"] == {"image.not_found": ["broken"]}
+    assert set(summary["stage_busy_seconds"]) == {"decode", "tokenize", "image_tower", "text_tower", "write"}
+    assert sum(r for _, r in summary["stage_timeline"]["image_tower"]) == rows
+
+
+def test_report_renders_plot_errors_and_contact_sheet(run, tmp_path):
+    folder, _, rows = run
+    page = tmp_path / "report.html"
+    altclip("report", folder / "out", "--html", page, "--samples", "6")
+    text = page.read_text()
+    assert '<svg id="throughput"' in text and text.count("<polyline") == 5
+    assert "image.not_found" in text and "broken" in text
+    assert text.count('src="data:image/jpeg;base64,') == 6
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: the page was checked as HTML only")
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=1000,1500",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    picture = Image.open(shot).convert("RGB")
+    colours = picture.getcolors(maxcolors=1 << 20)
+    assert picture.size == (1000, 1500) and colours is not None and len(colours) > 200  # not blank
+    shutil.copy(shot, os.path.join(REPO, "docs", "report.png"))

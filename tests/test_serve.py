@@ -1,0 +1,346 @@
+"""`altclip serve`: the JSON API, and the page end to end in headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import lancedb
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from jobs.serve import serve_command
+from pipeline.serve_app import Searcher, make_server
+from tests.conftest import _free_port, altclip
+from tests.corpus import write_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_model, ray_session, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    manifest = write_corpus(folder)
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--table",
+            folder / "db", "--dtype", "float32")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rows(corpus) -> dict[str, dict]:
+    table = lancedb.connect(str(corpus / "db")).open_table("embeddings")
+    return {r["id"]: r for r in table.search().select(["id", "image", "lang", "rank"])
+            .limit(None).to_list()}
+
+
+@pytest.fixture(scope="module")
+def server(corpus):
+    """The app on a free port of 127.0.0.1, in a thread of this process."""
+    httpd = make_server(Searcher(str(corpus / "db"), "embeddings"), "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def http(url: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, headers, body) of one request, errors included."""
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+def get_json(url: str, **kw):
+    status, headers, body = http(url, **kw)
+    assert headers["Content-Type"].startswith("application/json"), headers["Content-Type"]
+    return status, json.loads(body)
+
+
+def search_url(server: str, **params) -> str:
+    return f"{server}/api/search?{urllib.parse.urlencode(params)}"
+
+
+def image_row(rows: dict, name: str) -> str:
+    return next(i for i, r in rows.items() if r["image"].endswith(f"images/{name}"))
+
+
+# ------------------------------------------------------------------------------------ the API
+
+
+def test_openapi_spec_is_valid_and_names_the_paths(server):
+    from openapi_spec_validator import validate
+
+    status, headers, body = http(f"{server}/openapi.json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    spec = json.loads(body)
+    validate(spec)
+    assert spec["openapi"].startswith("3.1")
+    assert {"/api/search", "/api/search/image", "/api/columns", "/api/thumbnail/{id}",
+            "/api/similar/{id}", "/api/info"} <= set(spec["paths"])
+    assert {"get", "post"} <= set(spec["paths"]["/api/search"])
+    params = {p["name"]: p for p in spec["paths"]["/api/search"]["get"]["parameters"]}
+    assert params["filter.lang"]["schema"]["items"]["enum"] == ["de", "en", "es"]
+    assert {"min.rank", "max.rank", "text", "k", "against"} <= set(params)
+
+
+def test_columns_lists_metadata_with_types_and_values(server):
+    status, body = get_json(f"{server}/api/columns")
+    assert status == 200
+    columns = {c["name"]: c for c in body["columns"]}
+    assert columns["lang"] == {"name": "lang", "type": "string", "kind": "metadata",
+                               "filter": "string", "values": ["de", "en", "es"]}
+    assert columns["rank"]["filter"] == "integer" and columns["rank"]["kind"] == "metadata"
+    assert columns["rank"]["min"] == 0
+    # Vectors, hashes, errors and the model are never filters.
+    assert not {"image_embedding", "text_embedding", "image_sha256", "model", "image_error"} & set(columns)
+
+
+def test_text_search_with_a_filter_returns_only_matching_rows(server, rows):
+    status, body = get_json(search_url(server, text="una foto de un gato", k=50, **{"filter.lang": "de"}))
+    assert status == 200, body
+    assert {h["id"] for h in body["hits"]} == {i for i, r in rows.items() if r["lang"] == "de"}
+    assert body["where"] == "(`lang` = 'de')"
+    hit = body["hits"][0]
+    assert set(hit) >= {"id", "score", "caption", "image", "thumbnail", "metadata"}
+    assert hit["thumbnail"] == f"/api/thumbnail/{hit['id']}"
+    assert "image_embedding" not in hit and "image_embedding" not in hit["metadata"]
+    scores = [h["score"] for h in body["hits"]]
+    assert scores == sorted(scores, reverse=True)
+
+    # Several values are any of them; ranges on numbers; the same as JSON.
+    status, body = get_json(search_url(server, text="x", k=50, **{"min.rank": 3, "max.rank": 7})
+                            + "&filter.lang=de&filter.lang=es")
+    expected = {i for i, r in rows.items() if r["lang"] in ("de", "es") and 3 <= r["rank"] <= 7}
+    assert status == 200 and {h["id"] for h in body["hits"]} == expected
+    status, body = get_json(f"{server}/api/search", method="POST",
+                            headers={"Content-Type": "application/json"},
+                            data=json.dumps({"text": "x", "k": 50, "filters": {
+                                "lang": ["de", "es"], "rank": {"min": 3, "max": 7}}}).encode())
+    assert status == 200 and {h["id"] for h in body["hits"]} == expected
+
+
+def test_a_text_query_against_captions_finds_its_caption(server, rows, corpus):
+    table = lancedb.connect(str(corpus / "db")).open_table("embeddings")
+    caption = table.search().where("id = 'row-03'").select(["caption"]).to_list()[0]["caption"]
+    status, body = get_json(search_url(server, text=caption, against="text", k=1))
+    assert status == 200 and body["hits"][0]["id"] == "row-03"
+    assert body["hits"][0]["score"] > 0.9999
+
+
+@pytest.mark.parametrize("column", ["nope", "image_embedding", "lang) OR (1=1", "lang`", "id"])
+def test_an_unknown_filter_column_is_a_400(server, column):
+    status, body = get_json(search_url(server, text="x", **{f"filter.{column}": "de"}))
+    assert status == 400 and "unknown filter column" in body["error"]
+    status, body = get_json(f"{server}/api/search", method="POST",
+                            headers={"Content-Type": "application/json"},
+                            data=json.dumps({"text": "x", "filters": {column: "de"}}).encode())
+    assert status == 400 and "unknown filter column" in body["error"]
+
+
+@pytest.mark.parametrize("value", ["' OR 1=1 --", "de' OR '1'='1", "\\' OR 1=1 --", "de'; DROP TABLE x; --"])
+def test_a_quote_in_a_filter_value_is_a_literal(server, value):
+    status, body = get_json(search_url(server, text="x", k=50, **{"filter.lang": value}))
+    assert status == 200, body
+    assert body["hits"] == []
+    status, body = get_json(f"{server}/api/search", method="POST",
+                            headers={"Content-Type": "application/json"},
+                            data=json.dumps({"text": "x", "filters": {"lang": value}}).encode())
+    assert status == 200 and body["hits"] == []
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"filter.rank": "1 OR 1=1"}, "not a valid int64"),
+    ({"filter.rank": "abc"}, "not a valid int64"),
+    ({"min.lang": "a"}, "numeric columns only"),
+    ({"filter.caption_truncated": "maybe"}, "not a valid bool"),
+    ({"k": "0"}, "between 1 and"),
+    ({"k": "many"}, "not an integer"),
+    ({"against": "audio"}, "choose image or text"),
+    ({"text": ""}, "non-empty"),
+])
+def test_bad_values_are_a_400_that_says_why(server, params, message):
+    status, body = get_json(search_url(server, **{"text": "x", **params}))
+    assert status == 400 and message in body["error"], body
+
+
+def test_thumbnails_are_jpeg_read_by_the_server(server, rows):
+    row_id = image_row(rows, "rgba.png")
+    status, headers, body = http(f"{server}/api/thumbnail/{row_id}")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "JPEG" and max(image.size) == 256 and image.mode == "RGB"
+    assert http(f"{server}/api/thumbnail/{row_id}?size=96")[0] == 200
+    # Cached by the browser: the same ETag answers 304.
+    status, _, _ = http(f"{server}/api/thumbnail/{row_id}", headers={"If-None-Match": headers["ETag"]})
+    assert status == 304
+    status, body = get_json(f"{server}/api/thumbnail/{urllib.parse.quote(chr(39) + ' OR 1=1 --')}")
+    assert status == 404 and "no row" in body["error"]
+    status, body = get_json(f"{server}/api/thumbnail/{row_id}?size=100000")
+    assert status == 400
+
+
+def test_an_uploaded_image_finds_itself_first(server, rows, corpus):
+    row_id = image_row(rows, "rgba.png")
+    data = (corpus / "images" / "rgba.png").read_bytes()
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n3\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    status, result = get_json(f"{server}/api/search/image", data=body, method="POST",
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, result
+    assert result["count"] == 3 and result["hits"][0]["id"] == row_id
+    assert result["hits"][0]["score"] > 0.9999
+    # The raw body works too; and filters apply to image searches.
+    lang = rows[row_id]["lang"]
+    status, result = get_json(f"{server}/api/search/image?k=50&filter.lang={lang}", data=data,
+                              method="POST", headers={"Content-Type": "image/png"})
+    assert status == 200 and result["hits"][0]["id"] == row_id
+    assert {h["metadata"]["lang"] for h in result["hits"]} == {lang}
+    status, result = get_json(f"{server}/api/search/image", data=b"not an image", method="POST",
+                              headers={"Content-Type": "image/png"})
+    assert status == 400 and "decode_error" in result["error"]
+
+
+def test_similar_uses_the_rows_own_vector(server, rows):
+    row_id = image_row(rows, "landscape.jpg")
+    status, body = get_json(f"{server}/api/similar/{row_id}?k=2")
+    assert status == 200 and body["hits"][0]["id"] == row_id and body["hits"][0]["score"] > 0.9999
+    status, body = get_json(f"{server}/api/similar/no-such-row")
+    assert status == 404
+
+
+def test_requests_for_another_host_are_refused(server):
+    # Served on loopback: a page on another origin that rebinds its name to 127.0.0.1 gets nothing.
+    status, body = get_json(f"{server}/api/info", headers={"Host": "attacker.example:80"})
+    assert status == 403
+    assert http(f"{server}/nope")[0] == 404
+    assert http(f"{server}/static/..%2F..%2Fserve_app.py")[0] == 404
+
+
+def test_the_serve_command(corpus, tmp_path):
+    """`altclip serve` as a user starts it: a process that answers, and stops on Ctrl-C."""
+    result = CliRunner().invoke(serve_command, [str(tmp_path / "nothing-here")])
+    assert result.exit_code == 1 and "has no table 'embeddings'" in result.output
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "jobs.serve", str(corpus / "db"), "--port",
+                                str(port), "--quiet"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                status, body = get_json(f"http://127.0.0.1:{port}/api/info")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, process.stdout.read()
+                assert time.monotonic() < deadline, "the server did not answer in 120 s"
+                time.sleep(0.5)
+        assert status == 200 and body["table"] == "embeddings" and body["dim"] > 0
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output
+    assert f"on http://127.0.0.1:{port}/" in output
+
+
+# -------------------------------------------------------------------------------- the browser
+
+_THUMBNAILS_LOADED = """() => {
+  const imgs = [...document.querySelectorAll('#results .card img')];
+  return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0);
+}"""
+
+
+def _cards(page) -> list[dict]:
+    return page.eval_on_selector_all("#results .card", """cards => cards.map(c => ({
+        id: c.dataset.id,
+        score: c.querySelector('.score').textContent,
+        caption: c.querySelector('.caption').textContent,
+        lang: (c.querySelector('.chip[data-column=lang]') || {}).textContent}))""")
+
+
+def test_the_page_in_chromium(server, rows, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Chromium: apt-get install chromium")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems, requests = [], []
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(server + "/")
+            page.wait_for_selector("body[data-ready=true]")
+            assert "rows" in page.inner_text("#info")
+            assert page.get_attribute("a[href='/openapi.json']", "href") == "/openapi.json"
+
+            # A text query: every row comes back (k 24 > rows), each with a loaded thumbnail.
+            page.fill("#q", "una foto de un gato en la nieve")
+            page.click("#search-button")
+            page.wait_for_function(_THUMBNAILS_LOADED, timeout=60_000)
+            cards = _cards(page)
+            assert {c["id"] for c in cards} == set(rows)
+            assert all(c["caption"] for c in cards)
+            scores = [float(c["score"]) for c in cards]
+            assert scores == sorted(scores, reverse=True)
+            page.screenshot(path=str(tmp_path / "serve-text.png"), full_page=True)
+
+            # A filter: only German rows remain.
+            german = {i for i, r in rows.items() if r["lang"] == "de"}
+            page.click("fieldset[data-column=lang] label.choice:has(input[value=de]) span")
+            page.wait_for_function(
+                "n => document.querySelectorAll('#results .card').length === n && "
+                "[...document.querySelectorAll('#results .chip[data-column=lang]')]"
+                ".every(c => c.textContent === 'lang: de')", arg=len(german), timeout=60_000)
+            page.wait_for_function(_THUMBNAILS_LOADED, timeout=60_000)
+            assert {c["id"] for c in _cards(page)} == german
+            assert "`lang` = 'de'" in page.inner_text("#where")
+            assert "filter.lang=de" in page.url  # the search is in the address, to share
+            page.screenshot(path=str(tmp_path / "serve-filter.png"), full_page=True)
+
+            # Image to image: the uploaded image is its own nearest row.
+            page.click("#clear-filters")
+            query = image_row(rows, "rgba.png")
+            page.set_input_files("#file", rows[query]["image"])
+            page.wait_for_function(
+                "id => { const c = document.querySelector('#results .card');"
+                " return c && c.dataset.id === id && c.querySelector('.score').textContent === '1.000'; }",
+                arg=query, timeout=60_000)
+            page.wait_for_function(_THUMBNAILS_LOADED, timeout=60_000)
+            assert len(_cards(page)) == len(rows)
+            assert page.is_visible("#query-image")
+            shot = tmp_path / "serve.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert not problems, problems
+    # The browser only ever talked to the server: no storage URI, no signed URL, no other host.
+    assert all(u.startswith((server + "/", "blob:", "data:")) for u in requests), requests
+    assert not any(rows[query]["image"] in u for u in requests)
+    (REPO / "docs").mkdir(exist_ok=True)
+    shutil.copy(shot, REPO / "docs" / "serve.png")
