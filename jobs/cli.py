@@ -11,6 +11,7 @@ import click
 from pipeline.config import (
     DEFAULT_MODEL,
     DTYPES,
+    PREPROCESS_MODES,
     ConfigError,
     EmbedConfig,
     LoadConfig,
@@ -63,6 +64,9 @@ _JOB_OPTIONS = [
     click.option("--caption-col", default=None, help="Column of captions [caption]."),
     click.option("--batch-size", default=64, show_default=True, type=int),
     click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES)),
+    click.option("--preprocess", default="exact", show_default=True, type=click.Choice(PREPROCESS_MODES),
+                 help="exact: the reference's pixels bit for bit; fast: JPEGs decoded at reduced "
+                      "scale first (cosine >= 0.999 to exact)."),
     click.option("--concurrency", default=None, type=int, help="Actors per tower [one per GPU, or 1]."),
     click.option("--num-gpus", default=None, type=float,
                  help="GPUs per tower actor [1/number of towers when the cluster has GPUs, else 0]."),

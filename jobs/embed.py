@@ -30,7 +30,7 @@ from pipeline.writer import (
 from schemas.embeddings import embeddings_schema
 
 
-def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...]) -> dict:
+def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str = "exact") -> dict:
     """What produced the vectors; two outputs with equal provenance are comparable.
 
     In JSON's own types, so it compares equal to a copy read back from a footer.
@@ -42,7 +42,8 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...]) -> dict:
         "dtype": dtype,
         "towers": list(towers),
         # Pixels follow transformers' PIL image processor, bit for bit.
-        "preprocessing": {"reference": "CLIPImageProcessorPil", **model.preprocessing.to_dict()},
+        "preprocessing": {"reference": "CLIPImageProcessorPil", "mode": mode,
+                          **model.preprocessing.to_dict()},
         "max_tokens": model.max_tokens,
         "pipeline_version": __version__,
     }))
@@ -100,7 +101,7 @@ def run_embed(config: EmbedConfig) -> dict:
     ensure_ray(config.address)
     placement = plan_placement(config)
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
-    origin = provenance(model, dtype, config.towers)
+    origin = provenance(model, dtype, config.towers, config.preprocess)
     done = _rows_already_done(config, origin)
     scan = scan_ids(manifest)
     # Rows of a duplicated id are all held back from the stream; its first row joins it again.

@@ -104,7 +104,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     ensure_ray(e.address)
     placement = plan_placement(e)
     dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
-    origin = provenance(model, dtype, e.towers)
+    origin = provenance(model, dtype, e.towers, e.preprocess)
     scan = scan_ids(manifest)
     policy = FetchPolicy(e.storage_options, storage.is_local(e.manifest) or e.allow_local_paths,
                          e.allow_private_urls)

@@ -11,6 +11,7 @@ TOWERS = ("image", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_TEMPLATE = "a photo of a {}"  # CLIP's zero-shot prompt
 PROGRESS_MODES = ("auto", "text", "json", "quiet")
+PREPROCESS_MODES = ("exact", "fast")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,7 @@ class EmbedConfig:
     overwrite: bool = False  # replace what OUT holds instead of resuming it
     allow_local_paths: bool = False  # local image paths in a manifest from object storage
     allow_private_urls: bool = False  # image URLs on loopback, link-local or private addresses
+    preprocess: str = "exact"  # exact: the reference's pixels bit for bit | fast: JPEG draft decode
     progress: str = "auto"  # auto (bars on a terminal, else text lines) | text | json | quiet
     progress_interval_s: float = 10.0
 
@@ -55,6 +57,8 @@ class EmbedConfig:
             raise ConfigError(f"--concurrency {self.concurrency}: must be at least 1")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be 0 or more")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ConfigError(f"--preprocess {self.preprocess}: choose exact or fast")
         if self.progress not in PROGRESS_MODES:
             raise ConfigError(f"--log-format {self.progress}: choose one of {', '.join(PROGRESS_MODES)}")
         if self.rows_per_shard < 1:

@@ -46,9 +46,25 @@ class _TowerActor:
         vectors = np.zeros((0, self.dim), dtype=np.float32)
         if rows:
             with torch.inference_mode():
-                embedded = self.tower(**inputs)
+                embedded = self._forward(inputs)
             vectors = F.normalize(embedded.float(), dim=-1).cpu().numpy()
         return vector_column(vectors, rows, num_rows, self.dim)
+
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tower on a batch; out of accelerator memory, the batch is halved and retried, so
+        a batch size too large for the device costs time, never rows."""
+        try:
+            return self.tower(**inputs)
+        except torch.OutOfMemoryError:
+            size = next(iter(inputs.values())).shape[0]
+            if size == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = size // 2
+            return torch.cat([self._forward({k: v[:half] for k, v in inputs.items()}),
+                              self._forward({k: v[half:] for k, v in inputs.items()})])
 
 
 class ImageEmbedder(_TowerActor):

@@ -103,11 +103,12 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
     if "image" in config.towers:
         ds = ds.map_batches(
             preprocess_images,
-            fn_kwargs={"preprocessing": model.preprocessing, "policy": FetchPolicy(
-                storage_options=config.storage_options,
-                allow_local_paths=allow_local_paths,
-                allow_private_urls=config.allow_private_urls,
-            )},
+            fn_kwargs={"preprocessing": model.preprocessing, "mode": config.preprocess,
+                       "policy": FetchPolicy(
+                           storage_options=config.storage_options,
+                           allow_local_paths=allow_local_paths,
+                           allow_private_urls=config.allow_private_urls,
+                       )},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
     else:

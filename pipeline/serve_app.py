@@ -562,6 +562,8 @@ class Handler(BaseHTTPRequestHandler):
             get = method in ("GET", "HEAD")
             if get and path in ("/", "/index.html"):
                 return self._static("index.html")
+            if get and path == "/favicon.ico":
+                return self._static("favicon.svg")
             if get and path.startswith("/static/"):
                 return self._static(path[len("/static/"):])
             if get and path == "/openapi.json":

@@ -67,7 +67,7 @@ def test_preprocessed_pixels_are_bit_identical_to_the_reference(tiny_model, refe
     prep = resolve_model(tiny_model).preprocessing
     table = prep.normalization_table()
     for name, data in odd_images().items():
-        pixels = preprocess(decode(data), prep)  # uint8 (H, W, 3)
+        pixels = preprocess(decode(data)[0], prep)  # uint8 (H, W, 3)
         ours = table[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]
         expected = reference.pixels(data)
         assert ours.shape == expected.shape, name
@@ -128,3 +128,52 @@ def test_bfloat16_vectors_are_close_to_the_float32_reference(tiny_model, referen
         worst = min(worst, _cosine(got["image_embedding"], reference.image(images[r["image"].split("/")[-1]])))
         worst = min(worst, _cosine(got["text_embedding"], reference.texts([r["caption"]])[0]))
     assert worst >= BFLOAT16_MIN_COSINE
+
+
+def test_fast_mode_stays_within_cosine_0999_of_exact(tiny_model, ray_session, tmp_path):
+    from tests.corpus import _pattern
+
+    images = {}
+    for name, (w, h) in {"a.jpg": (2000, 1500), "b.jpg": (3000, 2000), "c.jpg": (1200, 2600)}.items():
+        buf = io.BytesIO()
+        Image.fromarray(_pattern(w, h, w)).save(buf, "JPEG", quality=90)
+        images[name] = buf.getvalue()
+    image, stored = decode(images["b.jpg"], draft_short_side=448)
+    assert stored == (3000, 2000) and min(image.size) >= 448 and image.size[0] < 3000  # drafted
+
+    manifest = write_corpus(tmp_path, images=images)
+    for mode in ("exact", "fast"):
+        altclip("embed", manifest, "--out", tmp_path / mode, "--model", tiny_model, "--dtype",
+                "float32", "--preprocess", mode)
+    exact, fast = read_output(tmp_path / "exact"), read_output(tmp_path / "fast")
+    for row_id, row in exact.items():
+        assert _cosine(fast[row_id]["image_embedding"], row["image_embedding"]) >= 0.999, row_id
+        assert (fast[row_id]["width"], fast[row_id]["height"]) == (row["width"], row["height"])
+    footer = json.loads(pq.read_schema(next((tmp_path / "fast").glob("part-*.parquet")))
+                        .metadata[b"altclip.provenance"])
+    assert footer["preprocessing"]["mode"] == "fast"
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_row(tiny_model):
+    import pyarrow as pa
+
+    from pipeline.embedders import TextEmbedder
+    from pipeline.text import tokenize_captions
+
+    spec = resolve_model(tiny_model)
+    embedder = TextEmbedder(spec, "float32")
+    batch = tokenize_captions(pa.table({"caption": [f"caption {n}" for n in range(8)]}), spec)
+    expected = embedder(batch).column("text_embedding").to_pylist()
+
+    real_tower, calls = embedder.tower, []
+
+    def tower_with_little_memory(**inputs):
+        calls.append(inputs["input_ids"].shape[0])
+        if inputs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_tower(**inputs)
+
+    embedder.tower = tower_with_little_memory
+    got = embedder(batch).column("text_embedding").to_pylist()
+    assert calls[:3] == [8, 4, 2] and len(got) == 8
+    np.testing.assert_allclose(got, expected, atol=1e-6)

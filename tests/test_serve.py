@@ -294,6 +294,7 @@ def test_the_page_in_chromium(server, rows, tmp_path):
             page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
             page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
             page.on("request", lambda r: requests.append(r.url))
+            page.on("response", lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url}"))
             page.goto(server + "/")
             page.wait_for_selector("body[data-ready=true]")
             assert "rows" in page.inner_text("#info")
