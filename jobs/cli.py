@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from jobs.serve import serve_command
 from pipeline.config import (
     DEFAULT_MODEL,
     DTYPES,
@@ -376,6 +377,8 @@ def demo_command(workdir, model, query):
 
     _run(run_demo, workdir, model, query)
 
+
+main.add_command(serve_command)
 
 if __name__ == "__main__":
     sys.exit(main())

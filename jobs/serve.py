@@ -27,12 +27,18 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
     """Load the table's model, then serve until interrupted."""
     from pipeline.serve_app import Searcher, make_server
 
-    searcher = Searcher(db, table_name, model=model, storage_options=storage_options,
-                        allow_private_urls=allow_private_urls)
-    try:
-        server = make_server(searcher, host, port, quiet=quiet)
+    try:  # listen first: a port in use fails at once, not after the model has loaded
+        server = make_server(None, host, port, quiet=quiet)
     except OSError as exc:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there "
+                          f"({exc.strerror or exc})") from None
+    try:
+        searcher = Searcher(db, table_name, model=model, storage_options=storage_options,
+                            allow_private_urls=allow_private_urls)
+    except BaseException:
+        server.server_close()
+        raise
+    server.RequestHandlerClass.searcher = searcher  # requests wait in the backlog until now
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
     print(f"serving table '{table_name}' ({searcher.model.label}, {searcher.dtype}) on "

@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, SearchConfig
 from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.images import FetchPolicy, preprocess_images
 from pipeline.model import ModelSpec, resolve_model
-from pipeline.table import open_table, table_provenance
+from pipeline.table import SEARCH_NPROBES, SEARCH_REFINE_FACTOR, open_table, table_provenance
 from pipeline.text import tokenize_captions
 from schemas.embeddings import (
     CAPTION_SHA256,
@@ -94,7 +94,8 @@ def search(config: SearchConfig) -> list[dict]:
             query = (table.search(query_type="hybrid", vector_column_name=column)
                      .vector(vector).text(config.text))
         else:
-            query = table.search(vector, vector_column_name=column)
+            query = (table.search(vector, vector_column_name=column)
+                     .nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR))
         rows = query.distance_type("cosine").where(where, prefilter=True).limit(config.k).to_list()
     except Exception as exc:  # LanceDB reports a bad filter as a generic error
         if not config.where:

@@ -23,7 +23,6 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -250,6 +249,7 @@ class Searcher:
             raise ConfigError(f"--model {self.model.ref} makes {self.model.dim}-d vectors, "
                               f"the table holds {origin['dim']}-d ones")
         self.dtype = origin.get("dtype", "float32")
+        self.preprocess_mode = (origin.get("preprocessing") or {}).get("mode", "exact")
         self.text_embedder = TextEmbedder(self.model, self.dtype)
         self.image_embedder = ImageEmbedder(self.model, self.dtype)
         self.policy = FetchPolicy(self.storage_options, allow_local_paths=True,
@@ -351,7 +351,7 @@ class Searcher:
     def info(self) -> dict:
         table = self._fresh_table()
         return {"table": self.table_name, "rows": table.count_rows(), "version": table.version,
-                "model": self.model.label, "dtype": self.dtype, "dim": self.model.dim,
+                "model": storage.redact(self.model.label), "dtype": self.dtype, "dim": self.model.dim,
                 "against": sorted(SEARCH_COLUMNS)}
 
     # queries
@@ -373,7 +373,9 @@ class Searcher:
         if not data:
             raise ServeError(400, "image: the upload is empty")
         batch = pa.table({IMAGE: pa.nulls(1, pa.string()), IMAGE_BYTES: pa.array([data], pa.binary())})
-        batch = preprocess_images(batch, self.model.preprocessing, self.policy)
+        # The table's own preprocessing mode (exact, or fast: JPEG draft decode), as it was embedded.
+        extra = {"mode": self.preprocess_mode} if self.preprocess_mode != "exact" else {}
+        batch = preprocess_images(batch, self.model.preprocessing, self.policy, **extra)
         if batch.column(IMAGE_ERROR)[0].is_valid:
             raise ServeError(400, f"image: {batch.column(IMAGE_ERROR)[0]}")
         with self._model_lock:
@@ -438,7 +440,8 @@ class Searcher:
                 return self._thumbs[key]
         try:
             data = read_bytes(uri, self.policy)
-            image = decode(data)
+            # A JPEG is decoded at a reduced scale that still covers the thumbnail.
+            image, _ = decode(data, draft_short_side=size)
         except ImageError as exc:
             kind = str(exc).split(":", 1)[0]
             status = 404 if kind == "not_found" else 502
@@ -447,7 +450,7 @@ class Searcher:
             image = ImageOps.exif_transpose(image)  # as a viewer shows it
         except Exception:  # a broken EXIF block: show it unrotated
             pass
-        image = to_rgb(image)
+        image = _display_rgb(image)
         image.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85, optimize=True, progressive=True)
@@ -458,6 +461,15 @@ class Searcher:
             while len(self._thumbs) > THUMBNAIL_CACHE_ENTRIES:
                 self._thumbs.popitem(last=False)
         return entry
+
+
+def _display_rgb(image: Image.Image) -> Image.Image:
+    """RGB for a person to look at: 16- and 32-bit greyscale scaled down (not clipped to white)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
+        return Image.fromarray(np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)).convert("RGB")
+    return to_rgb(image)
 
 
 def _json_number(value):
@@ -554,6 +566,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("POST")
 
     def _dispatch(self, method: str):
+        self._body_read = False
         try:
             self._check_host()
             url = urllib.parse.urlsplit(self.path)
@@ -588,8 +601,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise ServeError(405, f"{method} is not allowed on {path}")
             raise ServeError(404, f"no such path: {path}")
         except ServeError as exc:
+            if method == "POST" and not self._body_read:
+                self.close_connection = True  # the unread body would be taken for the next request
             self._json({"error": exc.message}, status=exc.status)
         except Exception as exc:  # a bug or a storage failure: say so without internals
+            if method == "POST" and not self._body_read:
+                self.close_connection = True
             self.log_message("error on %s: %s", self.path.split("?")[0], storage.describe(exc))
             self._json({"error": f"internal error ({type(exc).__name__})"}, status=500)
 
@@ -689,8 +706,8 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise ServeError(400, "a bad Content-Length") from None
         if n > limit:
-            self.close_connection = True
             raise ServeError(413, f"the body is {n} bytes, at most {limit} are taken")
+        self._body_read = True
         return self.rfile.read(n)
 
     def _json(self, payload, status: int = 200):
@@ -724,9 +741,10 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write(f"{self.address_string()} {self.command} {path} {code}\n")
 
 
-def make_server(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000,
+def make_server(searcher: Searcher | None, host: str = "127.0.0.1", port: int = 8000,
                 quiet: bool = False) -> ThreadingHTTPServer:
-    """A threaded HTTP server over `searcher`; call serve_forever() on it."""
+    """A threaded HTTP server over `searcher` (or one set later on its RequestHandlerClass);
+    call serve_forever() on it."""
     handler = type("BoundHandler", (Handler,), {
         "searcher": searcher,
         "allowed_hosts": set(_LOOPBACK_NAMES) if _is_loopback(host) else None,
@@ -789,7 +807,7 @@ def openapi_spec(searcher: Searcher) -> dict:
             "title": "altclip serve",
             "version": "1",
             "description": (
-                f"Search the LanceDB table '{searcher.table_name}' ({searcher.model.label}, "
+                f"Search the LanceDB table '{searcher.table_name}' ({storage.redact(searcher.model.label)}, "
                 f"{searcher.model.dim}-d, cosine) by text in any language or by image. Scores are "
                 "cosine similarities. Filters are exact matches on the table's own columns (see "
                 "/api/columns), applied before ranking."),

@@ -152,6 +152,12 @@ def _model_of(provenance: dict) -> tuple:
     return provenance.get("model"), provenance.get("revision"), provenance.get("dim")
 
 
+# Query-time settings of the ANN index: partitions searched, and candidates re-ranked by exact
+# distance per result wanted (the index stores 8-bit quantised vectors). See bench/query.py.
+SEARCH_NPROBES = 48
+SEARCH_REFINE_FACTOR = 20
+
+
 def index_table(table) -> dict:
     """Full-text index on captions; an ANN index per vector column once exact search gets slow.
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -230,6 +231,22 @@ def test_similar_uses_the_rows_own_vector(server, rows):
     assert status == 404
 
 
+def test_an_upload_over_the_limit_is_refused_unread(server):
+    import http.client
+
+    from pipeline.serve_app import MAX_UPLOAD_BYTES
+
+    host, port = urllib.parse.urlsplit(server).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/api/search/image")
+    connection.putheader("Content-Type", "image/png")
+    connection.putheader("Content-Length", str(MAX_UPLOAD_BYTES + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "at most" in json.loads(response.read())["error"]
+    connection.close()
+
+
 def test_requests_for_another_host_are_refused(server):
     # Served on loopback: a page on another origin that rebinds its name to 127.0.0.1 gets nothing.
     status, body = get_json(f"{server}/api/info", headers={"Host": "attacker.example:80"})
@@ -242,6 +259,12 @@ def test_the_serve_command(corpus, tmp_path):
     """`altclip serve` as a user starts it: a process that answers, and stops on Ctrl-C."""
     result = CliRunner().invoke(serve_command, [str(tmp_path / "nothing-here")])
     assert result.exit_code == 1 and "has no table 'embeddings'" in result.output
+    with socket.socket() as taken:  # a port in use fails at once, before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = CliRunner().invoke(serve_command, [str(corpus / "db"), "--port",
+                                                    str(taken.getsockname()[1])])
+    assert result.exit_code == 1 and "cannot listen there" in result.output
 
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -343,5 +366,6 @@ def test_the_page_in_chromium(server, rows, tmp_path):
     # The browser only ever talked to the server: no storage URI, no signed URL, no other host.
     assert all(u.startswith((server + "/", "blob:", "data:")) for u in requests), requests
     assert not any(rows[query]["image"] in u for u in requests)
-    (REPO / "docs").mkdir(exist_ok=True)
-    shutil.copy(shot, REPO / "docs" / "serve.png")
+    if os.environ.get("ALTCLIP_UPDATE_SCREENSHOTS"):  # refresh the README's picture on request
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copy(shot, REPO / "docs" / "serve.png")

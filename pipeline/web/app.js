@@ -60,9 +60,9 @@ function renderFilters(columns) {
       const range = el("div", { class: "range" });
       range.append(
         el("input", { type: "number", step, name: `min.${column.name}`,
-                      placeholder: column.min != null ? `min ${column.min}` : "min" }),
+                      placeholder: column.min != null ? `≥ ${column.min}` : "min", title: "at least" }),
         el("input", { type: "number", step, name: `max.${column.name}`,
-                      placeholder: column.max != null ? `max ${column.max}` : "max" }));
+                      placeholder: column.max != null ? `≤ ${column.max}` : "max", title: "at most" }));
       set.append(range);
     }
     form.append(set);
