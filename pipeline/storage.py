@@ -124,13 +124,14 @@ def check_writable(uri: str, storage_options: dict | None = None, option: str = 
         if _is_local_fs(fs):
             fs.makedirs(path, exist_ok=True)
             return
-        bucket = path.split("/", 1)[0]
-        if not fs.exists(bucket):
-            raise ConfigError(f"{option} {redact(uri)}: bucket '{bucket}' does not exist")
         probe = f"{path.rstrip('/')}/.altclip-probe-{uuid.uuid4().hex}"
         fs.pipe_file(probe, b"")
         fs.rm_file(probe)
-    except ConfigError:
-        raise
+    except FileNotFoundError:
+        bucket = path.split("/", 1)[0]
+        raise ConfigError(f"{option} {redact(uri)}: bucket '{bucket}' does not exist") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{option} {redact(uri)}: access denied, check the credentials "
+                          f"({describe(exc)})") from None
     except Exception as exc:  # every backend raises its own kinds
         raise ConfigError(f"{option} {redact(uri)}: cannot write there ({describe(exc)})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from tests.conftest import SECRET_ACCESS_KEY, altclip, read_output
+from tests.conftest import SECRET_ACCESS_KEY, _free_port, altclip, read_output
 from tests.corpus import CAPTIONS, odd_images, write_corpus
 
 
@@ -143,3 +144,30 @@ def test_missing_objects_fail_their_rows_only(s3, tiny_model, ray_session, tmp_p
     assert got["b"]["text_embedding"] is not None
     for path in s3.find("out/rows"):
         assert SECRET_ACCESS_KEY.encode() not in s3.cat(path)
+
+
+def test_wrong_credentials_fail_before_work(tiny_model, local_run, tmp_path):
+    """A second S3 server that checks credentials (moto's IAM enforcement, on from the first
+    request): keys it does not know are refused, and the job says so before any work."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from moto.server import ThreadedMotoServer; "
+         f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}).start(); time.sleep(3600)"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        folder, _ = local_run
+        result = altclip("embed", folder / "manifest.parquet", "--out", "s3://any-bucket/run",
+                         "--model", tiny_model, "--storage-option", f"endpoint_url=http://127.0.0.1:{port}",
+                         "--storage-option", "key=NOT-A-KEY", "--storage-option", "secret=NOT-A-SECRET",
+                         expect_exit=1)
+        assert "--out s3://any-bucket/run: access denied, check the credentials" in result.stderr
+        assert "NOT-A-SECRET" not in result.stderr
+    finally:
+        server.kill()
