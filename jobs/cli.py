@@ -55,6 +55,16 @@ def main() -> None:
     """Embed image/caption corpora with AltCLIP on Ray, load them into LanceDB, search them."""
 
 
+def _concurrency(text: str) -> int | tuple[int, int]:
+    try:
+        parts = [int(p) for p in str(text).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: N or MIN,MAX") from None
+    if len(parts) not in (1, 2):
+        raise click.BadParameter(f"{text!r}: N or MIN,MAX")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
 _JOB_OPTIONS = [
     click.option("--model", default=DEFAULT_MODEL, show_default=True,
                  help="Hub id, a folder saved with save_pretrained, or its URI."),
@@ -68,7 +78,8 @@ _JOB_OPTIONS = [
     click.option("--preprocess", default="exact", show_default=True, type=click.Choice(PREPROCESS_MODES),
                  help="exact: the reference's pixels bit for bit; fast: JPEGs decoded at reduced "
                       "scale first (cosine >= 0.999 to exact)."),
-    click.option("--concurrency", default=None, type=int, help="Actors per tower [one per GPU, or 1]."),
+    click.option("--concurrency", default=None, type=_concurrency, metavar="N|MIN,MAX",
+                 help="Actors per tower, or a range the pool autoscales in [one per GPU, or 1]."),
     click.option("--num-gpus", default=None, type=float,
                  help="GPUs per tower actor [1/number of towers when the cluster has GPUs, else 0]."),
     click.option("--address", default=None,

@@ -31,7 +31,9 @@ class EmbedConfig:
     caption_col: str | None = None  # None: "caption" when the manifest has it
     batch_size: int = 64
     dtype: str = "auto"
-    concurrency: int | None = None  # actors per tower; None: one per GPU, or one on CPU
+    # Actors per tower: N, or (MIN, MAX) for a pool Ray Data grows and shrinks with the work;
+    # None: one per GPU, or one on CPU.
+    concurrency: int | tuple[int, int] | None = None
     num_gpus: float | None = None  # per actor; None: share one GPU between the towers if any
     rows_per_shard: int = 10_000
     storage_options: dict = field(default_factory=dict)
@@ -53,8 +55,10 @@ class EmbedConfig:
             raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ConfigError(f"--concurrency {self.concurrency}: must be at least 1")
+        sizes = (self.concurrency if isinstance(self.concurrency, tuple)
+                 else () if self.concurrency is None else (self.concurrency,))
+        if any(n < 1 for n in sizes) or (len(sizes) == 2 and sizes[0] > sizes[1]):
+            raise ConfigError(f"--concurrency {self.concurrency}: N, or MIN,MAX with 1 <= MIN <= MAX")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be 0 or more")
         if self.preprocess not in PREPROCESS_MODES:

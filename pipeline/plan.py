@@ -40,7 +40,7 @@ class Placement:
 
     num_gpus: float
     num_cpus: float
-    concurrency: int
+    concurrency: int | tuple[int, int]  # a fixed pool, or (min, max) to autoscale
     torch_threads: int
 
     @property
@@ -65,7 +65,7 @@ def plan_placement(config: EmbedConfig) -> Placement:
         concurrency = config.concurrency or max(1, int(gpus / towers / num_gpus))
         return Placement(num_gpus, 1.0, concurrency, torch_threads=0)
     concurrency = config.concurrency or 1
-    actors = towers * concurrency
+    actors = towers * (concurrency[1] if isinstance(concurrency, tuple) else concurrency)
     # On CPUs keep one core for reading, decoding and tokenizing; the actors split the rest.
     spare = max(cpus - 1, 1.0)
     return Placement(0.0, min(1.0, spare / actors), concurrency, torch_threads=max(1, int(spare // actors)))

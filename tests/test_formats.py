@@ -77,3 +77,14 @@ def test_one_tower_only(tiny_model, baseline, tmp_path):
     assert all(r["image_embedding"] is None and r["image_error"] is None for r in got.values())
     for row_id, row in expected.items():
         np.testing.assert_allclose(got[row_id]["text_embedding"], row["text_embedding"], atol=1e-6)
+
+
+def test_an_autoscaling_actor_pool(tiny_model, baseline, tmp_path):
+    folder, table, expected = baseline
+    out = tmp_path / "out"
+    altclip("embed", folder / "manifest.parquet", "--out", out, "--model", tiny_model,
+            "--dtype", "float32", "--concurrency", "1,2", "--batch-size", "4")
+    _same_vectors(read_output(out), expected)
+    result = altclip("embed", folder / "manifest.parquet", "--out", tmp_path / "bad", "--model",
+                     tiny_model, "--concurrency", "3,1", expect_exit=1)
+    assert "N, or MIN,MAX with 1 <= MIN <= MAX" in result.stderr
