@@ -94,8 +94,8 @@ class ParquetShardSink(Datasink):
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"rows": 0, "seconds": {}, "nodes": {}, "timeline": {}}
-        table, seconds, nodes, timeline = pop_stage_seconds(
+            return {"rows": 0, "seconds": {}, "nodes": {}, "timeline": {}, "workers": {}}
+        table, seconds, nodes, timeline, workers = pop_stage_seconds(
             pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
         name = write_shard(self.out, conform(table, self.schema, self.model_label), self.storage_options)
@@ -103,7 +103,7 @@ class ParquetShardSink(Datasink):
         nodes["write"] = [ray.get_runtime_context().get_node_id()]
         timeline["write"] = [[time.time(), table.num_rows]]
         return {"rows": table.num_rows, "seconds": seconds, "nodes": nodes, "timeline": timeline,
-                "shard": name}
+                "workers": workers, "shard": name}
 
     def on_write_complete(self, write_result) -> None:
         self.shards = [r for r in write_result.write_returns if r["rows"]]
@@ -213,12 +213,18 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
     stage_seconds = collections.Counter()
     stage_nodes = collections.defaultdict(set)
     timeline = collections.defaultdict(list)
+    actors = collections.defaultdict(dict)
     for shard in shards:
         stage_seconds.update(shard["seconds"])
         for stage, nodes in shard["nodes"].items():
             stage_nodes[stage].update(nodes)
         for stage, points in shard["timeline"].items():
             timeline[stage].extend(points)
+        for stage, per_actor in shard["workers"].items():
+            for actor, (rows, busy) in per_actor.items():
+                entry = actors[stage].setdefault(actor, [0, 0.0])
+                entry[0] += rows
+                entry[1] += busy
     rows_embedded = sum(s["rows"] for s in shards)
     return {
         "rows_in": scan.rows,
@@ -233,6 +239,16 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "rows_embedded": rows_embedded,
         "seconds_total": round(seconds_total, 3),
         "stage_busy_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items())},
+        # Rows per busy second of each stage (summed over its workers), and the stage with the
+        # most busy time: the one to give more resources.
+        "stage_rows_per_busy_second": {k: round(rows_embedded / v, 2) for k, v in
+                                       sorted(stage_seconds.items()) if v > 0},
+        "bottleneck": max(stage_seconds, key=stage_seconds.get) if stage_seconds else None,
+        # Per tower actor: rows (images or captions) and rows per busy second.
+        "tower_actors": {stage: [{"actor": actor[:16], "rows": rows,
+                                  "rows_per_busy_second": round(rows / busy, 2) if busy else None}
+                                 for actor, (rows, busy) in sorted(per_actor.items())]
+                         for stage, per_actor in sorted(actors.items())},
         "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,
         # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
         "stage_nodes": {k: sorted(v) for k, v in sorted(stage_nodes.items())},

@@ -46,6 +46,11 @@ def test_progress_lines_and_summary_figures(run):
     assert summary["error_examples"] == {"image.not_found": ["broken"]}
     assert set(summary["stage_busy_seconds"]) == {"decode", "tokenize", "image_tower", "text_tower", "write"}
     assert sum(r for _, r in summary["stage_timeline"]["image_tower"]) == rows
+    assert summary["bottleneck"] in summary["stage_busy_seconds"]
+    assert summary["stage_busy_seconds"][summary["bottleneck"]] == max(summary["stage_busy_seconds"].values())
+    for tower in ("image_tower", "text_tower"):
+        actors = summary["tower_actors"][tower]
+        assert sum(a["rows"] for a in actors) == rows and all(a["rows_per_busy_second"] > 0 for a in actors)
 
 
 def test_report_renders_plot_errors_and_contact_sheet(run, tmp_path):
