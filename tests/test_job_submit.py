@@ -40,7 +40,13 @@ def head():
     starter = subprocess.Popen(
         [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--ray-client-server-port", str(_free_port()), "--num-cpus", "2", "--num-gpus", "0",
+         "--ray-client-server-port", str(_free_port()),
+         # Every fixed default port too: another Ray on this machine (the test session's) holds
+         # them, and a job agent without its port leaves the head with "No available agent".
+         "--dashboard-agent-listen-port", str(_free_port()),
+         "--dashboard-agent-grpc-port", str(_free_port()),
+         "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+         "--num-cpus", "2", "--num-gpus", "0",
          "--temp-dir", temp_dir, "--include-dashboard", "true", "--disable-usage-stats"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
