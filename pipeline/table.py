@@ -102,7 +102,8 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
         for start in range(0, len(ids), 1000):
             table.delete(in_filter(KEY, ids[start:start + 1000]))
         removed = len(ids)
-    index_table(table)
+    if replace or rows.num_rows or removed:  # nothing changed: the indexes are still current
+        index_table(table)
     record_run(db, name, table.version, record)
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "version": table.version,
             "deleted": removed}
