@@ -44,11 +44,11 @@ TEXT_SIDE = (TEXT_EMBEDDING, TEXT_ERROR, CAPTION_TRUNCATED)
 
 
 def _collect(ds) -> pa.Table:
-    tables_ = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    tables_ = [t for t in tables_ if t.num_rows]
-    if not tables_:
+    """A dataset's rows in the driver, without the stages' hidden columns."""
+    parts = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
+    if not parts:
         return pa.table({})
-    return pop_stage_seconds(pa.concat_tables(tables_, promote_options="default"))[0]
+    return pop_stage_seconds(pa.concat_tables(parts, promote_options="default"))[0]
 
 
 def _stored_state(table) -> tuple[pa.Table, pa.Array]:

@@ -106,7 +106,11 @@ def search(config: SearchConfig) -> list[dict]:
 
 def _read_vector(path: str, dim: int) -> np.ndarray:
     try:
-        vector = np.load(path) if path.endswith(".npy") else np.asarray(json.load(open(path)))
+        if path.endswith(".npy"):
+            vector = np.load(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                vector = np.asarray(json.load(f))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--vector {path}: cannot read a vector from it ({exc})") from None
     vector = np.asarray(vector, dtype=np.float32).reshape(-1)
