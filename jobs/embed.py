@@ -22,6 +22,7 @@ from pipeline.writer import (
     output_totals,
     read_ids,
     read_output_provenance,
+    remove_duplicate_rows,
     remove_outputs,
     remove_unpublished,
     summarize,
@@ -121,8 +122,10 @@ def run_embed(config: EmbedConfig) -> dict:
         plan = embed_dataset(rows, config, model, dtype, placement, local_ok, counter)
         with _progress(config, counter, pending):
             plan.write_datasink(sink)
+    duplicates_removed = remove_duplicate_rows(config.out, config.storage_options)
     totals = output_totals(config.out, config.storage_options)
     summary = summarize(sink.shards, totals, scan, len(done), time.perf_counter() - started, origin)
+    summary["duplicate_rows_removed"] = duplicates_removed
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
     if config.table:
         summary["table"] = run_load(

@@ -32,14 +32,16 @@ class RowCounter:
 
 def count_rows(batch: pa.Table, counter) -> pa.Table:
     """Ray Data stage after the towers: tell the counter, pass the batch on."""
-    counter.add.remote(batch.num_rows)
+    # Waited for: calls from many tasks are not ordered against the driver's final read, and
+    # the last progress line must count every row.
+    ray.get(counter.add.remote(batch.num_rows))
     return batch
 
 
 class ProgressLog:
     """A thread that prints rows done / total, rate and ETA every `interval` seconds."""
 
-    def __init__(self, counter, total: int | None, interval: float, fmt: str, stream=sys.stderr):
+    def __init__(self, counter, total: int | None, interval: float, fmt: str, stream=None):
         self.counter, self.total, self.interval, self.fmt, self.stream = (
             counter, total, interval, fmt, stream)
         self.started = time.monotonic()
@@ -73,4 +75,5 @@ class ProgressLog:
             share = f" ({100 * rows / self.total:.0f}%)" if self.total else ""
             left = f", ETA {eta:.0f} s" if eta is not None and not final else ""
             line = f"progress: {rows}/{self.total if self.total else '?'} rows{share}, {rate:.1f} rows/s{left}"
-        print(line, file=self.stream, flush=True)
+        # sys.stderr looked up now, not at import: callers (and tests) may have replaced it.
+        print(line, file=self.stream or sys.stderr, flush=True)

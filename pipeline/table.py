@@ -102,9 +102,10 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
         for start in range(0, len(ids), 1000):
             table.delete(in_filter(KEY, ids[start:start + 1000]))
         removed = len(ids)
-    if replace or rows.num_rows or removed:  # nothing changed: the indexes are still current
+    if replace or rows.num_rows or removed:
         index_table(table)
-    record_run(db, name, table.version, record)
+        record_run(db, name, table.version, record)
+    # else nothing changed: no new version, the indexes are still current, nothing to record
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "version": table.version,
             "deleted": removed}
 

@@ -154,6 +154,35 @@ def remove_unpublished(out: str, storage_options: dict | None = None) -> int:
     return len(leftovers)
 
 
+def remove_duplicate_rows(out: str, storage_options: dict | None = None) -> int:
+    """Keep one row per id across the published shards; returns how many rows were removed.
+
+    A write task that Ray retries after its shard was published, or a worker of a killed run
+    that finished its shard late, can publish rows a second time. Their copies are identical
+    (same inputs, same provenance), so the later shard is rewritten without them (write, then
+    rename, as always).
+    """
+    seen: set[str] = set()
+    removed = 0
+    for shard in list_shards(out, storage_options):
+        fs, path = storage.filesystem(shard, storage_options)
+        with fs.open(path, "rb") as f:
+            ids = pq.read_table(f, columns=[ID]).column(ID).to_pylist()
+        repeated = [i for i in ids if i in seen]
+        seen.update(ids)
+        if not repeated:
+            continue
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        keep = pc.invert(pc.is_in(table.column(ID), value_set=pa.array(repeated, pa.string())))
+        kept = table.filter(keep)
+        removed += table.num_rows - kept.num_rows
+        if kept.num_rows:
+            write_shard(out, kept, storage_options)
+        fs.rm_file(path)
+    return removed
+
+
 def output_totals(out: str, storage_options: dict | None = None) -> dict:
     """Rows, vectors and errors by kind over every published shard (vector nulls from footers)."""
     totals = {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter(),
