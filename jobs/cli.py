@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from jobs.options import parse_storage_options
 from jobs.serve import serve_command
 from pipeline.config import (
     DEFAULT_MODEL,
@@ -22,16 +23,6 @@ from pipeline.config import (
     SearchConfig,
 )
 from schemas.table import DEFAULT_TABLE_NAME
-
-
-def _storage_options(pairs: tuple[str, ...]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r}: write it as KEY=VALUE", param_hint="--storage-option")
-        options[key] = value
-    return options
 
 
 def _run(job, *args):
@@ -105,7 +96,7 @@ def _embed_config(manifest: str, out: str | None, table: str | None, towers: str
     return _run(lambda: EmbedConfig(
         manifest=manifest, out=out or "", table=table,
         towers=tuple(t.strip() for t in towers.split(",") if t.strip()),
-        storage_options=_storage_options(storage_options), **options,
+        storage_options=parse_storage_options(storage_options), **options,
     ))
 
 
@@ -179,7 +170,7 @@ def table_versions_command(db, table_name, storage_options):
     """List TABLE's versions with what each run changed."""
     from pipeline.table import table_versions
 
-    for v in _run(table_versions, db, table_name, _storage_options(storage_options)):
+    for v in _run(table_versions, db, table_name, parse_storage_options(storage_options)):
         run = v["run"] or {}
         what = ", ".join(f"{k} {val}" for k, val in run.items() if k != "job") if run else ""
         click.echo(f"{v['version']:>5}  {v['timestamp']}  {v['rows']:>9} rows  {run.get('job', '')}  {what}")
@@ -193,7 +184,7 @@ def table_index_command(db, table_name, storage_options):
     """Rebuild the table's indexes: full-text on captions, ANN per vector column when large."""
     from pipeline.table import index_table, open_table
 
-    built = _run(index_table, _run(open_table, db, table_name, _storage_options(storage_options)))
+    built = _run(index_table, _run(open_table, db, table_name, parse_storage_options(storage_options)))
     for column, info in built.items():
         click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
                    f"{info['vectors']} vectors")
@@ -210,7 +201,7 @@ def table_restore_command(db, version, table_name, storage_options):
     """Make VERSION of the table the latest again (as a new version)."""
     from pipeline.table import restore_version
 
-    result = _run(restore_version, db, table_name, version, _storage_options(storage_options))
+    result = _run(restore_version, db, table_name, version, parse_storage_options(storage_options))
     click.echo(f"table: {result['uri']} '{result['name']}' restored to version {version} "
                f"({result['rows']} rows, now version {result['version']})")
 
@@ -247,7 +238,7 @@ def load_command(outputs, table, table_name, storage_options):
     """Load the Parquet OUTPUTS of `embed` into a LanceDB table (upsert on id)."""
     from jobs.load import run_load
 
-    result = _run(run_load, LoadConfig(outputs, table, table_name, _storage_options(storage_options)))
+    result = _run(run_load, LoadConfig(outputs, table, table_name, parse_storage_options(storage_options)))
     click.echo(f"table: {result['uri']} '{result['name']}' ({result['rows']} rows: "
                f"{result['inserted']} inserted, {result['updated']} updated; version {result['version']})")
 
@@ -274,7 +265,7 @@ def search_command(table, text, image, vector, hybrid, against, k, where, model,
     config = _run(lambda: SearchConfig(table=table, text=text, image=image, vector=vector,
                                        hybrid=hybrid, against=against, k=k,
                                        where=where, model=model, table_name=table_name,
-                                       storage_options=_storage_options(storage_options)))
+                                       storage_options=parse_storage_options(storage_options)))
     hits = _run(run_search, config)
     if as_json:
         for hit in hits:
@@ -299,7 +290,7 @@ def sql_command(query, db, outputs, as_json, as_csv, table_name, storage_options
 
     if not db and not outputs:
         raise click.UsageError("name what to query: --db DB and/or --parquet OUT")
-    result = _run(run_sql, query, db, table_name, outputs, _storage_options(storage_options))
+    result = _run(run_sql, query, db, table_name, outputs, parse_storage_options(storage_options))
     _print_rows(result, as_json, as_csv)
 
 
@@ -343,7 +334,7 @@ def classify_command(db, label_files, templates, top_k, out, model, table_name, 
 
     config = _run(lambda: ClassifyConfig(
         table=db, labels=label_files, templates=templates or (DEFAULT_TEMPLATE,), top_k=top_k,
-        out=out, model=model, table_name=table_name, storage_options=_storage_options(storage_options)))
+        out=out, model=model, table_name=table_name, storage_options=parse_storage_options(storage_options)))
     result = _run(run_classify, config)
     where = f"Parquet under {out}" if out else f"the table (version {result['version']})"
     click.echo(f"labelled {result['rows']} images with {result['labels']} labels into {where}")
@@ -360,7 +351,7 @@ def report_command(outputs, html_path, samples, storage_options):
     """Render the run in OUTPUTS as one self-contained HTML page."""
     from pipeline.report import render_report
 
-    page = _run(render_report, outputs, _storage_options(storage_options), samples)
+    page = _run(render_report, outputs, parse_storage_options(storage_options), samples)
     with open(html_path, "w", encoding="utf-8") as f:
         f.write(page)
     click.echo(f"report: {html_path}")

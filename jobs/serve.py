@@ -6,18 +6,9 @@ import sys
 
 import click
 
+from jobs.options import parse_storage_options
 from pipeline.config import ConfigError
 from schemas.table import DEFAULT_TABLE_NAME
-
-
-def _storage_options(pairs: tuple[str, ...]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r}: write it as KEY=VALUE", param_hint="--storage-option")
-        options[key] = value
-    return options
 
 
 def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
@@ -69,7 +60,7 @@ def serve_command(db, host, port, table_name, model, allow_private_urls, quiet, 
     """Serve a search page and a JSON API over DB (a LanceDB database): text in any language,
     image uploads, metadata filters, thumbnails."""
     try:
-        run_serve(db, host, port, table_name, model, _storage_options(storage_options),
+        run_serve(db, host, port, table_name, model, parse_storage_options(storage_options),
                   allow_private_urls, quiet)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
