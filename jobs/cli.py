@@ -10,6 +10,7 @@ import click
 
 from jobs.options import parse_storage_options
 from jobs.serve import serve_command
+from pipeline.storage import outage_in
 from pipeline.config import (
     DEFAULT_MODEL,
     DTYPES,
@@ -25,12 +26,23 @@ from pipeline.config import (
 from schemas.table import DEFAULT_TABLE_NAME
 
 
+class StoreOutage(click.ClickException):
+    # EX_TEMPFAIL: a scheduler may rerun the job, which resumes.
+    exit_code = 75
+
+
 def _run(job, *args):
     """Run a job; bad configuration exits non-zero with the message and no traceback."""
     try:
         return job(*args)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        outage = outage_in(exc)
+        if outage is None:
+            raise
+        raise StoreOutage(f"{outage}; what was written so far is kept: rerun the same command "
+                          "when the store is back, it resumes") from None
 
 
 storage_option = click.option(
@@ -79,6 +91,9 @@ _JOB_OPTIONS = [
                  help="Let a manifest from object storage name local files."),
     click.option("--allow-private-urls", is_flag=True,
                  help="Let image URLs reach loopback, link-local and private addresses."),
+    click.option("--storage-patience", "storage_patience_s", default=300.0, show_default=True,
+                 type=float, help="Seconds to wait out an unreachable store before stopping "
+                                  "(the outputs so far are kept: rerun to resume)."),
     storage_option,
     table_name,
 ]

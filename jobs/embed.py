@@ -111,14 +111,14 @@ def run_embed(config: EmbedConfig) -> dict:
     if extra_rows is not None and len(done):
         extra_rows = select_rows(extra_rows, manifest.id_col, done)
     pending = scan.pending(done)
+    counter = RowCounter.remote()
     sink = ParquetShardSink(
         config.out, embeddings_schema(model.dim, list(manifest.metadata_fields), origin),
-        model.label, config.rows_per_shard, config.storage_options,
+        model.label, config.rows_per_shard, config.storage_options, config.storage_patience_s, counter,
     )
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size)
         local_ok = storage.is_local(config.manifest) or config.allow_local_paths
-        counter = RowCounter.remote()
         plan = embed_dataset(rows, config, model, dtype, placement, local_ok, counter)
         with _progress(config, counter, pending):
             plan.write_datasink(sink)

@@ -107,7 +107,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     origin = provenance(model, dtype, e.towers, e.preprocess)
     scan = scan_ids(manifest)
     policy = FetchPolicy(e.storage_options, storage.is_local(e.manifest) or e.allow_local_paths,
-                         e.allow_private_urls)
+                         e.allow_private_urls, e.storage_patience_s)
 
     # 1. What the manifest holds now: rows with the hashes of their image bytes and captions.
     current = _collect(
@@ -159,7 +159,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
     rows = conform(rows, schema, model.label) if rows.num_rows else schema.empty_table()
     if e.out and rows.num_rows:
-        write_shard(e.out, rows, e.storage_options)
+        write_shard(e.out, rows, e.storage_options, e.storage_patience_s)
 
     # 5. One new table version: upserts (and deletes with --prune).
     result = tables.apply_changes(

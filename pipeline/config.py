@@ -44,6 +44,8 @@ class EmbedConfig:
     preprocess: str = "exact"  # exact: the reference's pixels bit for bit | fast: JPEG draft decode
     progress: str = "auto"  # auto (bars on a terminal, else text lines) | text | json | quiet
     progress_interval_s: float = 10.0
+    # Seconds an unreachable store is waited out before the job stops (rerun to resume).
+    storage_patience_s: float = 300.0
 
     def __post_init__(self):
         unknown = [t for t in self.towers if t not in TOWERS]
@@ -67,6 +69,8 @@ class EmbedConfig:
             raise ConfigError(f"--log-format {self.progress}: choose one of {', '.join(PROGRESS_MODES)}")
         if self.rows_per_shard < 1:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
+        if self.storage_patience_s < 0:
+            raise ConfigError(f"--storage-patience {self.storage_patience_s}: seconds, 0 or more")
 
 
 @dataclass(frozen=True)

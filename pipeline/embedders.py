@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pipeline.images import PIXELS
 from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
-from pipeline.timing import add_stage_seconds
+from pipeline.timing import add_device_stats, add_stage_seconds
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 
 
@@ -28,6 +28,28 @@ def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int)
     return pa.FixedSizeListArray.from_arrays(
         pa.array(full.reshape(-1)), dim, mask=pa.array(is_null)
     )
+
+
+def accelerator_stats(device: torch.device) -> dict:
+    """What the accelerator says about itself: memory from torch.cuda, utilisation from NVML
+    (through torch, when `nvidia-ml-py` is installed). A CPU reports nothing."""
+    if device.type != "cuda":
+        return {}
+    gib = 2 ** 30
+    free, total = torch.cuda.mem_get_info(device)
+    stats = {
+        "name": torch.cuda.get_device_name(device),
+        "memory_peak_gib": round(torch.cuda.max_memory_allocated(device) / gib, 2),
+        "memory_reserved_gib": round(torch.cuda.memory_reserved(device) / gib, 2),
+        "memory_used_gib": round((total - free) / gib, 2),  # by every process on the device
+        "memory_total_gib": round(total / gib, 2),
+    }
+    try:
+        # The share of the last sample period (1/6 s to 1 s) in which a kernel ran.
+        stats["utilisation_percent"] = torch.cuda.utilization(device)
+    except Exception:  # no nvidia-ml-py, or NVML not available in this container
+        pass
+    return stats
 
 
 class _TowerActor:
@@ -50,6 +72,11 @@ class _TowerActor:
             vectors = F.normalize(embedded.float(), dim=-1).cpu().numpy()
         return vector_column(vectors, rows, num_rows, self.dim)
 
+    def _finish(self, out: pa.Table, started: float) -> pa.Table:
+        stage = f"{self.kind}_tower"
+        out = add_stage_seconds(out, stage, time.perf_counter() - started)
+        stats = accelerator_stats(self.device)
+        return add_device_stats(out, stage, stats) if stats else out
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The tower on a batch; out of accelerator memory, the batch is halved and retried, so
@@ -95,7 +122,7 @@ class ImageEmbedder(_TowerActor):
         out = batch.drop_columns([PIXELS]).append_column(
             IMAGE_EMBEDDING, self._vectors(inputs, rows, batch.num_rows)
         )
-        return add_stage_seconds(out, "image_tower", time.perf_counter() - started)
+        return self._finish(out, started)
 
 
 class TextEmbedder(_TowerActor):
@@ -126,4 +153,4 @@ class TextEmbedder(_TowerActor):
         out = batch.drop_columns([INPUT_IDS]).append_column(
             TEXT_EMBEDDING, self._vectors(inputs, rows, batch.num_rows)
         )
-        return add_stage_seconds(out, "text_tower", time.perf_counter() - started)
+        return self._finish(out, started)

@@ -87,12 +87,19 @@ def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table |
                           batch_format="pyarrow", batch_size=None)
 
 
+UNREACHABLE_STORE_ERRORS = ("Could not connect to the endpoint URL", "Connect timeout on endpoint URL",
+                            "Read timeout on endpoint URL", "Connection was closed before we received")
+
+
 def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,
                   allow_local_paths: bool, counter=None):
     """Rows in the contract's columns -> the same rows with their vectors (the towers in
     `config.towers` only), errors, hashes and sizes."""
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Ray Data retries reading a manifest file on errors that match these; add how botocore
+    # (under s3fs) words an unreachable endpoint to pyarrow's own wording.
+    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *UNREACHABLE_STORE_ERRORS]))
     actor_args = dict(
         batch_format="pyarrow",
         batch_size=config.batch_size,
@@ -108,6 +115,7 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
                            storage_options=config.storage_options,
                            allow_local_paths=allow_local_paths,
                            allow_private_urls=config.allow_private_urls,
+                           patience_s=config.storage_patience_s,
                        )},
             batch_format="pyarrow", batch_size=config.batch_size,
         )

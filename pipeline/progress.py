@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 import threading
@@ -10,31 +11,52 @@ import time
 import pyarrow as pa
 import ray
 
+from pipeline.timing import device_stats, stage_seconds
+
 
 @ray.remote(num_cpus=0)
 class RowCounter:
-    """Rows that came out of the last tower stage, counted across the cluster."""
+    """Rows that came out of the last tower stage, and the busy time each stage spent on them,
+    gathered across the cluster while the job runs."""
 
     def __init__(self):
         from ray.util.metrics import Counter
 
         self.rows = 0
-        # Exported the Ray way: where the cluster has Prometheus, it scrapes this.
+        self.stage_rows = collections.Counter()
+        self.stage_seconds = collections.Counter()
+        self.devices: dict[str, dict[str, dict]] = {}
+        # Exported the Ray way: where the cluster has Prometheus, it scrapes these.
         self.metric = Counter("altclip_rows_embedded", description="Rows through the towers.")
+        self.busy_metric = Counter("altclip_stage_busy_seconds", description="Busy seconds per stage.",
+                                   tag_keys=("stage",))
 
-    def add(self, rows: int) -> None:
+    def add(self, rows: int, stage_seconds: dict[str, float] | None = None,
+            devices: dict[str, dict[str, dict]] | None = None) -> None:
         self.rows += rows
         self.metric.inc(rows)
+        self.add_stages(rows, stage_seconds or {})
+        for stage, per_actor in (devices or {}).items():
+            self.devices.setdefault(stage, {}).update(per_actor)
 
-    def get(self) -> int:
-        return self.rows
+    def add_stages(self, rows: int, stage_seconds: dict[str, float]) -> None:
+        for stage, seconds in stage_seconds.items():
+            self.stage_rows[stage] += rows
+            self.stage_seconds[stage] += seconds
+            if seconds > 0:
+                self.busy_metric.inc(seconds, tags={"stage": stage})
+
+    def snapshot(self) -> dict:
+        return {"rows": self.rows, "stage_rows": dict(self.stage_rows),
+                "stage_seconds": dict(self.stage_seconds), "devices": self.devices}
 
 
 def count_rows(batch: pa.Table, counter) -> pa.Table:
-    """Ray Data stage after the towers: tell the counter, pass the batch on."""
+    """Ray Data stage after the towers: tell the counter the rows and the busy time of every
+    stage so far, pass the batch on."""
     # Waited for: calls from many tasks are not ordered against the driver's final read, and
     # the last progress line must count every row.
-    ray.get(counter.add.remote(batch.num_rows))
+    ray.get(counter.add.remote(batch.num_rows, stage_seconds(batch), device_stats(batch)))
     return batch
 
 
@@ -62,18 +84,40 @@ class ProgressLog:
             self.emit()
 
     def emit(self, final: bool = False) -> None:
-        rows = ray.get(self.counter.get.remote())
-        elapsed = time.monotonic() - self.started
-        rate = rows / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - rows) / rate if rate > 0 and self.total else None
-        if self.fmt == "json":
-            line = json.dumps({"event": "finished" if final else "progress", "rows_done": rows,
-                               "rows_total": self.total, "rows_per_second": round(rate, 2),
-                               "elapsed_seconds": round(elapsed, 1),
-                               "eta_seconds": None if eta is None else round(eta, 1)})
-        else:
-            share = f" ({100 * rows / self.total:.0f}%)" if self.total else ""
-            left = f", ETA {eta:.0f} s" if eta is not None and not final else ""
-            line = f"progress: {rows}/{self.total if self.total else '?'} rows{share}, {rate:.1f} rows/s{left}"
-        # sys.stderr looked up now, not at import: callers (and tests) may have replaced it.
-        print(line, file=self.stream or sys.stderr, flush=True)
+        snapshot = ray.get(self.counter.snapshot.remote())
+        print(format_progress(snapshot, self.total, time.monotonic() - self.started, self.fmt, final),
+              # sys.stderr looked up now, not at import: callers (and tests) may have replaced it.
+              file=self.stream or sys.stderr, flush=True)
+
+
+def format_progress(snapshot: dict, total: int | None, elapsed: float, fmt: str, final: bool) -> str:
+    """One progress line: rows done / total, rate, ETA; each stage's busy seconds and rows per
+    busy second; the busiest stage; what each accelerator reports."""
+    rows = snapshot["rows"]
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    eta = (total - rows) / rate if rate > 0 and total else None
+    busy = snapshot["stage_seconds"]
+    stages = {stage: {"busy_seconds": round(seconds, 3),
+                      "rows_per_busy_second": round(snapshot["stage_rows"][stage] / seconds, 1) if seconds else None}
+              for stage, seconds in busy.items()}
+    bottleneck = max(busy, key=busy.get) if busy else None
+    if fmt == "json":
+        return json.dumps({"event": "finished" if final else "progress", "rows_done": rows,
+                           "rows_total": total, "rows_per_second": round(rate, 2),
+                           "elapsed_seconds": round(elapsed, 1),
+                           "eta_seconds": None if eta is None else round(eta, 1),
+                           "stages": stages, "bottleneck": bottleneck,
+                           "accelerators": snapshot["devices"]})
+    share = f" ({100 * rows / total:.0f}%)" if total else ""
+    left = f", ETA {eta:.0f} s" if eta is not None and not final else ""
+    line = f"progress: {rows}/{total if total else '?'} rows{share}, {rate:.1f} rows/s{left}"
+    if stages:
+        line += "; busy s (rows per busy s): " + ", ".join(
+            f"{stage} {s['busy_seconds']:.1f} ({s['rows_per_busy_second'] or 0:.0f})" for stage, s in stages.items())
+        line += f"; bottleneck {bottleneck}"
+    for stage, per_actor in sorted(snapshot["devices"].items()):
+        for stats in per_actor.values():
+            used = f"{stats.get('memory_peak_gib')}/{stats.get('memory_total_gib')} GiB peak"
+            util = f", {stats['utilisation_percent']}% busy" if "utilisation_percent" in stats else ""
+            line += f"; {stage} on {stats.get('name', 'accelerator')}: {used}{util}"
+    return line

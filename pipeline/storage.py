@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
+import time
 import uuid
 
 import fsspec
@@ -135,3 +137,66 @@ def check_writable(uri: str, storage_options: dict | None = None, option: str = 
                           f"({describe(exc)})") from None
     except Exception as exc:  # every backend raises its own kinds
         raise ConfigError(f"{option} {redact(uri)}: cannot write there ({describe(exc)})") from None
+
+
+# How long a job waits out an unreachable or overloaded store before it stops (and can be
+# rerun to resume); each storage call already retries a few times within seconds.
+DEFAULT_PATIENCE_S = 300.0
+
+
+class StorageUnavailable(Exception):
+    """The store stayed unreachable longer than the job's patience: a job failure, never a row's."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a storage error means the store is unreachable or overloaded, not that the
+    object is missing or forbidden: refused and reset connections, timeouts, 5xx and throttling."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _UNAVAILABLE_ERRNOS:
+        return True  # s3fs turns 500/503/SlowDown into these
+    module = type(exc).__module__.split(".")[0]
+    name = type(exc).__name__
+    if module == "botocore":  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError ...
+        return "Connection" in name or "Timeout" in name or name == "HTTPClientError"
+    if module in ("aiohttp", "fsspec"):  # gcsfs and adlfs speak aiohttp
+        return "Connect" in name or "Timeout" in name or "Disconnected" in name
+    return False
+
+
+_UNAVAILABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNREFUSED,
+                       errno.ECONNRESET, errno.EREMOTEIO}
+
+
+def outage_in(exc: BaseException) -> StorageUnavailable | None:
+    """The StorageUnavailable a task raised, however Ray wrapped it on its way to the driver."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageUnavailable):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def patiently(call, uri: str, patience_s: float = DEFAULT_PATIENCE_S):
+    """`call()`, retried with backoff while the store is unavailable, for up to `patience_s`.
+
+    Other errors pass through at once. Past the patience it raises StorageUnavailable, which
+    fails the job: rows are not marked failed because a store was down.
+    """
+    started = time.monotonic()
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            waited = time.monotonic() - started
+            if not is_unavailable(exc):
+                raise
+            if waited + delay > patience_s:
+                raise StorageUnavailable(
+                    f"{redact(uri)}: storage unavailable for {waited:.0f} s ({describe(exc)})"
+                ) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)

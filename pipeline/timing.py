@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ STAGE_SECONDS_PREFIX = "__seconds_"
 STAGE_NODE_PREFIX = "__node_"
 STAGE_AT_PREFIX = "__at_"  # when the stage finished the batch (Unix seconds)
 STAGE_WORKER_PREFIX = "__worker_"  # the actor that ran the batch ("" for tasks)
+STAGE_DEVICE_PREFIX = "__device_"  # JSON: what the actor's accelerator reported after the batch
 
 
 def _node_id() -> str:
@@ -45,11 +47,36 @@ def add_stage_seconds(table: pa.Table, stage: str, seconds: float) -> pa.Table:
     return _set(table, STAGE_NODE_PREFIX + stage, pa.array([_node_id()] * table.num_rows, pa.string()))
 
 
-def pop_stage_seconds(table: pa.Table) -> tuple[pa.Table, dict[str, float], dict[str, list[str]],
-                                                 dict[str, list[list[float]]], dict[str, dict]]:
-    """Split the hidden columns off: (table without them, busy seconds per stage, nodes per
-    stage, [finished at, rows] per stage and batch, {actor: [rows, busy seconds]} per stage)."""
-    seconds, nodes, timeline, workers = {}, {}, {}, {}
+def add_device_stats(table: pa.Table, stage: str, stats: dict) -> pa.Table:
+    """Note what the stage's accelerator reported (memory, utilisation) on every row."""
+    return _set(table, STAGE_DEVICE_PREFIX + stage, pa.array([json.dumps(stats)] * table.num_rows))
+
+
+def stage_seconds(table: pa.Table) -> dict[str, float]:
+    """Busy seconds per stage the rows of `table` carry so far."""
+    return {name[len(STAGE_SECONDS_PREFIX):]: float(np.nansum(table.column(name).to_numpy(zero_copy_only=False)))
+            for name in table.column_names if name.startswith(STAGE_SECONDS_PREFIX)}
+
+
+def device_stats(table: pa.Table) -> dict[str, dict[str, dict]]:
+    """{stage: {actor: the latest stats its accelerator reported}} from the rows of `table`."""
+    devices = {}
+    for name in table.column_names:
+        if name.startswith(STAGE_DEVICE_PREFIX):
+            stage = name[len(STAGE_DEVICE_PREFIX):]
+            actors = table.column(STAGE_WORKER_PREFIX + stage).to_pylist()
+            for actor, stats in zip(actors, table.column(name).to_pylist()):
+                if actor and stats:
+                    devices.setdefault(stage, {})[actor] = json.loads(stats)
+    return devices
+
+
+def pop_stage_seconds(table: pa.Table) -> tuple[pa.Table, dict]:
+    """Split the hidden columns off: the table without them, and the figures they carried:
+    `seconds` (busy, per stage), `nodes` (per stage), `timeline` ([finished at, rows] per stage
+    and batch), `workers` ({actor: [rows, busy seconds]} per stage), `devices` (see device_stats)."""
+    seconds, nodes, timeline, workers = stage_seconds(table), {}, {}, {}
+    devices = device_stats(table)
     for name in table.column_names:
         if name.startswith(STAGE_WORKER_PREFIX):
             stage = name[len(STAGE_WORKER_PREFIX):]
@@ -63,17 +90,14 @@ def pop_stage_seconds(table: pa.Table) -> tuple[pa.Table, dict[str, float], dict
             if per_actor:
                 workers[stage] = per_actor
     for name in list(table.column_names):
-        if name.startswith(STAGE_SECONDS_PREFIX):
-            seconds[name[len(STAGE_SECONDS_PREFIX):]] = float(
-                np.nansum(table.column(name).to_numpy(zero_copy_only=False)))
-        elif name.startswith(STAGE_NODE_PREFIX):
+        if name.startswith(STAGE_NODE_PREFIX):
             nodes[name[len(STAGE_NODE_PREFIX):]] = sorted(set(table.column(name).drop_null().to_pylist()))
         elif name.startswith(STAGE_AT_PREFIX):
             counts = pc.value_counts(table.column(name).drop_null())
             timeline[name[len(STAGE_AT_PREFIX):]] = sorted(
                 [float(c["values"]), int(c["counts"])] for c in counts.to_pylist())
-        else:
-            continue
-        table = table.drop_columns([name])
-    table = table.drop_columns([n for n in table.column_names if n.startswith(STAGE_WORKER_PREFIX)])
-    return table, seconds, nodes, timeline, workers
+    hidden = (STAGE_SECONDS_PREFIX, STAGE_NODE_PREFIX, STAGE_AT_PREFIX, STAGE_WORKER_PREFIX,
+              STAGE_DEVICE_PREFIX)
+    table = table.drop_columns([n for n in table.column_names if n.startswith(hidden)])
+    return table, {"seconds": seconds, "nodes": nodes, "timeline": timeline, "workers": workers,
+                   "devices": devices}

@@ -61,16 +61,26 @@ def errors_by_kind(table: pa.Table) -> collections.Counter:
     return errors
 
 
-def write_shard(out: str, table: pa.Table, storage_options: dict | None = None) -> str:
-    """Write one shard under a temporary name, then rename it into place; returns its name."""
+def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
+                patience_s: float = storage.DEFAULT_PATIENCE_S) -> str:
+    """Write one shard under a temporary name, then rename it into place; returns its name.
+
+    While the store is unreachable the whole write is retried (see storage.patiently); a
+    rename that went through but was not acknowledged can publish the rows twice, which
+    remove_duplicate_rows undoes.
+    """
     fs, path = storage.filesystem(out, storage_options)
     path = path.rstrip("/")
-    name = f"{SHARD_PREFIX}{uuid.uuid4().hex}.parquet"
-    temporary = f"{path}/.{name}.tmp"
-    with fs.open(temporary, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(temporary, f"{path}/{name}")
-    return name
+
+    def write() -> str:
+        name = f"{SHARD_PREFIX}{uuid.uuid4().hex}.parquet"
+        temporary = f"{path}/.{name}.tmp"
+        with fs.open(temporary, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        fs.mv(temporary, f"{path}/{name}")
+        return name
+
+    return storage.patiently(write, out, patience_s)
 
 
 class ParquetShardSink(Datasink):
@@ -78,8 +88,11 @@ class ParquetShardSink(Datasink):
     reader listing `part-*.parquet` never sees half a shard."""
 
     def __init__(self, out: str, schema: pa.Schema, model_label: str, rows_per_shard: int,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, patience_s: float = storage.DEFAULT_PATIENCE_S,
+                 counter=None):
         self.out = out.rstrip("/")
+        self.patience_s = patience_s
+        self.counter = counter  # progress.RowCounter: the live log shows the write stage too
         self.schema = schema
         self.model_label = model_label
         self.rows_per_shard = rows_per_shard
@@ -94,16 +107,17 @@ class ParquetShardSink(Datasink):
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
         tables = [t for t in tables if t.num_rows]
         if not tables:
-            return {"rows": 0, "seconds": {}, "nodes": {}, "timeline": {}, "workers": {}}
-        table, seconds, nodes, timeline, workers = pop_stage_seconds(
-            pa.concat_tables(tables, promote_options="default"))
+            return {"rows": 0}
+        table, figures = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
-        name = write_shard(self.out, conform(table, self.schema, self.model_label), self.storage_options)
-        seconds["write"] = time.perf_counter() - started
-        nodes["write"] = [ray.get_runtime_context().get_node_id()]
-        timeline["write"] = [[time.time(), table.num_rows]]
-        return {"rows": table.num_rows, "seconds": seconds, "nodes": nodes, "timeline": timeline,
-                "workers": workers, "shard": name}
+        name = write_shard(self.out, conform(table, self.schema, self.model_label),
+                           self.storage_options, self.patience_s)
+        figures["seconds"]["write"] = time.perf_counter() - started
+        figures["nodes"]["write"] = [ray.get_runtime_context().get_node_id()]
+        figures["timeline"]["write"] = [[time.time(), table.num_rows]]
+        if self.counter is not None:  # waited for, so the last progress line counts this write
+            ray.get(self.counter.add_stages.remote(table.num_rows, {"write": figures["seconds"]["write"]}))
+        return {"rows": table.num_rows, "shard": name, **figures}
 
     def on_write_complete(self, write_result) -> None:
         self.shards = [r for r in write_result.write_returns if r["rows"]]
@@ -127,14 +141,15 @@ def read_output_provenance(out: str, storage_options: dict | None = None) -> dic
 
 
 def read_ids(out: str, storage_options: dict | None = None) -> pa.Array:
-    """The ids already published under OUT: the rows a rerun does not embed again."""
+    """The distinct ids already published under OUT: the rows a rerun does not embed again."""
     shards = list_shards(out, storage_options)
     if not shards:
         return pa.array([], pa.string())
     fs, _ = storage.filesystem(shards[0], storage_options)
     paths = [storage.filesystem(s, storage_options)[1] for s in shards]
     dataset = pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs))
-    return dataset.to_table(columns=[ID]).column(0).combine_chunks()
+    # A shard published twice (see remove_duplicate_rows) must not count its rows twice.
+    return pc.unique(dataset.to_table(columns=[ID]).column(0).combine_chunks())
 
 
 def remove_outputs(out: str, storage_options: dict | None = None) -> None:
@@ -243,6 +258,7 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
     stage_nodes = collections.defaultdict(set)
     timeline = collections.defaultdict(list)
     actors = collections.defaultdict(dict)
+    devices = collections.defaultdict(dict)
     for shard in shards:
         stage_seconds.update(shard["seconds"])
         for stage, nodes in shard["nodes"].items():
@@ -254,6 +270,8 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
                 entry = actors[stage].setdefault(actor, [0, 0.0])
                 entry[0] += rows
                 entry[1] += busy
+        for stage, per_actor in shard["devices"].items():
+            devices[stage].update(per_actor)
     rows_embedded = sum(s["rows"] for s in shards)
     return {
         "rows_in": scan.rows,
@@ -273,9 +291,11 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "stage_rows_per_busy_second": {k: round(rows_embedded / v, 2) for k, v in
                                        sorted(stage_seconds.items()) if v > 0},
         "bottleneck": max(stage_seconds, key=stage_seconds.get) if stage_seconds else None,
-        # Per tower actor: rows (images or captions) and rows per busy second.
+        # Per tower actor: rows (images or captions), rows per busy second, and what its
+        # accelerator reported last (memory, utilisation; nothing on a CPU).
         "tower_actors": {stage: [{"actor": actor[:16], "rows": rows,
-                                  "rows_per_busy_second": round(rows / busy, 2) if busy else None}
+                                  "rows_per_busy_second": round(rows / busy, 2) if busy else None,
+                                  **({"device": devices[stage][actor]} if devices[stage].get(actor) else {})}
                                  for actor, (rows, busy) in sorted(per_actor.items())]
                          for stage, per_actor in sorted(actors.items())},
         "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,

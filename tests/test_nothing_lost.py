@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zlib
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
+from tests.faults import OutageProxy
 
 
 def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -72,22 +74,28 @@ def test_odd_ids_and_captions(tiny_model, ray_session, tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """400 rows over a few image files: enough shards to kill a run between them."""
+    """200 rows over a few image files: enough shards (20) to kill a run between them."""
     folder = tmp_path_factory.mktemp("kill")
     images = odd_images()
     names = ["landscape.jpg", "portrait.png", "exact.png", "rgba.png", "grey.jpg"]
     for name in names:
         (folder / name).write_bytes(images[name])
     rows = [{"id": f"r{n:04d}", "image": names[n % len(names)], "caption": f"caption number {n}"}
-            for n in range(400)]
-    return _manifest(folder, rows)
+            for n in range(ROWS)]
+    return _manifest(folder, rows, CORPUS_MANIFEST)
+
+
+CORPUS_MANIFEST = "m.parquet"
+ROWS = 200
+# One batch per shard, 20 shards: kill points between them, few tasks to start.
+SMALL_SHARDS = ("--batch-size", "10", "--rows-per-shard", "10")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tiny_model, ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "out"
     altclip("embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32",
-            "--batch-size", "10", "--rows-per-shard", "20")
+            *SMALL_SHARDS)
     return read_output(out)
 
 
@@ -104,9 +112,9 @@ def test_a_finished_job_rerun_does_no_model_work(corpus, tiny_model, uninterrupt
     altclip(*args)
     shards = sorted(out.glob("part-*.parquet"))
     result = altclip(*args)
-    assert "nothing to do: all 400 rows are already in the output (no model work)" in result.stderr
+    assert f"nothing to do: all {ROWS} rows are already in the output (no model work)" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["rows_embedded"] == 0 and summary["rows_out"] == 400
+    assert summary["rows_embedded"] == 0 and summary["rows_out"] == ROWS
     assert sorted(out.glob("part-*.parquet")) == shards
 
     # A shard published twice (a retried write, a late worker of a killed run): one copy stays.
@@ -115,24 +123,24 @@ def test_a_finished_job_rerun_does_no_model_work(corpus, tiny_model, uninterrupt
     altclip(*args)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["duplicate_rows_removed"] == pq.read_metadata(shards[0]).num_rows
-    assert len(read_output(out)) == 400 == summary["rows_out"]
+    assert len(read_output(out)) == ROWS == summary["rows_out"]
 
     result = altclip(*args[:-1], "bfloat16", expect_exit=1)
     assert "holds embeddings made differently (dtype: 'float32' there, 'bfloat16' now)" in result.stderr
     altclip(*args[:-1], "bfloat16", "--overwrite")
     assert json.loads((out / "summary.json").read_text())["provenance"]["dtype"] == "bfloat16"
-    assert len(read_output(out)) == 400
+    assert len(read_output(out)) == ROWS
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
 def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted, tmp_path, fraction):
     out = tmp_path / "out"
     args = ["embed", str(corpus), "--out", str(out), "--model", tiny_model, "--dtype", "float32",
-            "--batch-size", "10", "--rows-per-shard", "20"]
+            *SMALL_SHARDS]
     altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
     process = subprocess.Popen([altclip_bin, *args], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = max(1, int(400 * fraction / 20))
+    target = max(1, int(20 * fraction))  # shards
     deadline = time.monotonic() + 240
     while len(list(out.glob("part-*.parquet"))) < target and process.poll() is None:
         assert time.monotonic() < deadline, "the run never published a shard"
@@ -141,7 +149,7 @@ def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted,
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     published = len(read_output(out))
-    assert 0 < published < 400
+    assert 0 < published < ROWS
 
     result = altclip(*args)
 
@@ -150,11 +158,12 @@ def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted,
     summary = json.loads((out / "summary.json").read_text())
     # Ray's workers are not in the driver's process group: one in the middle of a write can
     # still publish its shard after the kill. The rerun counts those as done, or, published
-    # while it ran, as duplicates it removes at the end.
+    # after it read what was done, embeds their rows again and removes the copies at the end.
     done = summary["rows_already_done"]
     assert done >= published
-    assert summary["rows_embedded"] - summary["duplicate_rows_removed"] == 400 - done
-    assert summary["rows_embedded"] <= 400 - published  # only what was not published is redone
+    assert summary["rows_embedded"] == ROWS - done
+    assert summary["rows_out"] == ROWS
+    assert summary["rows_embedded"] <= ROWS - published  # only what was not published is redone
     assert f"resumed: {done} rows were already done" in result.stderr
     print(f"killed at {fraction:.0%}: {published} rows published; the rerun embedded "
           f"{summary['rows_embedded']}, 0 twice")
@@ -181,7 +190,7 @@ def test_a_killed_tower_actor_loses_nothing(corpus, tiny_model, uninterrupted, r
     killer = threading.Thread(target=kill_text_actor)
     killer.start()
     altclip("embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32",
-            "--batch-size", "10", "--rows-per-shard", "20")
+            *SMALL_SHARDS)
     killer.join()
     assert killed, "no text actor was found to kill"
     _same(read_output(out), uninterrupted)
@@ -214,3 +223,96 @@ def test_a_manifest_from_object_storage_may_not_read_local_files(s3_server, tiny
     altclip("embed", "s3://untrusted/manifest.parquet", "--out", tmp_path / "allowed", "--model",
             tiny_model, "--allow-local-paths")
     assert read_output(tmp_path / "allowed")["local"]["image_embedding"] is not None
+
+
+@pytest.fixture
+def flaky_store(s3_server, corpus):
+    """The corpus in S3, reached through a proxy the test can take down: (proxy, fs, bucket)."""
+    import s3fs
+
+    proxy = OutageProxy(int(s3_server.rsplit(":", 1)[1]))
+    fs = s3fs.S3FileSystem()  # straight to the server, for the test's own reads
+    bucket = f"flaky-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    for path in corpus.parent.iterdir():
+        fs.put_file(str(path), f"{bucket}/{path.name}")
+    yield proxy, fs, bucket
+    proxy.down()
+
+
+def _flaky_args(proxy, bucket, tiny_model, *extra):
+    return ["embed", f"s3://{bucket}/{CORPUS_MANIFEST}", "--out", f"s3://{bucket}/out",
+            "--model", tiny_model, "--dtype", "float32", *SMALL_SHARDS,
+            "--storage-option", f"endpoint_url={proxy.endpoint}", *extra]
+
+
+def _in_background(*args):
+    """`altclip ARGS` in a thread; once joined, results["run"] is its result."""
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(run=altclip(*args, expect_exit=None)))
+    thread.start()
+    return thread, results
+
+
+def _exited(results, code: int):
+    run = results["run"]
+    assert run.exit_code == code, f"exit {run.exit_code}\nstdout: {run.stdout}\nstderr: {run.stderr}"
+    return run
+
+
+def _wait_for_a_shard(fs, bucket, thread):
+    deadline = time.monotonic() + 180
+    while not fs.glob(f"{bucket}/out/part-*.parquet"):
+        assert thread.is_alive(), "the run ended before it published a shard"
+        assert time.monotonic() < deadline, "the run never published a shard"
+        time.sleep(0.05)
+
+
+def _s3_output(fs, bucket) -> dict[str, dict]:
+    rows = []
+    for path in fs.glob(f"{bucket}/out/part-*.parquet"):
+        with fs.open(path, "rb") as f:
+            rows.extend(pq.read_table(f).to_pylist())
+    got = {r["id"]: r for r in rows}
+    assert len(got) == len(rows), "an id twice"
+    return got
+
+
+def test_a_storage_outage_mid_run_is_waited_out(flaky_store, tiny_model, uninterrupted, ray_session):
+    proxy, fs, bucket = flaky_store
+    thread, results = _in_background(*_flaky_args(proxy, bucket, tiny_model))
+    _wait_for_a_shard(fs, bucket, thread)
+    # Longer than one storage call's own retries (about 10 s): the job's patience carries it.
+    proxy.down()
+    time.sleep(15)
+    assert thread.is_alive(), "the run ended during the outage"
+    proxy.up()
+    thread.join(300)
+    _exited(results, 0)
+    got = _s3_output(fs, bucket)
+    _same(got, uninterrupted)  # every row has its vectors: none was failed for the outage
+    summary = json.loads(fs.cat(f"{bucket}/out/summary.json"))
+    assert summary["rows_out"] == ROWS and summary["errors_by_kind"] == {}
+
+
+def test_a_storage_outage_past_the_patience_stops_the_job_and_a_rerun_resumes(
+        flaky_store, tiny_model, uninterrupted, ray_session):
+    proxy, fs, bucket = flaky_store
+    args = _flaky_args(proxy, bucket, tiny_model, "--storage-patience", "2")
+    thread, results = _in_background(*args)
+    _wait_for_a_shard(fs, bucket, thread)
+    proxy.down()
+    thread.join(300)
+    message = _exited(results, 75).stderr  # EX_TEMPFAIL: a scheduler may rerun it
+    assert "storage unavailable for" in message and "rerun the same command" in message
+    assert "Traceback" not in message
+    proxy.up()
+    published = len(_s3_output(fs, bucket))
+    assert 0 < published < ROWS
+
+    altclip(*args)
+    got = _s3_output(fs, bucket)
+    _same(got, uninterrupted)
+    summary = json.loads(fs.cat(f"{bucket}/out/summary.json"))
+    assert summary["rows_already_done"] >= published and summary["rows_out"] == ROWS
+    assert summary["rows_embedded"] == ROWS - summary["rows_already_done"]

@@ -11,7 +11,10 @@ import tempfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from pipeline.embedders import accelerator_stats
+from pipeline.progress import format_progress
 from tests.conftest import altclip
 from tests.corpus import odd_images, write_corpus
 
@@ -40,11 +43,16 @@ def test_progress_lines_and_summary_figures(run):
     assert events and events[-1]["event"] == "finished"
     assert events[-1]["rows_done"] == events[-1]["rows_total"] == rows
     assert all(e["rows_done"] <= rows for e in events)
+    stages = events[-1]["stages"]
+    assert set(stages) == {"fetch", "decode", "tokenize", "image_tower", "text_tower", "write"}
+    assert stages["image_tower"]["busy_seconds"] > 0 and stages["image_tower"]["rows_per_busy_second"] > 0
+    assert events[-1]["bottleneck"] == max(stages, key=lambda s: stages[s]["busy_seconds"])
+    assert events[-1]["accelerators"] == {}  # a CPU reports none
     summary = json.loads((folder / "out" / "summary.json").read_text())
     assert summary["rows_in"] == summary["rows_out"] == rows
     assert summary["image_ok"] + summary["errors_by_kind"]["image.not_found"] == rows
     assert summary["error_examples"] == {"image.not_found": ["broken"]}
-    assert set(summary["stage_busy_seconds"]) == {"decode", "tokenize", "image_tower", "text_tower", "write"}
+    assert set(summary["stage_busy_seconds"]) == {"fetch", "decode", "tokenize", "image_tower", "text_tower", "write"}
     assert sum(r for _, r in summary["stage_timeline"]["image_tower"]) == rows
     assert summary["bottleneck"] in summary["stage_busy_seconds"]
     assert summary["stage_busy_seconds"][summary["bottleneck"]] == max(summary["stage_busy_seconds"].values())
@@ -58,7 +66,7 @@ def test_report_renders_plot_errors_and_contact_sheet(run, tmp_path):
     page = tmp_path / "report.html"
     altclip("report", folder / "out", "--html", page, "--samples", "6")
     text = page.read_text()
-    assert '<svg id="throughput"' in text and text.count("<polyline") == 5
+    assert '<svg id="throughput"' in text and text.count("<polyline") == 6
     assert "image.not_found" in text and "broken" in text
     assert text.count('src="data:image/jpeg;base64,') == 6
     if CHROMIUM is None:
@@ -75,3 +83,37 @@ def test_report_renders_plot_errors_and_contact_sheet(run, tmp_path):
     assert picture.size == (1000, 1500) and colours is not None and len(colours) > 200  # not blank
     if os.environ.get("ALTCLIP_UPDATE_SCREENSHOTS"):  # refresh the README's picture on request
         shutil.copy(shot, os.path.join(REPO, "docs", "report.png"))
+
+
+def test_progress_line_names_stages_bottleneck_and_accelerators():
+    snapshot = {"rows": 50, "stage_rows": {"decode": 50, "image_tower": 50},
+                "stage_seconds": {"decode": 2.0, "image_tower": 5.0},
+                "devices": {"image_tower": {"a1": {"name": "NVIDIA H100", "memory_peak_gib": 3.2,
+                                                   "memory_total_gib": 79.1, "utilisation_percent": 97}}}}
+    assert format_progress(snapshot, 100, 10.0, "text", final=False) == (
+        "progress: 50/100 rows (50%), 5.0 rows/s, ETA 10 s; busy s (rows per busy s): decode 2.0 (25), "
+        "image_tower 5.0 (10); bottleneck image_tower; image_tower on NVIDIA H100: 3.2/79.1 GiB peak, 97% busy")
+    event = json.loads(format_progress(snapshot, 100, 10.0, "json", final=True))
+    assert event["event"] == "finished" and event["bottleneck"] == "image_tower"
+    assert event["stages"]["decode"] == {"busy_seconds": 2.0, "rows_per_busy_second": 25.0}
+    assert event["accelerators"]["image_tower"]["a1"]["utilisation_percent"] == 97
+
+
+def test_accelerator_stats_come_from_torch_cuda_and_nvml(monkeypatch):
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * gib)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device: 88)
+    cuda = torch.device("cuda", 0)
+    assert accelerator_stats(cuda) == {"name": "Some GPU", "memory_peak_gib": 3.0, "memory_reserved_gib": 4.0,
+                                       "memory_used_gib": 20.0, "memory_total_gib": 80.0,
+                                       "utilisation_percent": 88}
+
+    def no_nvml(device):
+        raise ModuleNotFoundError("pynvml")
+
+    monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
+    assert "utilisation_percent" not in accelerator_stats(cuda)
+    assert accelerator_stats(torch.device("cpu")) == {}
