@@ -23,7 +23,7 @@ from pipeline.config import (
     ReembedConfig,
     SearchConfig,
 )
-from schemas.table import DEFAULT_TABLE_NAME
+from schemas.table import DEFAULT_TABLE_NAME, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 
 class StoreOutage(click.ClickException):
@@ -270,17 +270,22 @@ def load_command(outputs, table, table_name, storage_options):
 @click.option("--where", default=None, help="SQL filter on the table's columns, applied before ranking.")
 @click.option("--model", default=None, help="Query model [the one the table was built with].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per hit and line, best first.")
+@click.option("--nprobes", default=None, type=int,
+              help=f"ANN index partitions to search; more: better recall, slower [{SEARCH_NPROBES}].")
+@click.option("--refine-factor", default=None, type=int,
+              help=f"Candidates re-ranked by exact distance, per hit [{SEARCH_REFINE_FACTOR}].")
 @table_name
 @storage_option
-def search_command(table, text, image, vector, hybrid, against, k, where, model, as_json, table_name,
-                   storage_options):
+def search_command(table, text, image, vector, hybrid, against, k, where, model, as_json, nprobes,
+                   refine_factor, table_name, storage_options):
     """Nearest rows of TABLE (a LanceDB database) to a text or an image, by cosine."""
     from jobs.search import run_search
 
     config = _run(lambda: SearchConfig(table=table, text=text, image=image, vector=vector,
                                        hybrid=hybrid, against=against, k=k,
                                        where=where, model=model, table_name=table_name,
-                                       storage_options=parse_storage_options(storage_options)))
+                                       storage_options=parse_storage_options(storage_options),
+                                       nprobes=nprobes, refine_factor=refine_factor))
     hits = _run(run_search, config)
     if as_json:
         for hit in hits:

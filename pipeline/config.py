@@ -94,8 +94,13 @@ class SearchConfig:
     model: str | None = None  # None: the model the table was built with
     table_name: str = DEFAULT_TABLE_NAME
     storage_options: dict = field(default_factory=dict)
+    nprobes: int | None = None  # ANN index partitions searched; None: pipeline.table's default
+    refine_factor: int | None = None  # candidates re-ranked exactly per hit; None: the default
 
     def __post_init__(self):
+        for option, value in (("--nprobes", self.nprobes), ("--refine-factor", self.refine_factor)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} {value}: must be at least 1")
         if sum(q is not None for q in (self.text, self.image, self.vector)) != 1:
             raise ConfigError("give exactly one query: --text TEXT, --image PATH or --vector FILE")
         if self.hybrid and self.text is None:

@@ -1,4 +1,5 @@
-"""The tower actors: `ImageEmbedder` (pixels -> image_embedding), `TextEmbedder` (ids -> text_embedding)."""
+"""The tower actors: `ImageEmbedder` (pixels -> image_embedding), `TextEmbedder` (ids -> text_embedding),
+and `TowersEmbedder` (both, for CPUs)."""
 
 from __future__ import annotations
 
@@ -125,32 +126,59 @@ class ImageEmbedder(_TowerActor):
         return self._finish(out, started)
 
 
+# Captions per forward pass of the text tower, by device: a batch is sorted by length and cut
+# into groups of this many, each padded to its own longest caption, not the batch's. On CPUs
+# small groups cost nothing and save the padding (bench: batches of 32 captions of 10 to 172
+# tokens took 7.7 s padded whole, 5.9 s in groups of 16, 4.1 s in groups of 8); a GPU needs
+# larger groups to stay busy.
+TEXT_GROUP_ROWS = {"cpu": 8, "cuda": 64}
+
+
 class TextEmbedder(_TowerActor):
-    """Holds the text tower only; pads each batch to its longest caption."""
+    """Holds the text tower only; embeds each batch's captions in groups of similar length."""
 
     kind = "text"
 
     def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
         super().__init__(model, dtype, num_threads)
         self.pad_token_id = model.pad_token_id
+        self.group_rows = TEXT_GROUP_ROWS.get(self.device.type, 64)
+
+    def _inputs(self, token_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(t) for t in token_ids)
+        input_ids = np.full((len(token_ids), longest), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        for j, t in enumerate(token_ids):
+            input_ids[j, : len(t)] = t
+            attention_mask[j, : len(t)] = 1
+        return {"input_ids": torch.from_numpy(input_ids).to(self.device),
+                "attention_mask": torch.from_numpy(attention_mask).to(self.device)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
         ids = batch.column(INPUT_IDS).to_pylist()
-        rows = [i for i, row in enumerate(ids) if row is not None]
-        inputs = None
+        rows = sorted((i for i, row in enumerate(ids) if row is not None), key=lambda i: len(ids[i]))
+        vectors = np.zeros((0, self.dim), dtype=np.float32)
         if rows:
-            longest = max(len(ids[i]) for i in rows)
-            input_ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)
-            attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
-            for j, i in enumerate(rows):
-                input_ids[j, : len(ids[i])] = ids[i]
-                attention_mask[j, : len(ids[i])] = 1
-            inputs = {
-                "input_ids": torch.from_numpy(input_ids).to(self.device),
-                "attention_mask": torch.from_numpy(attention_mask).to(self.device),
-            }
+            groups = [rows[g: g + self.group_rows] for g in range(0, len(rows), self.group_rows)]
+            with torch.inference_mode():
+                embedded = [self._forward(self._inputs([ids[i] for i in group])) for group in groups]
+            vectors = F.normalize(torch.cat(embedded).float(), dim=-1).cpu().numpy()
         out = batch.drop_columns([INPUT_IDS]).append_column(
-            TEXT_EMBEDDING, self._vectors(inputs, rows, batch.num_rows)
+            TEXT_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim)  # back in row order
         )
         return self._finish(out, started)
+
+
+class TowersEmbedder:
+    """Both towers in one actor, the image tower then the text tower on each batch: how the
+    towers share CPUs. As two actors they would split the cores evenly, although the image
+    tower needs two to three times the text tower's compute, so the text actor would idle while
+    the image actor, on half the cores, held the job back."""
+
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
+        self.image = ImageEmbedder(model, dtype, num_threads)
+        self.text = TextEmbedder(model, dtype, num_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.text(self.image(batch))

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from pipeline.config import ConfigError, EmbedConfig
-from pipeline.embedders import ImageEmbedder, TextEmbedder
+from pipeline.config import TOWERS, ConfigError, EmbedConfig
+from pipeline.embedders import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline.images import FetchPolicy, preprocess_images
 from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
 from pipeline.model import ModelSpec
@@ -42,10 +42,15 @@ class Placement:
     num_cpus: float
     concurrency: int | tuple[int, int]  # a fixed pool, or (min, max) to autoscale
     torch_threads: int
+    # On CPUs one actor holds both towers (see TowersEmbedder); on GPUs each tower is an actor.
+    both_towers_in_one_actor: bool = False
 
     @property
     def on_gpu(self) -> bool:
         return self.num_gpus > 0
+
+
+CPU_ACTOR_RESERVATION = 0.5
 
 
 def plan_placement(config: EmbedConfig) -> Placement:
@@ -65,10 +70,15 @@ def plan_placement(config: EmbedConfig) -> Placement:
         concurrency = config.concurrency or max(1, int(gpus / towers / num_gpus))
         return Placement(num_gpus, 1.0, concurrency, torch_threads=0)
     concurrency = config.concurrency or 1
-    actors = towers * (concurrency[1] if isinstance(concurrency, tuple) else concurrency)
-    # On CPUs keep one core for reading, decoding and tokenizing; the actors split the rest.
-    spare = max(cpus - 1, 1.0)
-    return Placement(0.0, min(1.0, spare / actors), concurrency, torch_threads=max(1, int(spare // actors)))
+    actors = concurrency[1] if isinstance(concurrency, tuple) else concurrency
+    # The actors' torch threads split the cores but one (two on a 2-core machine: the model is
+    # the work there, and the decoding tasks take a core only while they have rows). Each actor
+    # reserves half a CPU with Ray: the tasks, asking a whole CPU each, always find cores, and
+    # the requests differ, which keeps Ray Data from fusing the decoding tasks into the actor
+    # (it fuses stages whose requests match), where they would run in turn with the model.
+    spare = max(cpus - 1, min(cpus, 2.0))
+    return Placement(0.0, CPU_ACTOR_RESERVATION, concurrency,
+                     torch_threads=max(1, int(spare // actors)), both_towers_in_one_actor=towers == 2)
 
 
 def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table | None,
@@ -127,16 +137,13 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
             fn_kwargs={"model": model},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
-    if "image" in config.towers:
+    if placement.both_towers_in_one_actor:
+        actors = [TowersEmbedder]
+    else:
+        actors = [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]
+    for actor in actors:
         ds = ds.map_batches(
-            ImageEmbedder,
-            fn_constructor_kwargs={"model": model, "dtype": dtype,
-                                   "num_threads": placement.torch_threads},
-            **actor_args,
-        )
-    if "text" in config.towers:
-        ds = ds.map_batches(
-            TextEmbedder,
+            actor,
             fn_constructor_kwargs={"model": model, "dtype": dtype,
                                    "num_threads": placement.torch_threads},
             **actor_args,

@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, SearchConfig
 from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.images import FetchPolicy, preprocess_images
 from pipeline.model import ModelSpec, resolve_model
-from pipeline.table import SEARCH_NPROBES, SEARCH_REFINE_FACTOR, open_table, table_provenance
+from pipeline.table import open_table, table_provenance
 from pipeline.text import tokenize_captions
 from schemas.embeddings import (
     CAPTION_SHA256,
@@ -25,7 +25,7 @@ from schemas.embeddings import (
     TEXT_ERROR,
 )
 from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
-from schemas.table import SEARCH_COLUMNS
+from schemas.table import SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 # Columns a hit leaves out: vectors and bookkeeping; what remains is the row and its metadata.
 _HIDDEN = {IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_SHA256, CAPTION_SHA256, IMAGE_ERROR,
@@ -95,7 +95,8 @@ def search(config: SearchConfig) -> list[dict]:
                      .vector(vector).text(config.text))
         else:
             query = (table.search(vector, vector_column_name=column)
-                     .nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR))
+                     .nprobes(config.nprobes or SEARCH_NPROBES)
+                     .refine_factor(config.refine_factor or SEARCH_REFINE_FACTOR))
         rows = query.distance_type("cosine").where(where, prefilter=True).limit(config.k).to_list()
     except Exception as exc:  # LanceDB reports a bad filter as a generic error
         if not config.where:

@@ -13,7 +13,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.writer import list_shards
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of
-from schemas.table import ANN_INDEX_MIN_ROWS, FULL_TEXT_COLUMN, KEY
+from schemas.table import ANN_INDEX_MIN_ROWS, FULL_TEXT_COLUMN, KEY, ROWS_PER_PARTITION
 
 
 def connect(db_uri: str, storage_options: dict | None = None):
@@ -154,13 +154,7 @@ def _model_of(provenance: dict) -> tuple:
     return provenance.get("model"), provenance.get("revision"), provenance.get("dim")
 
 
-# Query-time settings of the ANN index: partitions searched, and candidates re-ranked by exact
-# distance per result wanted (the index stores 8-bit quantised vectors). See bench/query.py.
-SEARCH_NPROBES = 48
-SEARCH_REFINE_FACTOR = 20
-
-
-def index_table(table) -> dict:
+def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION) -> dict:
     """Full-text index on captions; an ANN index per vector column once exact search gets slow.
 
     Below ANN_INDEX_MIN_ROWS vectors a search compares every row: exact, and fast at that size.
@@ -173,7 +167,7 @@ def index_table(table) -> dict:
         vectors = table.count_rows(f"{column} IS NOT NULL")
         if vectors < ANN_INDEX_MIN_ROWS:
             continue
-        partitions = max(1, min(4096, vectors // 4096))
+        partitions = max(1, min(4096, vectors // rows_per_partition))
         table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
                            num_partitions=partitions, replace=True)
         built[column] = {"vectors": vectors, "partitions": partitions}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from tests.conftest import altclip, read_output
@@ -85,3 +87,26 @@ def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path)
     row = read_output(tmp_path / "out")["a"]
     assert row["lang"] == "es" and row["score"] == 0.5
     assert row["manifest_width"] == 999 and row["width"] == 224
+
+
+def test_a_file_without_read_permission_is_its_rows_read_error(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.images import ImageError, read_bytes
+
+    path = tmp_path / "locked.jpg"
+    path.write_bytes(_jpeg())
+    path.chmod(0)
+    if os.geteuid() == 0:
+        # Root reads any file: make the open fail the way it does for every other user.
+        real_open = LocalFileSystem._open
+
+        def refuse(self, p, *args, **kwargs):
+            if str(p).endswith("locked.jpg"):
+                raise PermissionError(13, "Permission denied", str(p))
+            return real_open(self, p, *args, **kwargs)
+
+        monkeypatch.setattr(LocalFileSystem, "_open", refuse)
+    with pytest.raises(ImageError) as raised:
+        read_bytes(str(path))
+    assert str(raised.value) == f"read_error: {path}: permission denied"

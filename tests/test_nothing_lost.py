@@ -175,12 +175,13 @@ def test_a_killed_tower_actor_loses_nothing(corpus, tiny_model, uninterrupted, r
     killed = []
 
     def kill_text_actor():
-        # Ray names an actor's process after it: "ray::MapWorker(MapBatches(TextEmbedder))...".
+        # Ray names an actor's process after it: "ray::MapWorker(MapBatches(TowersEmbedder))..."
+        # (both towers in one actor on CPUs).
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
             pids = [int(line.split()[0]) for line in listing.splitlines()
-                    if "TextEmbedder" in line and "ray::" in line]
+                    if "Embedder" in line and "ray::" in line]
             if pids and list(out.glob("part-*.parquet")):  # after it has embedded some rows
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
