@@ -57,3 +57,10 @@ def test_a_model_that_cannot_be_loaded_is_named(manifest, tmp_path):
                      "--model", "no-such-org/no-such-model", expect_exit=1)
     assert "--model no-such-org/no-such-model: not a local folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_search_options_are_checked(tmp_path):
+    result = altclip("search", tmp_path / "db", "--text", "un gato", "--nprobes", "0", expect_exit=1)
+    assert "--nprobes 0: must be at least 1" in result.stderr
+    result = altclip("search", tmp_path / "db", "--text", "un gato", "--refine-factor", "-2", expect_exit=1)
+    assert "--refine-factor -2: must be at least 1" in result.stderr
