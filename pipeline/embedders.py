@@ -3,6 +3,7 @@ and `TowersEmbedder` (both, for CPUs)."""
 
 from __future__ import annotations
 
+import collections
 import time
 
 import numpy as np
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 from pipeline.images import PIXELS
 from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
-from pipeline.timing import add_device_stats, add_stage_seconds
-from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
+from pipeline.timing import add_device_stats, add_stage_count, add_stage_seconds
+from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_SHA256, TEXT_EMBEDDING
 
 
 def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int) -> pa.FixedSizeListArray:
@@ -65,14 +66,6 @@ class _TowerActor:
         self.tower = load_tower(self.kind, model.local_dir(), dtype, self.device)
         self.dim = self.tower.projection.out_features
 
-    def _vectors(self, inputs: dict[str, torch.Tensor] | None, rows: list[int], num_rows: int):
-        vectors = np.zeros((0, self.dim), dtype=np.float32)
-        if rows:
-            with torch.inference_mode():
-                embedded = self._forward(inputs)
-            vectors = F.normalize(embedded.float(), dim=-1).cpu().numpy()
-        return vector_column(vectors, rows, num_rows, self.dim)
-
     def _finish(self, out: pa.Table, started: float) -> pa.Table:
         stage = f"{self.kind}_tower"
         out = add_stage_seconds(out, stage, time.perf_counter() - started)
@@ -95,8 +88,15 @@ class _TowerActor:
                               self._forward({k: v[half:] for k, v in inputs.items()})])
 
 
+# Image vectors an actor keeps by the image's content hash (about 30 MB at 768-d): an image that
+# recurs in a corpus (re-posts, placeholders, one picture under many captions) goes through the
+# tower once per actor while it stays among the most recent this many.
+IMAGE_CACHE_ENTRIES = 10_000
+
+
 class ImageEmbedder(_TowerActor):
-    """Holds the vision tower only; normalises uint8 pixels on its device."""
+    """Holds the vision tower only; normalises uint8 pixels on its device; embeds each distinct
+    image once (see IMAGE_CACHE_ENTRIES)."""
 
     kind = "image"
 
@@ -105,6 +105,7 @@ class ImageEmbedder(_TowerActor):
         self.height, self.width = model.preprocessing.output_hw()
         self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
+        self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) normalised, in the tower's dtype."""
@@ -115,14 +116,33 @@ class ImageEmbedder(_TowerActor):
         started = time.perf_counter()
         pixels = batch.column(PIXELS).to_pylist()
         rows = [i for i, p in enumerate(pixels) if p is not None]
-        inputs = None
+        hashes = (batch.column(IMAGE_SHA256).to_pylist() if IMAGE_SHA256 in batch.column_names
+                  else [None] * batch.num_rows)
+        keys = [hashes[i] or f"row {i}" for i in range(batch.num_rows)]  # no hash: never shared
+        new = {}  # the first row of each image this actor holds no vector for
+        for i in rows:
+            if keys[i] not in self.recent and keys[i] not in new:
+                new[keys[i]] = i
+        vectors = np.zeros((0, self.dim), dtype=np.float32)
+        if new:
+            stacked = np.frombuffer(bytearray(b"".join(pixels[i] for i in new.values())), dtype=np.uint8)
+            stacked = stacked.reshape(len(new), self.height, self.width, 3)
+            with torch.inference_mode():
+                embedded = self._forward({"pixel_values": self.pixel_values(stacked)})
+            for key, vector in zip(new, F.normalize(embedded.float(), dim=-1).cpu().numpy()):
+                self.recent[key] = vector
         if rows:
-            stacked = np.frombuffer(bytearray(b"".join(pixels[i] for i in rows)), dtype=np.uint8)
-            stacked = stacked.reshape(len(rows), self.height, self.width, 3)
-            inputs = {"pixel_values": self.pixel_values(stacked)}
+            for i in rows:
+                self.recent.move_to_end(keys[i])
+            vectors = np.stack([self.recent[keys[i]] for i in rows])
+        for key in [k for k in new if k.startswith("row ")]:
+            del self.recent[key]
+        while len(self.recent) > IMAGE_CACHE_ENTRIES:
+            self.recent.popitem(last=False)
         out = batch.drop_columns([PIXELS]).append_column(
-            IMAGE_EMBEDDING, self._vectors(inputs, rows, batch.num_rows)
+            IMAGE_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim)
         )
+        out = add_stage_count(out, "images_reused", len(rows) - len(new))
         return self._finish(out, started)
 
 

@@ -137,7 +137,7 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
             fn_kwargs={"model": model},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
-    if placement.both_towers_in_one_actor:
+    if placement.both_towers_in_one_actor and len(config.towers) == 2:
         actors = [TowersEmbedder]
     else:
         actors = [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]

@@ -14,6 +14,7 @@ STAGE_NODE_PREFIX = "__node_"
 STAGE_AT_PREFIX = "__at_"  # when the stage finished the batch (Unix seconds)
 STAGE_WORKER_PREFIX = "__worker_"  # the actor that ran the batch ("" for tasks)
 STAGE_DEVICE_PREFIX = "__device_"  # JSON: what the actor's accelerator reported after the batch
+STAGE_COUNT_PREFIX = "__count_"  # a batch's count of something (on its first row), summed
 
 
 def _node_id() -> str:
@@ -52,6 +53,14 @@ def add_device_stats(table: pa.Table, stage: str, stats: dict) -> pa.Table:
     return _set(table, STAGE_DEVICE_PREFIX + stage, pa.array([json.dumps(stats)] * table.num_rows))
 
 
+def add_stage_count(table: pa.Table, name: str, count: int) -> pa.Table:
+    """Note a count for the batch (e.g. images whose vector was reused); the writer sums them."""
+    values = np.zeros(table.num_rows, dtype=np.int64)
+    if table.num_rows:
+        values[0] = count
+    return _set(table, STAGE_COUNT_PREFIX + name, pa.array(values))
+
+
 def stage_seconds(table: pa.Table) -> dict[str, float]:
     """Busy seconds per stage the rows of `table` carry so far."""
     return {name[len(STAGE_SECONDS_PREFIX):]: float(np.nansum(table.column(name).to_numpy(zero_copy_only=False)))
@@ -74,8 +83,11 @@ def device_stats(table: pa.Table) -> dict[str, dict[str, dict]]:
 def pop_stage_seconds(table: pa.Table) -> tuple[pa.Table, dict]:
     """Split the hidden columns off: the table without them, and the figures they carried:
     `seconds` (busy, per stage), `nodes` (per stage), `timeline` ([finished at, rows] per stage
-    and batch), `workers` ({actor: [rows, busy seconds]} per stage), `devices` (see device_stats)."""
+    and batch), `workers` ({actor: [rows, busy seconds]} per stage), `devices` (see device_stats),
+    `counts` (see add_stage_count)."""
     seconds, nodes, timeline, workers = stage_seconds(table), {}, {}, {}
+    batch_counts = {name[len(STAGE_COUNT_PREFIX):]: int(pc.sum(table.column(name)).as_py() or 0)
+                    for name in table.column_names if name.startswith(STAGE_COUNT_PREFIX)}
     devices = device_stats(table)
     for name in table.column_names:
         if name.startswith(STAGE_WORKER_PREFIX):
@@ -97,7 +109,7 @@ def pop_stage_seconds(table: pa.Table) -> tuple[pa.Table, dict]:
             timeline[name[len(STAGE_AT_PREFIX):]] = sorted(
                 [float(c["values"]), int(c["counts"])] for c in counts.to_pylist())
     hidden = (STAGE_SECONDS_PREFIX, STAGE_NODE_PREFIX, STAGE_AT_PREFIX, STAGE_WORKER_PREFIX,
-              STAGE_DEVICE_PREFIX)
+              STAGE_DEVICE_PREFIX, STAGE_COUNT_PREFIX)
     table = table.drop_columns([n for n in table.column_names if n.startswith(hidden)])
     return table, {"seconds": seconds, "nodes": nodes, "timeline": timeline, "workers": workers,
-                   "devices": devices}
+                   "devices": devices, "counts": batch_counts}

@@ -259,7 +259,9 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
     timeline = collections.defaultdict(list)
     actors = collections.defaultdict(dict)
     devices = collections.defaultdict(dict)
+    counts = collections.Counter()
     for shard in shards:
+        counts.update(shard["counts"])
         stage_seconds.update(shard["seconds"])
         for stage, nodes in shard["nodes"].items():
             stage_nodes[stage].update(nodes)
@@ -299,6 +301,8 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
                                  for actor, (rows, busy) in sorted(per_actor.items())]
                          for stage, per_actor in sorted(actors.items())},
         "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,
+        # Image rows whose vector an actor had already made for the same bytes (not embedded again).
+        "images_reused": counts.get("images_reused", 0),
         # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
         "stage_nodes": {k: sorted(v) for k, v in sorted(stage_nodes.items())},
         # Rows each stage finished over time: [seconds since the first, rows], per time bucket.

@@ -110,6 +110,8 @@ def test_a_finished_job_rerun_does_no_model_work(corpus, tiny_model, uninterrupt
     out = tmp_path / "out"
     args = ["embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32"]
     altclip(*args)
+    # 5 image files under 200 rows, one tower actor: each file went through the tower once.
+    assert json.loads((out / "summary.json").read_text())["images_reused"] == ROWS - 5
     shards = sorted(out.glob("part-*.parquet"))
     result = altclip(*args)
     assert f"nothing to do: all {ROWS} rows are already in the output (no model work)" in result.stderr
