@@ -60,7 +60,8 @@ def _table(db, name: str, rows: int, dim: int, draw):
                 TEXT_EMBEDDING: pa.nulls(n, pa.list_(pa.float32(), dim))})
 
     schema = next(batches()).schema
-    return db.create_table(name, data=pa.RecordBatchReader.from_batches(schema, batches()))
+    return db.create_table(name, data=pa.RecordBatchReader.from_batches(schema, batches()),
+                           on_bad_vectors="null")
 
 
 def main() -> None:
