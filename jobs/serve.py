@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -35,6 +36,8 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
     print(f"serving table '{table_name}' ({searcher.model.label}, {searcher.dtype}) on "
           f"http://{shown}:{bound_port}/  (API spec: /openapi.json; Ctrl-C stops)",
           file=sys.stderr, flush=True)
+    # SIGTERM (what Kubernetes, systemd and `kill` send) stops it as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

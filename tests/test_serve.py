@@ -255,8 +255,16 @@ def test_requests_for_another_host_are_refused(server):
     assert http(f"{server}/static/..%2F..%2Fserve_app.py")[0] == 404
 
 
-def test_the_serve_command(corpus, tmp_path):
-    """`altclip serve` as a user starts it: a process that answers, and stops on Ctrl-C."""
+def _as_at_a_terminal():
+    # Ctrl-C's SIGINT as a terminal delivers it: a test run started in the background by a
+    # script has SIGINT ignored, and a child would inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_serve_command(corpus, tmp_path, stop):
+    """`altclip serve` as a user starts it: a process that answers, and stops on Ctrl-C (SIGINT)
+    or SIGTERM (what Kubernetes and systemd send)."""
     result = CliRunner().invoke(serve_command, [str(tmp_path / "nothing-here")])
     assert result.exit_code == 1 and "has no table 'embeddings'" in result.output
     with socket.socket() as taken:  # a port in use fails at once, before the model loads
@@ -270,7 +278,8 @@ def test_the_serve_command(corpus, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "jobs.serve", str(corpus / "db"), "--port",
                                 str(port), "--quiet"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -283,7 +292,7 @@ def test_the_serve_command(corpus, tmp_path):
                 time.sleep(0.5)
         assert status == 200 and body["table"] == "embeddings" and body["dim"] > 0
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
     assert f"on http://127.0.0.1:{port}/" in output
