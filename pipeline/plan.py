@@ -42,8 +42,6 @@ class Placement:
     num_cpus: float
     concurrency: int | tuple[int, int]  # a fixed pool, or (min, max) to autoscale
     torch_threads: int
-    # On CPUs one actor holds both towers (see TowersEmbedder); on GPUs each tower is an actor.
-    both_towers_in_one_actor: bool = False
 
     @property
     def on_gpu(self) -> bool:
@@ -77,8 +75,7 @@ def plan_placement(config: EmbedConfig) -> Placement:
     # the requests differ, which keeps Ray Data from fusing the decoding tasks into the actor
     # (it fuses stages whose requests match), where they would run in turn with the model.
     spare = max(cpus - 1, min(cpus, 2.0))
-    return Placement(0.0, CPU_ACTOR_RESERVATION, concurrency,
-                     torch_threads=max(1, int(spare // actors)), both_towers_in_one_actor=towers == 2)
+    return Placement(0.0, CPU_ACTOR_RESERVATION, concurrency, torch_threads=max(1, int(spare // actors)))
 
 
 def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table | None,
@@ -137,7 +134,8 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
             fn_kwargs={"model": model},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
-    if placement.both_towers_in_one_actor and len(config.towers) == 2:
+    # On CPUs one actor holds both towers (see TowersEmbedder); on GPUs each tower is an actor.
+    if not placement.on_gpu and len(config.towers) == 2:
         actors = [TowersEmbedder]
     else:
         actors = [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]
