@@ -116,13 +116,12 @@ class ImageEmbedder(_TowerActor):
         started = time.perf_counter()
         pixels = batch.column(PIXELS).to_pylist()
         rows = [i for i, p in enumerate(pixels) if p is not None]
-        hashes = (batch.column(IMAGE_SHA256).to_pylist() if IMAGE_SHA256 in batch.column_names
-                  else [None] * batch.num_rows)
-        keys = [hashes[i] or f"row {i}" for i in range(batch.num_rows)]  # no hash: never shared
+        # preprocess_images hashes the bytes of every row it gives pixels to.
+        hashes = batch.column(IMAGE_SHA256).to_pylist()
         new = {}  # the first row of each image this actor holds no vector for
         for i in rows:
-            if keys[i] not in self.recent and keys[i] not in new:
-                new[keys[i]] = i
+            if hashes[i] not in self.recent:
+                new.setdefault(hashes[i], i)
         vectors = np.zeros((0, self.dim), dtype=np.float32)
         if new:
             stacked = np.frombuffer(bytearray(b"".join(pixels[i] for i in new.values())), dtype=np.uint8)
@@ -133,10 +132,8 @@ class ImageEmbedder(_TowerActor):
                 self.recent[key] = vector
         if rows:
             for i in rows:
-                self.recent.move_to_end(keys[i])
-            vectors = np.stack([self.recent[keys[i]] for i in rows])
-        for key in [k for k in new if k.startswith("row ")]:
-            del self.recent[key]
+                self.recent.move_to_end(hashes[i])
+            vectors = np.stack([self.recent[hashes[i]] for i in rows])
         while len(self.recent) > IMAGE_CACHE_ENTRIES:
             self.recent.popitem(last=False)
         out = batch.drop_columns([PIXELS]).append_column(
