@@ -122,7 +122,8 @@ def run_embed(config: EmbedConfig) -> dict:
         plan = embed_dataset(rows, config, model, dtype, placement, local_ok, counter)
         with _progress(config, counter, pending):
             plan.write_datasink(sink)
-    duplicates_removed = remove_duplicate_rows(config.out, config.storage_options)
+    duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,
+                                               config.storage_patience_s)
     totals = output_totals(config.out, config.storage_options)
     summary = summarize(sink.shards, totals, scan, len(done), time.perf_counter() - started, origin)
     summary["duplicate_rows_removed"] = duplicates_removed

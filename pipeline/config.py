@@ -94,7 +94,7 @@ class SearchConfig:
     model: str | None = None  # None: the model the table was built with
     table_name: str = DEFAULT_TABLE_NAME
     storage_options: dict = field(default_factory=dict)
-    nprobes: int | None = None  # ANN index partitions searched; None: pipeline.table's default
+    nprobes: int | None = None  # ANN index partitions searched; None: schemas.table's default
     refine_factor: int | None = None  # candidates re-ranked exactly per hit; None: the default
 
     def __post_init__(self):

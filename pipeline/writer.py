@@ -169,7 +169,8 @@ def remove_unpublished(out: str, storage_options: dict | None = None) -> int:
     return len(leftovers)
 
 
-def remove_duplicate_rows(out: str, storage_options: dict | None = None) -> int:
+def remove_duplicate_rows(out: str, storage_options: dict | None = None,
+                          patience_s: float = storage.DEFAULT_PATIENCE_S) -> int:
     """Keep one row per id across the published shards; returns how many rows were removed.
 
     A write task that Ray retries after its shard was published, or a worker of a killed run
@@ -193,7 +194,7 @@ def remove_duplicate_rows(out: str, storage_options: dict | None = None) -> int:
         kept = table.filter(keep)
         removed += table.num_rows - kept.num_rows
         if kept.num_rows:
-            write_shard(out, kept, storage_options)
+            write_shard(out, kept, storage_options, patience_s)
         fs.rm_file(path)
     return removed
 
