@@ -177,3 +177,24 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_row(tiny_model):
     got = embedder(batch).column("text_embedding").to_pylist()
     assert calls[:3] == [8, 4, 2] and len(got) == 8
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_length_groups_keep_each_caption_its_own_vector(tiny_model):
+    """A batch larger than a length group, captions of many lengths in shuffled order: every
+    row gets the vector it gets alone."""
+    import pyarrow as pa
+
+    from pipeline.embedders import TEXT_GROUP_ROWS, TextEmbedder
+    from pipeline.text import tokenize_captions
+
+    spec = resolve_model(tiny_model)
+    embedder = TextEmbedder(spec, "float32")
+    captions = [" ".join(["palabra"] * ((n * 7) % 23 + 1)) for n in range(3 * TEXT_GROUP_ROWS["cpu"] + 1)]
+    captions[5] = None  # no caption: no vector, and the rows around it keep theirs
+    got = embedder(tokenize_captions(pa.table({"caption": captions}), spec)).column("text_embedding").to_pylist()
+    for caption, vector in zip(captions, got):
+        if caption is None:
+            assert vector is None
+            continue
+        alone = embedder(tokenize_captions(pa.table({"caption": [caption]}), spec))
+        np.testing.assert_allclose(vector, alone.column("text_embedding")[0].as_py(), atol=1e-5)
