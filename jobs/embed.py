@@ -118,8 +118,7 @@ def run_embed(config: EmbedConfig) -> dict:
     )
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size)
-        local_ok = storage.is_local(config.manifest) or config.allow_local_paths
-        plan = embed_dataset(rows, config, model, dtype, placement, local_ok, counter)
+        plan = embed_dataset(rows, config, model, dtype, placement, counter)
         with _progress(config, counter, pending):
             plan.write_datasink(sink)
     duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,

@@ -18,10 +18,10 @@ from jobs.embed import COMPARED_PROVENANCE, provenance
 from pipeline import storage, table as tables
 from pipeline.changes import ChangePlan, plan_changes
 from pipeline.config import ReembedConfig
-from pipeline.images import FetchPolicy, hash_images
+from pipeline.images import hash_images
 from pipeline.manifest import open_manifest, scan_ids
 from pipeline.model import resolve_dtype, resolve_model
-from pipeline.plan import embed_dataset, ensure_ray, manifest_rows, plan_placement
+from pipeline.plan import embed_dataset, ensure_ray, fetch_policy, manifest_rows, plan_placement
 from pipeline.text import caption_hashes
 from pipeline.timing import pop_stage_seconds
 from pipeline.writer import conform, write_shard
@@ -37,7 +37,7 @@ from schemas.embeddings import (
     WIDTH,
     embeddings_schema,
 )
-from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
+from schemas.manifest import CAPTION, ID, IMAGE, INLINE_IMAGE
 
 IMAGE_SIDE = (IMAGE_EMBEDDING, WIDTH, HEIGHT, IMAGE_ERROR)
 TEXT_SIDE = (TEXT_EMBEDDING, TEXT_ERROR, CAPTION_TRUNCATED)
@@ -58,14 +58,14 @@ def _stored_state(table) -> tuple[pa.Table, pa.Array]:
     return state, pc.unique(with_vectors.column(IMAGE_SHA256).combine_chunks().drop_null())
 
 
-def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, policy) -> pa.Table:
-    """Run one tower on in-memory rows (id, image, image_bytes, caption) through the same stages
-    as the embed job."""
+def _embed(rows: pa.Table, tower: str, config, model, dtype, placement) -> pa.Table:
+    """Run one tower on in-memory rows (id, image, inline bytes, caption) through the same
+    stages as the embed job."""
     if not rows.num_rows:
         return pa.table({})
     one_tower = dataclasses.replace(config, towers=(tower,))
     ds = ray.data.from_arrow(rows).repartition(target_num_rows_per_block=config.batch_size)
-    return _collect(embed_dataset(ds, one_tower, model, dtype, placement, policy.allow_local_paths))
+    return _collect(embed_dataset(ds, one_tower, model, dtype, placement))
 
 
 def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text_results: pa.Table,
@@ -89,7 +89,7 @@ def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text
             row.update({k: by_id[row[ID]].get(k) for k in TEXT_SIDE})
         else:
             row.update({k: old_rows[row[ID]].get(k) for k in TEXT_SIDE})
-        row.pop(IMAGE_BYTES, None)
+        row.pop(INLINE_IMAGE, None)
         rows.append(row)
     return pa.Table.from_pylist(rows)
 
@@ -106,8 +106,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
     origin = provenance(model, dtype, e.towers, e.preprocess)
     scan = scan_ids(manifest)
-    policy = FetchPolicy(e.storage_options, storage.is_local(e.manifest) or e.allow_local_paths,
-                         e.allow_private_urls, e.storage_patience_s)
+    policy = fetch_policy(e)
 
     # 1. What the manifest holds now: rows with the hashes of their image bytes and captions.
     current = _collect(
@@ -133,14 +132,14 @@ def run_reembed(config: ReembedConfig) -> dict:
     # 3. The towers, on new content only.
     image_rows = plan.images_to_embed
     image_input = pa.table({ID: image_rows.column(IMAGE_SHA256), IMAGE: image_rows.column(IMAGE),
-                            IMAGE_BYTES: image_rows.column(IMAGE_BYTES),
+                            INLINE_IMAGE: image_rows.column(INLINE_IMAGE),
                             CAPTION: pa.nulls(image_rows.num_rows, pa.string())})
     text_rows = plan.captions_to_embed
     text_input = pa.table({ID: text_rows.column(ID), IMAGE: pa.nulls(text_rows.num_rows, pa.string()),
-                           IMAGE_BYTES: pa.nulls(text_rows.num_rows, pa.binary()),
-                           CAPTION: text_rows.column(CAPTION)})
-    image_results = _embed(image_input, "image", e, model, dtype, placement, policy)
-    text_results = _embed(text_input, "text", e, model, dtype, placement, policy)
+                           INLINE_IMAGE: pa.nulls(text_rows.num_rows, pa.binary()),
+                           CAPTION: text_rows.column(CAPTION), TEXT_ERROR: text_rows.column(TEXT_ERROR)})
+    image_results = _embed(image_input, "image", e, model, dtype, placement)
+    text_results = _embed(text_input, "text", e, model, dtype, placement)
 
     # 4. Reused vectors and unchanged sides come from the table.
     reused, old_rows = {}, {}

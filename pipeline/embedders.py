@@ -11,11 +11,12 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from pipeline.barrier import per_row
 from pipeline.images import PIXELS
 from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
 from pipeline.timing import add_device_stats, add_stage_count, add_stage_seconds
-from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_SHA256, TEXT_EMBEDDING
+from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_ERROR, IMAGE_SHA256, TEXT_EMBEDDING, TEXT_ERROR, error
 
 
 def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int) -> pa.FixedSizeListArray:
@@ -30,6 +31,16 @@ def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int)
     return pa.FixedSizeListArray.from_arrays(
         pa.array(full.reshape(-1)), dim, mask=pa.array(is_null)
     )
+
+
+def with_errors(batch: pa.Table, column: str, errors: dict[int, str]) -> pa.Table:
+    """`batch` with `errors` (row -> error) set in `column` where the row had none."""
+    if not errors:
+        return batch
+    values = batch.column(column).to_pylist()
+    for i, message in errors.items():
+        values[i] = values[i] or message
+    return batch.set_column(batch.column_names.index(column), column, pa.array(values, pa.string()))
 
 
 def accelerator_stats(device: torch.device) -> dict:
@@ -71,6 +82,25 @@ class _TowerActor:
         out = add_stage_seconds(out, stage, time.perf_counter() - started)
         stats = accelerator_stats(self.device)
         return add_device_stats(out, stage, stats) if stats else out
+
+    def _embed_groups(self, groups: list, inputs_of) -> list:
+        """The tower on each group of rows (`inputs_of(group)` makes its tensors): a tensor per
+        group. A group the tower fails on is retried row by row: a list of row tensors, or for
+        a row that fails alone its `embed_error` (see barrier.per_row)."""
+        out: list = []
+        for group in groups:
+            try:
+                out.append(self._forward(inputs_of(group)))
+            except torch.OutOfMemoryError:
+                raise  # one row too large for the device: a job-level problem
+            except Exception:
+                out.append(None)
+        succeeded = any(result is not None for result in out)
+        for n, group in enumerate(groups):
+            if out[n] is None:
+                out[n] = per_row(lambda row: self._forward(inputs_of([row]))[0], group,
+                                 "embed_error", f"the {self.kind} tower", others_succeeded=succeeded)
+        return out
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The tower on a batch; out of accelerator memory, the batch is halved and retried, so
@@ -115,28 +145,45 @@ class ImageEmbedder(_TowerActor):
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
         pixels = batch.column(PIXELS).to_pylist()
-        rows = [i for i, p in enumerate(pixels) if p is not None]
+        size = self.height * self.width * 3
+        errors = {i: error("decode_error", f"{len(p)} bytes of pixels, not {size}")
+                  for i, p in enumerate(pixels) if p is not None and len(p) != size}
         # preprocess_images hashes the bytes of every row it gives pixels to.
         hashes = batch.column(IMAGE_SHA256).to_pylist()
         new = {}  # the first row of each image this actor holds no vector for
-        for i in rows:
-            if hashes[i] not in self.recent:
+        for i, p in enumerate(pixels):
+            if p is not None and i not in errors and hashes[i] not in self.recent:
                 new.setdefault(hashes[i], i)
-        vectors = np.zeros((0, self.dim), dtype=np.float32)
         if new:
-            stacked = np.frombuffer(bytearray(b"".join(pixels[i] for i in new.values())), dtype=np.uint8)
-            stacked = stacked.reshape(len(new), self.height, self.width, 3)
+            def inputs_of(keys: list[str]) -> dict[str, torch.Tensor]:
+                stacked = np.frombuffer(bytearray(b"".join(pixels[new[k]] for k in keys)), dtype=np.uint8)
+                return {"pixel_values": self.pixel_values(stacked.reshape(len(keys), self.height, self.width, 3))}
+
             with torch.inference_mode():
-                embedded = self._forward({"pixel_values": self.pixel_values(stacked)})
-            for key, vector in zip(new, F.normalize(embedded.float(), dim=-1).cpu().numpy()):
-                self.recent[key] = vector
+                embedded = self._embed_groups([list(new)], inputs_of)[0]
+            if isinstance(embedded, torch.Tensor):
+                embedded = list(F.normalize(embedded.float(), dim=-1).cpu().numpy())
+            else:
+                embedded = [v if isinstance(v, str) else F.normalize(v.float(), dim=-1).cpu().numpy()
+                            for v in embedded]
+            for key, vector in zip(new, embedded):
+                if isinstance(vector, str):
+                    errors[new[key]] = vector
+                else:
+                    self.recent[key] = vector
+        rows = [i for i, p in enumerate(pixels) if p is not None and i not in errors
+                and hashes[i] in self.recent]
+        for i, p in enumerate(pixels):  # a repeat of an image that failed fails the same way
+            if p is not None and i not in errors and hashes[i] not in self.recent:
+                errors[i] = errors[new[hashes[i]]]
+        vectors = np.zeros((0, self.dim), dtype=np.float32)
         if rows:
             for i in rows:
                 self.recent.move_to_end(hashes[i])
             vectors = np.stack([self.recent[hashes[i]] for i in rows])
         while len(self.recent) > IMAGE_CACHE_ENTRIES:
             self.recent.popitem(last=False)
-        out = batch.drop_columns([PIXELS]).append_column(
+        out = with_errors(batch.drop_columns([PIXELS]), IMAGE_ERROR, errors).append_column(
             IMAGE_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim)
         )
         out = add_stage_count(out, "images_reused", len(rows) - len(new))
@@ -159,6 +206,7 @@ class TextEmbedder(_TowerActor):
     def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
         super().__init__(model, dtype, num_threads)
         self.pad_token_id = model.pad_token_id
+        self.vocab_size = self.tower.vocab_size
         self.group_rows = TEXT_GROUP_ROWS.get(self.device.type, 64)
 
     def _inputs(self, token_ids: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -174,15 +222,24 @@ class TextEmbedder(_TowerActor):
     def __call__(self, batch: pa.Table) -> pa.Table:
         started = time.perf_counter()
         ids = batch.column(INPUT_IDS).to_pylist()
-        rows = sorted((i for i, row in enumerate(ids) if row is not None), key=lambda i: len(ids[i]))
-        vectors = np.zeros((0, self.dim), dtype=np.float32)
+        errors = {i: error("invalid_caption", "token ids outside the model's vocabulary")
+                  for i, row in enumerate(ids) if row and not all(0 <= t < self.vocab_size for t in row)}
+        rows = sorted((i for i, row in enumerate(ids) if row and i not in errors), key=lambda i: len(ids[i]))
+        done, vectors = [], []
         if rows:
             groups = [rows[g: g + self.group_rows] for g in range(0, len(rows), self.group_rows)]
             with torch.inference_mode():
-                embedded = [self._forward(self._inputs([ids[i] for i in group])) for group in groups]
-            vectors = F.normalize(torch.cat(embedded).float(), dim=-1).cpu().numpy()
-        out = batch.drop_columns([INPUT_IDS]).append_column(
-            TEXT_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim)  # back in row order
+                embedded = self._embed_groups(groups, lambda group: self._inputs([ids[i] for i in group]))
+            for group, result in zip(groups, embedded):
+                for i, vector in zip(group, result):
+                    if isinstance(vector, str):
+                        errors[i] = vector
+                    else:
+                        done.append(i)
+                        vectors.append(F.normalize(vector.float(), dim=-1).cpu().numpy())
+        stacked = np.stack(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
+        out = with_errors(batch.drop_columns([INPUT_IDS]), TEXT_ERROR, errors).append_column(
+            TEXT_EMBEDDING, vector_column(stacked, done, batch.num_rows, self.dim)  # back in row order
         )
         return self._finish(out, started)
 

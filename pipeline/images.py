@@ -4,38 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import io
-import ipaddress
-import socket
+import os
+import signal
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
+from pipeline.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.isolation import RowFailure, map_isolated
+from pipeline.resample import FILTERS, resized_window
 from pipeline.timing import add_stage_seconds
 from schemas.embeddings import HEIGHT, IMAGE_ERROR, IMAGE_SHA256, WIDTH, error
-from schemas.manifest import IMAGE, IMAGE_BYTES
+from schemas.manifest import IMAGE, INLINE_IMAGE, INTERNAL_PREFIX
 
-PIXELS = "pixels"  # uint8 HxWx3 bytes, between the decode stage and the image tower
+PIXELS = INTERNAL_PREFIX + "pixels"  # uint8 HxWx3 bytes, between the decode stage and the image tower
 # PIL's own decompression-bomb threshold; checked from the header, before decoding.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+# The resize before the centre crop may not make more pixels than this (48 MB of RGB): a 1x8000
+# image resized to a short side of 224 would be 224x1,792,000. Beyond it only the crop's window
+# of the resize is computed (pipeline/resample.py, the same bytes); where that cannot be done
+# (no crop, a filter it does not transcribe) the image is `too_large`.
+MAX_RESIZED_PIXELS = 16_000_000
 FETCH_THREADS = 16
-HTTP_TIMEOUT_S = 20
-HTTP_ATTEMPTS = 4
-HTTP_BACKOFF_S = 0.5
-MAX_DOWNLOAD_BYTES = 64 << 20
-_RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
-
-
-class ImageError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(error(kind, message))
+# Set only by tests: the decoding process kills itself with SIGSEGV on the image with this
+# sha256, as a damaged file crashing a native decoder would.
+CRASH_TEST_VARIABLE = "ALTCLIP_TEST_CRASH_ON_SHA256"
 
 
 @dataclass(frozen=True)
@@ -96,6 +94,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _resize_hw(prep: ImagePreprocessing, width: int, height: int) -> tuple[int, int]:
+    """(height, width) of the resize before the crop, as the reference computes it."""
     if prep.resize_hw:
         return prep.resize_hw
     short, long = (width, height) if width <= height else (height, width)
@@ -117,8 +116,13 @@ def _center_crop(pixels: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
     return padded[max(0, top) : top + crop_h, max(0, left) : left + crop_w]
 
 
-def decode(data: bytes, draft_short_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def decode(data: bytes, draft_short_side: int | None = None,
+           max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """Bytes -> (a loaded PIL image, its size as stored), or an ImageError of a precise kind.
+
+    Pillow raises far more than its own error types on damaged files (OSError, ValueError,
+    SyntaxError, NotImplementedError, struct.error, ... from any plugin, from `open` as from
+    `load`): every one is this image's error, never the batch's.
 
     With `draft_short_side`, a JPEG is decoded at the smallest power-of-two reduction that keeps
     its short side at least that long (libjpeg's DCT scaling: far less work than a full decode).
@@ -127,155 +131,107 @@ def decode(data: bytes, draft_short_side: int | None = None) -> tuple[Image.Imag
         raise ImageError("decode_error", "empty file (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+        if draft_short_side and image.format == "JPEG" and min(width, height) > draft_short_side:
+            scale = draft_short_side / min(width, height)
+            image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+        image.load()
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError("decode_error", f"not an image PIL can identify ({len(data)} bytes)") from None
     except Image.DecompressionBombError as exc:
         raise ImageError("too_large", str(exc)) from None
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ImageError("too_large", f"{width}x{height} exceeds {MAX_IMAGE_PIXELS} pixels")
-    if draft_short_side and image.format == "JPEG" and min(width, height) > draft_short_side:
-        scale = draft_short_side / min(width, height)
-        image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
-    try:
-        image.load()
-    except OSError as exc:
-        kind = "truncated" if "truncated" in str(exc) else "decode_error"
-        raise ImageError(kind, str(exc)) from None
-    except Exception as exc:  # PIL raises assorted errors on malformed files
-        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    except MemoryError:
+        raise ImageError("too_large", "out of memory decoding it") from None
+    except Exception as exc:
+        kind = "truncated" if "truncat" in str(exc).lower() else "decode_error"
+        raise ImageError(kind, f"{type(exc).__name__}: {exc}") from None
     return image, (width, height)
 
 
 def preprocess(image: Image.Image, prep: ImagePreprocessing) -> np.ndarray:
     """A decoded image -> uint8 (H, W, 3) pixels: RGB, resized, centre-cropped."""
     rgb = to_rgb(image)
-    if prep.shortest_edge or prep.resize_hw:
-        height, width = _resize_hw(prep, *rgb.size)
-        rgb = rgb.resize((width, height), resample=prep.resample)
-    pixels = np.asarray(rgb, dtype=np.uint8)
+    if not (prep.shortest_edge or prep.resize_hw):
+        pixels = np.asarray(rgb, dtype=np.uint8)
+        return _center_crop(pixels, prep.crop_hw) if prep.crop_hw else pixels
+    height, width = _resize_hw(prep, *rgb.size)
+    if height * width > MAX_RESIZED_PIXELS:
+        crop_h, crop_w = prep.crop_hw or (0, 0)
+        if not prep.crop_hw or prep.resample not in FILTERS or height < crop_h or width < crop_w:
+            raise ImageError("too_large", f"{rgb.size[0]}x{rgb.size[1]} would be resized to "
+                             f"{width}x{height}, more than {MAX_RESIZED_PIXELS} pixels")
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return resized_window(rgb, (width, height), (left, top, left + crop_w, top + crop_h), prep.resample)
+    pixels = np.asarray(rgb.resize((width, height), resample=prep.resample), dtype=np.uint8)
     return _center_crop(pixels, prep.crop_hw) if prep.crop_hw else pixels
 
 
-@dataclass(frozen=True)
-class FetchPolicy:
-    """Where image fetches may go, and with which storage settings."""
-
-    storage_options: dict = field(default_factory=dict, repr=False)
-    # A manifest from object storage may not make the job read this machine's files ...
-    allow_local_paths: bool = True
-    # ... and URLs may not reach loopback, link-local or private addresses (the cluster's own
-    # services, cloud metadata endpoints) unless allowed.
-    allow_private_urls: bool = False
-    # An unreachable store is waited out this long; then the job stops (see storage.patiently).
-    patience_s: float = storage.DEFAULT_PATIENCE_S
-
-
-def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
-    """An image's bytes from a path, an object-store URI or an http(s) URL."""
-    shown = storage.redact(uri)
-    if storage.is_url(uri):
-        if not policy.allow_private_urls:
-            _refuse_private_host(uri)
-        return fetch_url(uri)
-    if storage.is_local(uri) and not policy.allow_local_paths:
-        raise ImageError("forbidden", f"{shown}: a local path in a manifest from object storage "
-                         "(pass --allow-local-paths to permit it)")
-    def read() -> bytes:
-        fs, path = storage.filesystem(uri, policy.storage_options)
-        with fs.open(path, "rb") as f:
-            return f.read()
-
+def pixels_of(item: tuple[bytes, str], prep: ImagePreprocessing, draft_short_side: int | None,
+              max_pixels: int = MAX_IMAGE_PIXELS):
+    """One image's (pixels, width, height, error): run in the decoding process, never raises."""
+    data, sha = item
+    if sha == os.environ.get(CRASH_TEST_VARIABLE):
+        os.kill(os.getpid(), signal.SIGSEGV)
     try:
-        return storage.patiently(read, uri, policy.patience_s)
-    except storage.StorageUnavailable:
-        raise  # the store's fault, not the row's: the job stops and a rerun resumes
-    except FileNotFoundError:
-        raise ImageError("not_found", f"{shown} does not exist") from None
-    except IsADirectoryError:
-        raise ImageError("read_error", f"{shown} is a directory") from None
-    except PermissionError:
-        raise ImageError("read_error", f"{shown}: permission denied") from None
-    except Exception as exc:  # every storage backend raises its own kinds
-        raise ImageError("read_error", f"{shown}: {storage.describe(exc)}") from None
+        image, (width, height) = decode(data, draft_short_side, max_pixels)
+        return preprocess(image, prep).tobytes(), width, height, None
+    except ImageError as exc:
+        return None, None, None, str(exc)
+    except MemoryError:
+        return None, None, None, error("too_large", "out of memory preprocessing it")
+    except Exception as exc:  # anything else this image's data causes is still this image's
+        return None, None, None, error("decode_error", storage.redact_text(f"{type(exc).__name__}: {exc}"))
 
 
-def _refuse_private_host(url: str) -> None:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except OSError as exc:
-        raise ImageError("read_error", f"{storage.redact(url)}: cannot resolve {host} ({exc})") from None
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if not ip.is_global or ip.is_multicast:
-            raise ImageError("forbidden", f"{storage.redact(url)}: {host} is a non-public address "
-                             f"({ip}); pass --allow-private-urls to permit it")
-
-
-def fetch_url(url: str) -> bytes:
-    """GET with a timeout per attempt, retries with backoff on transient failures, a size cap."""
-    shown = storage.redact(url)
-    request = urllib.request.Request(url, headers={"User-Agent": "altclip-pipeline"})
-    for attempt in range(HTTP_ATTEMPTS):
-        last = attempt == HTTP_ATTEMPTS - 1
-        try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-                length = response.headers.get("Content-Length")
-                if length and int(length) > MAX_DOWNLOAD_BYTES:
-                    raise ImageError("too_large", f"{shown}: {length} bytes > {MAX_DOWNLOAD_BYTES}")
-                data = response.read(MAX_DOWNLOAD_BYTES + 1)
-            if len(data) > MAX_DOWNLOAD_BYTES:
-                raise ImageError("too_large", f"{shown}: more than {MAX_DOWNLOAD_BYTES} bytes")
-            return data
-        except urllib.error.HTTPError as exc:
-            if exc.code in (404, 410):
-                raise ImageError("not_found", f"{shown}: HTTP {exc.code}") from None
-            if exc.code not in _RETRYABLE_HTTP or last:
-                raise ImageError("read_error", f"{shown}: HTTP {exc.code}") from None
-        except (TimeoutError, socket.timeout):
-            if last:
-                raise ImageError("timeout", f"{shown}: no answer in {HTTP_TIMEOUT_S} s, "
-                                 f"{HTTP_ATTEMPTS} attempts") from None
-        except (urllib.error.URLError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, (TimeoutError, socket.timeout)) and last:
-                raise ImageError("timeout", f"{shown}: no answer in {HTTP_TIMEOUT_S} s, "
-                                 f"{HTTP_ATTEMPTS} attempts") from None
-            if last:
-                raise ImageError("read_error", f"{shown}: {reason}") from None
-        time.sleep(HTTP_BACKOFF_S * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-def fetch_all(batch: pa.Table, policy: FetchPolicy) -> list[bytes | ImageError]:
-    """Every row's image bytes (inline, or fetched in parallel threads), or why not."""
+def fetch_all(batch: pa.Table, policy: FetchPolicy) -> list[bytes | str]:
+    """Every row's image bytes (inline, or fetched in parallel threads), or its error: the one
+    the row already has, or why its bytes could not be had."""
     uris = batch.column(IMAGE).to_pylist()
-    inline = batch.column(IMAGE_BYTES).to_pylist()
+    inline = batch.column(INLINE_IMAGE).to_pylist()
+    known = (batch.column(IMAGE_ERROR).to_pylist() if IMAGE_ERROR in batch.column_names
+             else [None] * batch.num_rows)
 
-    def fetch(i: int) -> bytes | ImageError:
+    def fetch(i: int) -> bytes | str:
+        if known[i] is not None:
+            return known[i]
         if inline[i] is not None:
             return inline[i]
         if uris[i] is None:
-            return ImageError("no_image", "the row has neither an image URI nor image bytes")
+            return error("no_image", "the row has neither an image URI nor image bytes")
         try:
             return read_bytes(uris[i], policy)
         except ImageError as exc:
-            return exc
+            return str(exc)
+        except storage.StorageUnavailable:
+            raise  # the job's store is down: the job stops, a rerun resumes
+        except Exception as exc:  # whatever else reading this row's URI raises is the row's
+            return error("read_error", f"{storage.redact(uris[i])}: {storage.describe(exc)}")
 
     with ThreadPoolExecutor(min(FETCH_THREADS, max(1, batch.num_rows))) as pool:
         return list(pool.map(fetch, range(batch.num_rows)))
 
 
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
 def preprocess_images(
     batch: pa.Table, preprocessing: ImagePreprocessing, policy: FetchPolicy = FetchPolicy(),
-    mode: str = "exact",
+    mode: str = "exact", max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> pa.Table:
     """Ray Data stage: fetch + decode + preprocess every row; failures become `image_error`.
 
     `exact`: pixels bit-identical to the reference. `fast`: JPEGs are decoded at reduced scale
-    (short side >= 2x the resize target) before the same bicubic resize. Fetch and decode are
-    timed apart: one waits on storage, the other on cores.
+    (short side >= 2x the resize target) before the same bicubic resize. Fetching runs in this
+    process's threads; decoding in a child process (pipeline/isolation.py), so an image that
+    crashes the decoder fails alone. Fetch and decode are timed apart: one waits on storage,
+    the other on cores.
     """
     started = time.perf_counter()
     draft_short_side = None
@@ -283,40 +239,35 @@ def preprocess_images(
         draft_short_side = 2 * (preprocessing.shortest_edge or max(preprocessing.output_hw()))
     fetched = fetch_all(batch, policy)
     fetched_at = time.perf_counter()
-    pixels, widths, heights, hashes, errors = [], [], [], [], []
-    for data in fetched:
-        sha = width = height = out = err = None
-        if isinstance(data, ImageError):
-            err = str(data)
+    n = batch.num_rows
+    pixels, widths, heights, hashes = [None] * n, [None] * n, [None] * n, [None] * n
+    errors = [d if isinstance(d, str) else None for d in fetched]
+    todo = [i for i, d in enumerate(fetched) if not isinstance(d, str)]
+    for i in todo:
+        hashes[i] = hashlib.sha256(fetched[i]).hexdigest()
+    decoded = map_isolated(pixels_of, [(fetched[i], hashes[i]) for i in todo],
+                           (preprocessing, draft_short_side, max_pixels))
+    for i, result in zip(todo, decoded):
+        if isinstance(result, RowFailure):
+            errors[i] = error(result.kind, result.message)
         else:
-            sha = hashlib.sha256(data).hexdigest()
-            try:
-                image, (width, height) = decode(data, draft_short_side)
-                out = preprocess(image, preprocessing).tobytes()
-            except ImageError as exc:
-                err = str(exc)
-        pixels.append(out)
-        widths.append(width)
-        heights.append(height)
-        hashes.append(sha)
-        errors.append(err)
-    table = batch.drop_columns([IMAGE_BYTES])
-    table = table.append_column(PIXELS, pa.array(pixels, pa.binary()))
-    table = table.append_column(WIDTH, pa.array(widths, pa.int32()))
-    table = table.append_column(HEIGHT, pa.array(heights, pa.int32()))
-    table = table.append_column(IMAGE_SHA256, pa.array(hashes, pa.string()))
-    table = table.append_column(IMAGE_ERROR, pa.array(errors, pa.string()))
+            pixels[i], widths[i], heights[i], errors[i] = result
+    table = batch.drop_columns([INLINE_IMAGE])
+    table = _set(table, PIXELS, pa.array(pixels, pa.binary()))
+    table = _set(table, WIDTH, pa.array(widths, pa.int32()))
+    table = _set(table, HEIGHT, pa.array(heights, pa.int32()))
+    table = _set(table, IMAGE_SHA256, pa.array(hashes, pa.string()))
+    table = _set(table, IMAGE_ERROR, pa.array(errors, pa.string()))
     table = add_stage_seconds(table, "fetch", fetched_at - started)
     return add_stage_seconds(table, "decode", time.perf_counter() - fetched_at)
-
 
 
 def hash_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy()) -> pa.Table:
     """Ray Data stage: fetch each image and hash its bytes, without decoding (change detection)."""
     started = time.perf_counter()
     fetched = fetch_all(batch, policy)
-    hashes = [None if isinstance(d, ImageError) else hashlib.sha256(d).hexdigest() for d in fetched]
-    errors = [str(d) if isinstance(d, ImageError) else None for d in fetched]
-    table = batch.append_column(IMAGE_SHA256, pa.array(hashes, pa.string()))
-    table = table.append_column(IMAGE_ERROR, pa.array(errors, pa.string()))
+    hashes = [None if isinstance(d, str) else hashlib.sha256(d).hexdigest() for d in fetched]
+    errors = [d if isinstance(d, str) else None for d in fetched]
+    table = _set(batch, IMAGE_SHA256, pa.array(hashes, pa.string()))
+    table = _set(table, IMAGE_ERROR, pa.array(errors, pa.string()))
     return add_stage_seconds(table, "hash", time.perf_counter() - started)

@@ -12,14 +12,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as pads
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig
-from schemas.embeddings import contract_column_names
-from schemas.manifest import CAPTION, FORMATS_BY_SUFFIX, ID, IMAGE, IMAGE_BYTES
+from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, error, is_reserved
+from schemas.manifest import CAPTION, FORMATS_BY_SUFFIX, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE, INTERNAL_PREFIX
 
 # A metadata column whose name an output column already has is kept under this prefix.
 RENAMED_METADATA_PREFIX = "manifest_"
@@ -134,10 +132,143 @@ def _read_schema(fs, path: str, fmt: str) -> pa.Schema:
         if fmt == "parquet":
             return pq.read_schema(f)
         if fmt == "csv":
-            return pacsv.open_csv(f).schema
+            return _csv_schema(f)
         if fmt == "webdataset":
             return _webdataset_schema(f)
-        return pajson.open_json(f).schema
+        return _json_schema(f)
+
+
+# CSV has no types: every column is read as bytes and turned into text per value, so a line in
+# another encoding is that row's error, and a column that looks numeric for a million lines and
+# then holds "n/a" costs nothing. Quoted values may span lines (captions do).
+def _csv_options(names: list[str] | None = None, include: list[str] | None = None, handler=None) -> dict:
+    convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names or ()},
+                                   include_columns=include, include_missing_columns=True,
+                                   strings_can_be_null=False)
+    return {"read_options": pacsv.ReadOptions(use_threads=False),
+            "parse_options": pacsv.ParseOptions(newlines_in_values=True,
+                                                invalid_row_handler=handler or _skip_line),
+            "convert_options": convert}
+
+
+def _skip_line(row) -> str:
+    return "skip"  # the scan before any work refuses files with such lines, naming them
+
+
+def _csv_schema(f) -> pa.Schema:
+    names = pacsv.open_csv(f, **_csv_options()).schema.names
+    return pa.schema([pa.field(n, pa.binary()) for n in names])
+
+
+# JSON Lines are parsed here, line by line, not by Arrow's reader: it fails a whole file when a
+# field's type changes between lines ("changed from number to string in row 1").
+JSON_SAMPLE_LINES = 1000
+
+
+def _json_lines(data: bytes):
+    """(line number, parsed object or the reason it is not one) per non-blank line."""
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            # Bytes that are not UTF-8 stay recoverable (surrogate escapes) and fail their value.
+            value = json.loads(line.decode("utf-8", "surrogateescape"))
+        except ValueError as exc:
+            yield number, f"not JSON ({exc})"
+            continue
+        yield number, value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+def _json_schema(f) -> pa.Schema:
+    """Field names in first-seen order, types inferred from the first lines of the first file;
+    fields whose values disagree on a type are text (numbers in them as JSON writes them)."""
+    samples: dict[str, list] = {}
+    head = f.read(64 << 20)
+    for n, (_, row) in enumerate(_json_lines(head)):
+        if n >= JSON_SAMPLE_LINES:
+            break
+        if isinstance(row, dict):
+            for name, value in row.items():
+                samples.setdefault(name, []).append(value)
+    fields = []
+    for name, values in samples.items():
+        try:
+            kind = pa.array([v for v in values if v is not None]).type
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            kind = pa.string()
+        fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
+    return pa.schema(fields)
+
+
+def parse_json_lines(data: bytes, schema: pa.Schema, text_fields: tuple[str, ...],
+                     id_field: str | None = None) -> pa.Table:
+    """One file's lines as rows of `schema`. Fields in `text_fields` (image, caption) hold text:
+    strings as they are, numbers and booleans as JSON writes them; values that are not text
+    (lists, objects, strings that are not valid Unicode) are null there and explained in
+    `__altclip_invalid_<field>`, for the row's error. The id field keeps every value, as text
+    (see id_text). A metadata value that does not fit its field's type is null. Lines that are
+    not JSON objects are skipped (the scan before any work refuses them, naming the line)."""
+    rows = [row for _, row in _json_lines(data) if isinstance(row, dict)]
+    columns = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        if field.name == id_field:
+            columns[field.name] = pa.array([_json_id(v) for v in values], pa.string())
+        elif field.name in text_fields:
+            texts, invalid = zip(*[_json_text(v) for v in values]) if values else ((), ())
+            columns[field.name] = pa.array(texts, pa.string())
+            columns[INTERNAL_PREFIX + "invalid_" + field.name] = pa.array(invalid, pa.string())
+        else:
+            columns[field.name] = _typed_values(values, field.type)
+    return pa.table(columns)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _json_text(value) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        return (value, None) if _is_unicode(value) else (None, "not UTF-8 text (an invalid byte or a lone surrogate)")
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value), None
+    return None, f"a JSON {'list' if isinstance(value, list) else 'object'}, not text"
+
+
+def _json_id(value) -> str | None:
+    """An id from JSON as text, as id_text makes it from any other format."""
+    if value is None or (isinstance(value, str) and _is_unicode(value)):
+        return value
+    if isinstance(value, str):
+        try:  # bytes that were not UTF-8 (kept as surrogate escapes): their hex, as for binary ids
+            return "0x" + value.encode("utf-8", "surrogateescape").hex()
+        except UnicodeEncodeError:  # a lone surrogate from a `\ud800` escape
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _typed_values(values: list, kind: pa.DataType) -> pa.Array:
+    if pa.types.is_string(kind):  # a field of mixed types is text: other values as JSON writes them
+        values = [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+                  for v in values]
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError, UnicodeEncodeError):
+        out = []
+        for v in values:
+            try:
+                out.append(pa.scalar(v, kind).as_py())
+            except (pa.ArrowException, TypeError, ValueError, OverflowError, UnicodeEncodeError):
+                out.append(None)
+        return pa.array(out, kind)
 
 
 # WebDataset (img2dataset's layout): per key, an image file, a `.txt` caption, a `.json` of metadata.
@@ -213,10 +344,8 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
             f"the manifest has no '{IMAGE}' or '{IMAGE_BYTES}' column (its columns: {listing}); "
             "name it with --image-col, or embed captions only with --towers text"
         )
-    image_is_bytes = image_col is not None and (
-        pa.types.is_binary(schema.field(image_col).type)
-        or pa.types.is_large_binary(schema.field(image_col).type)
-    )
+    # CSV reads every column as bytes (see _csv_options): its image column holds references.
+    image_is_bytes = image_col is not None and fmt != "csv" and _is_binary(schema.field(image_col).type)
     if config.caption_col is not None:
         caption_col = require("--caption-col", config.caption_col)
     else:
@@ -228,13 +357,19 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
         )
 
     used = {config.id_col, image_col, caption_col}
-    taken = contract_column_names()
+    names_out = {n for n in names if n not in used}
     fields, sources = [], []
     for f in schema:
         if f.name in used:
             continue
-        name = RENAMED_METADATA_PREFIX + f.name if f.name in taken else f.name
-        fields.append(pa.field(name, f.type))
+        name = f.name
+        # `width` beside `manifest_width` becomes `manifest_manifest_width`: every name stays.
+        while name != f.name and name in names_out or is_reserved(name):
+            name = RENAMED_METADATA_PREFIX + name
+        names_out.add(name)
+        # CSV values are read as bytes (see _csv_options) and kept as text.
+        kind = pa.string() if fmt == "csv" else f.type
+        fields.append(pa.field(name, kind))
         sources.append(f.name)
     return Manifest(
         uri=config.manifest,
@@ -261,45 +396,158 @@ def read_manifest(manifest: Manifest):
     if manifest.format == "parquet":
         return ray.data.read_parquet(files, filesystem=fs)
     if manifest.format == "csv":
-        return ray.data.read_csv(files, filesystem=fs)
+        return ray.data.read_csv(files, filesystem=fs, **_csv_options(manifest.schema.names))
     if manifest.format == "webdataset":
         return ray.data.read_webdataset(files, filesystem=fs, decoder=None).map_batches(
             flatten_webdataset, fn_kwargs={"schema": manifest.schema}, batch_format="pyarrow"
         )
-    return ray.data.read_json(files, filesystem=fs)
+    return ray.data.read_binary_files(files, filesystem=fs).map_batches(
+        _parse_json_files, fn_kwargs={"manifest": manifest}, batch_format="pyarrow", batch_size=1)
+
+
+def _parse_json(data: bytes, manifest: Manifest) -> pa.Table:
+    text_fields = tuple(c for c in (manifest.image_col, manifest.caption_col) if c)
+    return parse_json_lines(data, manifest.schema, text_fields, manifest.id_col)
+
+
+def _parse_json_files(batch: pa.Table, manifest: Manifest) -> pa.Table:
+    tables = [_parse_json(data, manifest) for data in batch.column("bytes").to_pylist()]
+    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def to_contract_columns(batch: pa.Table, manifest: Manifest) -> pa.Table:
-    """Rename a batch of manifest rows onto the contract's columns; relative image paths -> URIs."""
+    """A batch of manifest rows in the contract's columns: ids, captions and image references as
+    text, relative image paths as URIs, metadata in its output type. A value that cannot be what
+    its column means (a list as a caption, bytes that are not UTF-8) is that row's error."""
     n = batch.num_rows
-    ids = pc.cast(batch.column(manifest.id_col), pa.string())
-    columns = {ID: ids}
+    columns = {ID: id_text(batch.column(manifest.id_col))}
     images = pa.nulls(n, pa.string())
     image_bytes = pa.nulls(n, pa.binary())
+    image_errors: list[str | None] = [None] * n
     if manifest.image_col is not None:
         source = batch.column(manifest.image_col)
-        if manifest.image_is_bytes:
+        if manifest.image_is_bytes and _is_binary(source.type):
             image_bytes = pc.cast(source, pa.binary())
         else:
-            images = pa.array(
-                [None if v is None else storage.resolve(v, manifest.root) for v in
-                 pc.cast(source, pa.string()).to_pylist()],
-                pa.string(),
-            )
+            texts, invalid = value_text(source, "image")
+            invalid = _merge_invalid(invalid, batch, manifest.image_col)
+            uris = []
+            for i, text in enumerate(texts):
+                try:
+                    uris.append(None if text is None else storage.resolve(text, manifest.root))
+                except Exception as exc:  # a reference no path can be made of
+                    uris.append(None)
+                    invalid[i] = invalid[i] or f"{type(exc).__name__}: {exc}"
+            images = pa.array(uris, pa.string())
+            image_errors = [None if why is None else error("no_image", why) for why in invalid]
     columns[IMAGE] = images
-    columns[IMAGE_BYTES] = image_bytes
-    captions = (
-        pc.cast(batch.column(manifest.caption_col), pa.string())
-        if manifest.caption_col is not None
-        else pa.nulls(n, pa.string())
-    )
+    columns[INLINE_IMAGE] = image_bytes
+    captions, caption_errors = pa.nulls(n, pa.string()), [None] * n
+    if manifest.caption_col is not None:
+        texts, invalid = value_text(batch.column(manifest.caption_col), "caption")
+        invalid = _merge_invalid(invalid, batch, manifest.caption_col)
+        captions = pa.array(texts, pa.string())
+        caption_errors = [None if why is None else error("invalid_caption", why) for why in invalid]
     columns[CAPTION] = captions
     for field, source in zip(manifest.metadata_fields, manifest.metadata_sources):
         if source in batch.column_names:
-            columns[field.name] = batch.column(source).cast(field.type)
+            columns[field.name] = _metadata(batch.column(source), field.type)
         else:  # a file of a folder manifest without this column
             columns[field.name] = pa.nulls(n, field.type)
+    # Errors found here; the decode and tokenize stages add theirs to rows that have none.
+    columns[IMAGE_ERROR] = pa.array(image_errors, pa.string())
+    columns[TEXT_ERROR] = pa.array(caption_errors, pa.string())
     return pa.table(columns)
+
+
+def _merge_invalid(invalid: list[str | None], batch: pa.Table, column: str) -> list[str | None]:
+    """Reasons a reader already noted (JSON values that are not text) join the converter's."""
+    noted = INTERNAL_PREFIX + "invalid_" + column
+    if noted not in batch.column_names:
+        return invalid
+    return [a or b for a, b in zip(invalid, batch.column(noted).to_pylist())]
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+            or pa.types.is_fixed_size_binary(kind) or pa.types.is_binary_view(kind))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _is_scalar(kind: pa.DataType) -> bool:
+    return (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+            or pa.types.is_decimal(kind) or pa.types.is_temporal(kind))
+
+
+def _plain(column) -> pa.Array:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return column.dictionary_decode() if pa.types.is_dictionary(column.type) else column
+
+
+def value_text(column, meaning: str) -> tuple[list[str | None], list[str | None]]:
+    """A column of captions or image references as text, and why a value is not text: strings
+    stay, numbers, booleans and dates take their usual text, bytes must be UTF-8; lists,
+    structs and maps are not text."""
+    column = _plain(column)
+    n = len(column)
+    kind = column.type
+    if _is_text(kind) or pa.types.is_null(kind):
+        return pc.cast(column, pa.string()).to_pylist(), [None] * n
+    if _is_scalar(kind):
+        return pc.cast(column, pa.string()).to_pylist(), [None] * n
+    if _is_binary(kind):
+        texts, invalid = [], []
+        for value in column.to_pylist():
+            try:
+                texts.append(None if value is None else value.decode("utf-8"))
+                invalid.append(None)
+            except UnicodeDecodeError as exc:
+                texts.append(None)
+                invalid.append(f"the {meaning} is not UTF-8 text (byte 0x{value[exc.start]:02x} "
+                               f"at {exc.start})")
+        return texts, invalid
+    why = f"the {meaning} is a {kind}, not text"
+    valid = column.is_valid().to_pylist()
+    return [None] * n, [why if ok else None for ok in valid]
+
+
+def id_text(column) -> pa.Array:
+    """Any id column as text, one way everywhere (scan, select, rows): strings stay; numbers,
+    booleans and dates take their usual text; bytes their UTF-8 text, or `0x` and their hex
+    when they are not UTF-8; lists, structs and maps their JSON."""
+    column = _plain(column)
+    kind = column.type
+    if _is_text(kind) or _is_scalar(kind) or pa.types.is_null(kind):
+        return pc.cast(column, pa.string())
+    values = column.to_pylist()
+    if _is_binary(kind):
+        texts = []
+        for v in values:
+            try:
+                texts.append(None if v is None else v.decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append("0x" + v.hex())
+        return pa.array(texts, pa.string())
+    return pa.array([None if v is None else json.dumps(v, default=str, ensure_ascii=False, sort_keys=True)
+                     for v in values], pa.string())
+
+
+def _metadata(column, kind: pa.DataType) -> pa.Array:
+    """A metadata column in its output type (that of the manifest's first file); values of
+    another type in later files or lines are converted where they can be, else null."""
+    column = _plain(column)
+    if column.type == kind:
+        return column
+    if pa.types.is_string(kind) and _is_binary(column.type):  # CSV
+        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in column.to_pylist()],
+                        pa.string())
+    try:
+        return column.cast(kind)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        return _typed_values(column.to_pylist(), kind)
 
 
 @dataclass(frozen=True)
@@ -323,29 +571,38 @@ class IdScan:
 def scan_ids(manifest: Manifest) -> IdScan:
     """Read only the id column (in manifest order) to count rows and find bad and repeated ids.
 
-    WebDataset keys are unique by construction and are not read twice: the shards are counted.
+    A CSV or JSON line that cannot be read as a row fails the job here, before any work, with a
+    message naming the file and line. WebDataset keys are unique by construction and are not
+    read twice: the shards are counted.
     """
     if manifest.format == "webdataset":
         rows = read_manifest(manifest).count()
         return IdScan(rows, None, 0, 0, pa.array([], pa.string()), None)
-    fs = storage.arrow_filesystem(manifest.filesystem())
-    dataset = pads.dataset(list(manifest.files), format=manifest.format, filesystem=fs)
-    ids = pc.cast(dataset.to_table(columns=[manifest.id_col]).column(0).combine_chunks(), pa.string())
-    valid = pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), ""))
-    valid = pc.fill_null(valid, False)
+    fs = manifest.filesystem()
+    per_file = [_file_ids(manifest, fs, path) for path in manifest.files]
+    ids = pa.concat_arrays(per_file) if per_file else pa.array([], pa.string())
+    valid = pc.fill_null(pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), "")), False)
     good = ids.filter(valid)
     counts = pc.value_counts(good)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     duplicated = repeated.field("values")
     first_rows = None
     if len(duplicated):
-        matching = dataset.to_table(filter=pc.field(manifest.id_col).cast(pa.string()).isin(duplicated))
+        # The first row of each repeated id, read again whole from its file.
+        is_repeated = pc.fill_null(pc.is_in(ids, value_set=duplicated), False)
+        positions = pc.indices_nonzero(is_repeated).to_pylist()
         seen, keep = set(), []
-        for i, row_id in enumerate(pc.cast(matching.column(manifest.id_col), pa.string()).to_pylist()):
+        for position, row_id in zip(positions, ids.take(positions).to_pylist()):
             if row_id not in seen:
                 seen.add(row_id)
-                keep.append(i)
-        first_rows = matching.take(keep)
+                keep.append(position)
+        parts, start = [], 0
+        for path, file_ids in zip(manifest.files, per_file):
+            local = [p - start for p in keep if start <= p < start + len(file_ids)]
+            if local:
+                parts.append(_file_rows(manifest, fs, path).take(local))
+            start += len(file_ids)
+        first_rows = pa.concat_tables(parts, promote_options="default")
     return IdScan(
         rows=len(ids),
         ids=pc.unique(good),
@@ -356,9 +613,53 @@ def scan_ids(manifest: Manifest) -> IdScan:
     )
 
 
+def _file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
+    """One file's ids as text, in order."""
+    shown = storage.unstrip(fs, path)
+    try:
+        with fs.open(path, "rb") as f:
+            if manifest.format == "parquet":
+                parquet = pq.ParquetFile(f)
+                if manifest.id_col not in parquet.schema_arrow.names:
+                    return pa.nulls(parquet.metadata.num_rows, pa.string())
+                return id_text(parquet.read(columns=[manifest.id_col]).column(0))
+            if manifest.format == "csv":
+                bad = []
+                table = pacsv.read_csv(f, **_csv_options(manifest.schema.names, [manifest.id_col],
+                                                         lambda row: bad.append(row) or "skip"))
+                if bad:
+                    row = bad[0]
+                    raise ConfigError(
+                        f"manifest {shown}, line {row.number}: expected {row.expected_columns} "
+                        f"fields, found {row.actual_columns} ({row.text[:80]!r}); fix or remove the "
+                        f"line{f' (and {len(bad) - 1} more like it)' if len(bad) > 1 else ''}")
+                return id_text(table.column(0))
+            data = f.read()
+    except ConfigError:
+        raise
+    except Exception as exc:  # a damaged file: say which
+        raise ConfigError(f"cannot read manifest file {shown}: {storage.describe(exc)}") from None
+    bad = [(number, why) for number, why in _json_lines(data) if isinstance(why, str)]
+    if bad:
+        number, why = bad[0]
+        more = f" (and {len(bad) - 1} more like it)" if len(bad) > 1 else ""
+        raise ConfigError(f"manifest {shown}, line {number}: {why}; fix or remove the line{more}")
+    return id_text(_parse_json(data, manifest).column(manifest.id_col))
+
+
+def _file_rows(manifest: Manifest, fs, path: str) -> pa.Table:
+    """One file's rows as read_manifest yields them."""
+    with fs.open(path, "rb") as f:
+        if manifest.format == "parquet":
+            return pq.read_table(f)
+        if manifest.format == "csv":
+            return pacsv.read_csv(f, **_csv_options(manifest.schema.names))
+        return _parse_json(f.read(), manifest)
+
+
 def select_rows(batch: pa.Table, id_col: str, excluded: pa.Array) -> pa.Table:
     """Ray Data stage: drop rows without an id and rows whose id is excluded (done, duplicated)."""
-    ids = pc.cast(batch.column(id_col), pa.string())
+    ids = id_text(batch.column(id_col))
     keep = pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), ""))
     if len(excluded):
         keep = pc.and_(keep, pc.invert(pc.is_in(ids, value_set=excluded)))

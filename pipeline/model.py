@@ -225,6 +225,10 @@ class TextTower(nn.Module):
             config.text_config.project_dim, config.projection_dim, bias=False
         )
 
+    @property
+    def vocab_size(self) -> int:
+        return self.text_model.config.vocab_size
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
         return self.text_projection(output.last_hidden_state[:, 0, :])

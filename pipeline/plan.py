@@ -11,12 +11,14 @@ import ray
 
 from pipeline.config import TOWERS, ConfigError, EmbedConfig
 from pipeline.embedders import ImageEmbedder, TextEmbedder, TowersEmbedder
-from pipeline.images import FetchPolicy, preprocess_images
+from pipeline import storage
+from pipeline.fetch import FetchPolicy, job_schemes
+from pipeline.images import preprocess_images
 from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
 from pipeline.model import ModelSpec
 from pipeline.progress import count_rows
 from pipeline.text import tokenize_captions
-from schemas.manifest import IMAGE_BYTES
+from schemas.manifest import INLINE_IMAGE
 
 # An actor that cannot be placed (a GPU nobody has) fails the job after this long instead of
 # waiting forever, which is Ray Data's default.
@@ -94,12 +96,24 @@ def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table |
                           batch_format="pyarrow", batch_size=None)
 
 
+def fetch_policy(config: EmbedConfig) -> FetchPolicy:
+    """Where the job's image reads may go: local files only for a manifest on this machine (or
+    with --allow-local-paths), object stores of the job's own schemes, public URLs."""
+    return FetchPolicy(
+        storage_options=config.storage_options,
+        allow_local_paths=storage.is_local(config.manifest) or config.allow_local_paths,
+        allow_private_urls=config.allow_private_urls,
+        patience_s=config.storage_patience_s,
+        job_schemes=job_schemes(config.manifest, config.out, config.table),
+    )
+
+
 UNREACHABLE_STORE_ERRORS = ("Could not connect to the endpoint URL", "Connect timeout on endpoint URL",
                             "Read timeout on endpoint URL", "Connection was closed before we received")
 
 
 def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,
-                  allow_local_paths: bool, counter=None):
+                  counter=None):
     """Rows in the contract's columns -> the same rows with their vectors (the towers in
     `config.towers` only), errors, hashes and sizes."""
     ctx = ray.data.DataContext.get_current()
@@ -118,16 +132,11 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
         ds = ds.map_batches(
             preprocess_images,
             fn_kwargs={"preprocessing": model.preprocessing, "mode": config.preprocess,
-                       "policy": FetchPolicy(
-                           storage_options=config.storage_options,
-                           allow_local_paths=allow_local_paths,
-                           allow_private_urls=config.allow_private_urls,
-                           patience_s=config.storage_patience_s,
-                       )},
+                       "policy": fetch_policy(config)},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
     else:
-        ds = ds.map_batches(lambda t: t.drop_columns([IMAGE_BYTES]), batch_format="pyarrow")
+        ds = ds.map_batches(lambda t: t.drop_columns([INLINE_IMAGE]), batch_format="pyarrow")
     if "text" in config.towers:
         ds = ds.map_batches(
             tokenize_captions,

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.images import FetchPolicy, ImageError, read_bytes
+from pipeline.fetch import FetchPolicy, read_bytes
 from pipeline.writer import SUMMARY_NAME, list_shards
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from schemas.manifest import CAPTION, ID, IMAGE
@@ -66,7 +66,7 @@ def _thumbnail(uri: str | None, storage_options: dict | None) -> str | None:
     try:
         data = read_bytes(uri, FetchPolicy(storage_options or {}, allow_local_paths=True))
         image = Image.open(io.BytesIO(data)).convert("RGB")
-    except (ImageError, OSError):
+    except Exception:  # any image that cannot be shown is shown as missing
         return None
     image.thumbnail((160, 160))
     buf = io.BytesIO()
@@ -82,6 +82,8 @@ def _contact_sheet(out: str, storage_options: dict | None, samples: int) -> str:
         columns=[ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING])
     rows = table.to_pylist()
     texts = [r for r in rows if r[TEXT_EMBEDDING] is not None]
+    # Only images the job embedded: what it refused (a local file from a remote manifest, a
+    # private URL) is not read here either.
     images = [r for r in rows if r[IMAGE_EMBEDDING] is not None][:samples]
     if not texts or not images:
         return "<p>No rows with both kinds of vectors to show.</p>"

@@ -10,7 +10,8 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, SearchConfig
 from pipeline.embedders import ImageEmbedder, TextEmbedder
-from pipeline.images import FetchPolicy, preprocess_images
+from pipeline.fetch import FetchPolicy
+from pipeline.images import preprocess_images
 from pipeline.model import ModelSpec, resolve_model
 from pipeline.table import open_table, table_provenance
 from pipeline.text import tokenize_captions
@@ -24,7 +25,7 @@ from schemas.embeddings import (
     TEXT_EMBEDDING,
     TEXT_ERROR,
 )
-from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
+from schemas.manifest import CAPTION, ID, IMAGE, INLINE_IMAGE
 from schemas.table import SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 # Columns a hit leaves out: vectors and bookkeeping; what remains is the row and its metadata.
@@ -53,7 +54,7 @@ def embed_text_query(model: ModelSpec, dtype: str, text: str) -> np.ndarray:
 def embed_image_query(model: ModelSpec, dtype: str, uri: str, storage_options=None) -> np.ndarray:
     """An image's vector through the same stages the embed job runs (the user's own query may
     name any file or URL)."""
-    batch = pa.table({IMAGE: [uri], IMAGE_BYTES: pa.nulls(1, pa.binary())})
+    batch = pa.table({IMAGE: [uri], INLINE_IMAGE: pa.nulls(1, pa.binary())})
     policy = FetchPolicy(storage_options or {}, allow_local_paths=True, allow_private_urls=True)
     batch = preprocess_images(batch, model.preprocessing, policy)
     if batch.column(IMAGE_ERROR)[0].is_valid:

@@ -32,7 +32,8 @@ from PIL import Image, ImageOps
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.embedders import ImageEmbedder, TextEmbedder
-from pipeline.images import FetchPolicy, ImageError, decode, preprocess_images, read_bytes, to_rgb
+from pipeline.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.images import decode, preprocess_images, to_rgb
 from pipeline.model import resolve_model
 from pipeline.table import open_table, table_provenance
 from pipeline.text import tokenize_captions
@@ -48,13 +49,16 @@ from schemas.embeddings import (
     WIDTH,
     contract_column_names,
 )
-from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
+from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE
 from schemas.table import SEARCH_COLUMNS
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 DEFAULT_K = 24
 MAX_K = 200
 MAX_TEXT_CHARS = 4000
+# An uploaded query image may have at most this many pixels (a 40 MP photo), read from its header
+# before it is decoded: a 160 KB PNG of 13000x13000 would otherwise cost 0.8 GB and seconds.
+MAX_UPLOAD_PIXELS = 40_000_000
 MAX_FILTER_VALUES = 100
 MAX_UPLOAD_BYTES = 32 << 20
 # A string column with at most this many distinct values is offered as a choice of values.
@@ -372,10 +376,10 @@ class Searcher:
         """An uploaded image through the embed job's own decode and preprocessing."""
         if not data:
             raise ServeError(400, "image: the upload is empty")
-        batch = pa.table({IMAGE: pa.nulls(1, pa.string()), IMAGE_BYTES: pa.array([data], pa.binary())})
+        batch = pa.table({IMAGE: pa.nulls(1, pa.string()), INLINE_IMAGE: pa.array([data], pa.binary())})
         # The table's own preprocessing mode (exact, or fast: JPEG draft decode), as it was embedded.
-        extra = {"mode": self.preprocess_mode} if self.preprocess_mode != "exact" else {}
-        batch = preprocess_images(batch, self.model.preprocessing, self.policy, **extra)
+        batch = preprocess_images(batch, self.model.preprocessing, self.policy, self.preprocess_mode,
+                                  max_pixels=MAX_UPLOAD_PIXELS)
         if batch.column(IMAGE_ERROR)[0].is_valid:
             raise ServeError(400, f"image: {batch.column(IMAGE_ERROR)[0]}")
         with self._model_lock:
@@ -427,10 +431,14 @@ class Searcher:
     def thumbnail(self, row_id: str, size: int) -> tuple[bytes, str]:
         """JPEG bytes of the row's image, fitted in size x size, and an ETag."""
         rows = (self._fresh_table().search().where(f"{sql_identifier(ID)} = {sql_literal(row_id)}")
-                .select([IMAGE, IMAGE_SHA256]).limit(1).to_list())
+                .select([IMAGE, IMAGE_SHA256, IMAGE_ERROR]).limit(1).to_list())
         if not rows:
             raise ServeError(404, f"no row with id {row_id!r}")
-        uri, sha = rows[0][IMAGE], rows[0].get(IMAGE_SHA256)
+        uri, sha, failed = rows[0][IMAGE], rows[0].get(IMAGE_SHA256), rows[0].get(IMAGE_ERROR)
+        if failed:
+            # What the embed job could not or would not read (a local file named by a remote
+            # manifest, a private URL, a damaged file) the server does not read either.
+            raise ServeError(404, f"row {row_id!r} has no image ({failed.split(':', 1)[0]})")
         if not uri:
             raise ServeError(404, f"row {row_id!r} has no image URI (its image was inline)")
         key = (row_id, uri, sha, size)

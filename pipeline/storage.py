@@ -109,14 +109,26 @@ def resolve(reference: str, base: str) -> str:
 
 def redact(uri: str) -> str:
     """A URI safe to print: no query string (signed URLs carry credentials there), no user info."""
-    uri = re.sub(r"\?.*$", "?…", uri)
+    uri = re.sub(r"(\?|%3[fF]).*$", "?…", uri)  # also a query quoted into a path (`%3F`)
     return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", uri)
 
 
+# A URI in a message ends before spaces, quotes and the punctuation that follows it in a sentence.
+_URI_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,;:)\]]")
+_QUERY_IN_TEXT = re.compile(r"(/[^\s'\"<>?]*)\?(?!…)[^\s'\"<>]*[^\s'\"<>.,;:)\]]")
+
+
+def redact_text(text: str) -> str:
+    """A message safe to print: every URI in it redacted, and query strings after any path
+    (libraries quote the request target alone, `GET /a.jpg?X-Amz-Signature=...`)."""
+    text = _URI_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    return _QUERY_IN_TEXT.sub(lambda m: m.group(1) + "?…", text)
+
+
 def describe(exc: BaseException) -> str:
-    """One line about a storage failure, for an error message."""
+    """One line about a failure, for an error message (URIs and query strings redacted)."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return redact_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def check_writable(uri: str, storage_options: dict | None = None, option: str = "--out") -> None:
@@ -168,13 +180,20 @@ _UNAVAILABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRE
                        errno.ECONNRESET, errno.EREMOTEIO}
 
 
+_OUTAGE_IN_TEXT = re.compile(r"(?:pipeline\.storage\.)?StorageUnavailable: (.+)")
+
+
 def outage_in(exc: BaseException) -> StorageUnavailable | None:
-    """The StorageUnavailable a task raised, however Ray wrapped it on its way to the driver."""
+    """The StorageUnavailable a task raised, however Ray wrapped it on its way to the driver: as
+    a cause, or (Ray Data's UserCodeException keeps only the text) in a traceback's text."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, StorageUnavailable):
             return exc
+        found = _OUTAGE_IN_TEXT.search(str(exc))
+        if found:
+            return StorageUnavailable(found.group(1).strip())
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return None
 

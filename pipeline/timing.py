@@ -9,12 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-STAGE_SECONDS_PREFIX = "__seconds_"
-STAGE_NODE_PREFIX = "__node_"
-STAGE_AT_PREFIX = "__at_"  # when the stage finished the batch (Unix seconds)
-STAGE_WORKER_PREFIX = "__worker_"  # the actor that ran the batch ("" for tasks)
-STAGE_DEVICE_PREFIX = "__device_"  # JSON: what the actor's accelerator reported after the batch
-STAGE_COUNT_PREFIX = "__count_"  # a batch's count of something (on its first row), summed
+from schemas.manifest import INTERNAL_PREFIX
+
+STAGE_SECONDS_PREFIX = INTERNAL_PREFIX + "seconds_"
+STAGE_NODE_PREFIX = INTERNAL_PREFIX + "node_"
+STAGE_AT_PREFIX = INTERNAL_PREFIX + "at_"  # when the stage finished the batch (Unix seconds)
+STAGE_WORKER_PREFIX = INTERNAL_PREFIX + "worker_"  # the actor that ran the batch ("" for tasks)
+STAGE_DEVICE_PREFIX = INTERNAL_PREFIX + "device_"  # JSON: what the actor's accelerator reported
+STAGE_COUNT_PREFIX = INTERNAL_PREFIX + "count_"  # a batch's count of something (first row), summed
 
 
 def _node_id() -> str:

@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 
-from schemas.manifest import CAPTION, ID, IMAGE
+from schemas.manifest import CAPTION, ID, IMAGE, INTERNAL_PREFIX
 
 IMAGE_EMBEDDING = "image_embedding"
 TEXT_EMBEDDING = "text_embedding"
@@ -26,15 +26,25 @@ PROVENANCE_KEY = b"altclip.provenance"
 # Error kinds: the text before the colon of `image_error` / `text_error`.
 ERROR_KINDS = (
     "not_found",  # the image URI does not exist
-    "read_error",  # the bytes could not be read (permissions, a directory, storage failure)
-    "decode_error",  # the bytes are not an image PIL can decode
+    "read_error",  # the bytes could not be read (permissions, not a file, a malformed URL, a
+    # server answering garbage); an unforeseen error while reading is this kind too
+    "decode_error",  # the bytes are not an image PIL can decode; an unforeseen error while
+    # decoding or preprocessing is this kind too, with the exception's type in the message
     "truncated",  # an image file that ends early
     "too_large",  # more pixels than the decompression-bomb limit, or a download over the cap
-    "timeout",  # a fetch that got no answer in time, after retries
-    "forbidden",  # a local path from a remote manifest, or a URL to a non-public address
+    "timeout",  # a fetch that got no answer in time, after retries; a decode that did not end
+    "forbidden",  # a scheme the job does not allow, a local path from a remote manifest, or a
+    # URL (or a redirect) to a non-public address
     "no_image",  # the row has neither an image URI nor inline bytes
+    "worker_crash",  # the process decoding the image died on it (a crash, killed for memory)
     "empty_caption",  # null, empty or whitespace-only caption
+    "invalid_caption",  # a caption that is not text (a list, a number's absence of text,
+    # bytes that are not UTF-8), or one the tokenizer failed on
+    "embed_error",  # the tower failed on this row alone (its other rows were embedded)
 )
+# Kinds that may succeed when tried again (`embed --retry-errors`); the others need the input
+# to change first.
+TRANSIENT_ERROR_KINDS = ("timeout", "read_error", "worker_crash")
 
 
 def vector_type(dim: int) -> pa.DataType:
@@ -68,6 +78,11 @@ def embeddings_schema(
 def contract_column_names() -> set[str]:
     """Output column names a manifest's metadata column may not take."""
     return set(embeddings_schema(1, []).names)
+
+
+def is_reserved(name: str) -> bool:
+    """Whether a manifest's metadata column must be renamed: an output or internal name."""
+    return name in contract_column_names() or name.startswith(INTERNAL_PREFIX)
 
 
 def provenance_of(schema: pa.Schema) -> dict | None:

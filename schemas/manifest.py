@@ -8,6 +8,12 @@ CAPTION = "caption"
 # The columns with a meaning of their own; every other manifest column is metadata.
 KNOWN_COLUMNS = (ID, IMAGE, IMAGE_BYTES, CAPTION)
 
+# Columns that stages hand each other (inline bytes, pixels, token ids) start with this and are
+# never written; a manifest column whose name starts with it is kept as `manifest_<name>`.
+INTERNAL_PREFIX = "__altclip_"
+# A row's inline image bytes, from reading the manifest to decoding.
+INLINE_IMAGE = INTERNAL_PREFIX + "image_bytes"
+
 # File name suffix -> manifest format.
 FORMATS_BY_SUFFIX = {
     ".parquet": "parquet",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -12,6 +13,8 @@ import ray
 from click.testing import CliRunner
 
 from jobs.cli import main
+from pipeline.images import CRASH_TEST_VARIABLE
+from tests.corpus import crash_image
 
 
 SECRET_ACCESS_KEY = "SECRET-do-not-print-7f3a9c"
@@ -50,8 +53,10 @@ _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server, tmp_path_factory):
-    # Set before Ray starts, so that workers copy models into the same per-test-run cache.
+    # Set before Ray starts, so that workers copy models into the same per-test-run cache, and
+    # their decoding processes crash on the one image tests plant for it.
     os.environ["ALTCLIP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ[CRASH_TEST_VARIABLE] = hashlib.sha256(crash_image()).hexdigest()
     ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False,
              include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

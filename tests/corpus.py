@@ -89,3 +89,12 @@ def write_corpus(folder, images: dict[str, bytes] | None = None, extra_rows: lis
     manifest = os.path.join(folder, manifest_name)
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     return manifest
+
+
+def crash_image() -> bytes:
+    """A valid PNG that the decoding process is told to crash on (tests set
+    ALTCLIP_TEST_CRASH_ON_SHA256 to its hash before Ray starts), as a damaged file crashing a
+    native decoder would."""
+    buf = io.BytesIO()
+    Image.fromarray(_pattern(64, 48, 666)).save(buf, "PNG")
+    return buf.getvalue()

@@ -92,7 +92,7 @@ def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path)
 def test_a_file_without_read_permission_is_its_rows_read_error(tmp_path, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.images import ImageError, read_bytes
+    from pipeline.fetch import ImageError, read_bytes
 
     path = tmp_path / "locked.jpg"
     path.write_bytes(_jpeg())

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import images
-from pipeline.images import ImageError, fetch_url
+from pipeline import fetch
+from pipeline.fetch import ImageError, fetch_url
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
 
@@ -58,22 +58,22 @@ def server():
 
 def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypatch):
     base, hits = server
-    monkeypatch.setattr(images, "HTTP_BACKOFF_S", 0.01)
-    assert fetch_url(f"{base}/ok.png") == PNG
-    assert fetch_url(f"{base}/flaky.png") == PNG and hits["/flaky.png"] == 3  # two 503s, then 200
+    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
+    assert fetch_url(f"{base}/ok.png", allow_private=True) == PNG
+    assert fetch_url(f"{base}/flaky.png", allow_private=True) == PNG and hits["/flaky.png"] == 3  # two 503s, then 200
 
     with pytest.raises(ImageError, match=r"^not_found: .*/missing.png: HTTP 404"):
-        fetch_url(f"{base}/missing.png")
+        fetch_url(f"{base}/missing.png", allow_private=True)
 
-    monkeypatch.setattr(images, "HTTP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 0.3)
     started = time.monotonic()
     with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no answer in 0.3 s, 4 attempts"):
-        fetch_url(f"{base}/slow.png?signature=SECRET")
+        fetch_url(f"{base}/slow.png?signature=SECRET", allow_private=True)
     assert time.monotonic() - started < 5
 
-    monkeypatch.setattr(images, "MAX_DOWNLOAD_BYTES", 1000)
+    monkeypatch.setattr(fetch, "MAX_IMAGE_BYTES", 1000)
     with pytest.raises(ImageError, match=r"^too_large: .*/big.png: 4096 bytes > 1000"):
-        fetch_url(f"{base}/big.png")
+        fetch_url(f"{base}/big.png", allow_private=True)
 
 
 def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_path):

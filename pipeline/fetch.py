@@ -1,0 +1,279 @@
+"""Image bytes from the URIs a job allows: local files, object stores, http(s); every read
+bounded in size and time, every URL hop checked against the address policy."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from urllib.parse import urljoin
+
+import urllib3
+from urllib3.util import parse_url
+
+from pipeline import storage
+from schemas.embeddings import error
+
+MAX_IMAGE_BYTES = 64 << 20  # an image file or download larger than this is `too_large`
+HTTP_TIMEOUT_S = 20  # per attempt: to connect, between bytes, and for the whole body
+HTTP_ATTEMPTS = 4
+HTTP_BACKOFF_S = 0.5
+MAX_REDIRECTS = 5
+_RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+URL_SCHEMES = frozenset({"http", "https"})
+OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+# Schemes that read this machine's files, or read through another URL (fsspec's archives and
+# caches): only where local paths are allowed, and every link of a chained URL is checked.
+LOCAL_SCHEMES = frozenset({"file", "local", "memory"})
+WRAPPER_SCHEMES = frozenset({"zip", "tar", "simplecache", "filecache", "blockcache", "dir"})
+
+
+class ImageError(Exception):
+    """A row's image could not be had; `str()` is the row's `image_error` (`kind: message`)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(error(kind, storage.redact_text(message)))
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Where image fetches may go, and with which storage settings."""
+
+    storage_options: dict = field(default_factory=dict, repr=False)
+    # Local paths (and fsspec's archive and cache protocols) may be read: true for a manifest on
+    # this machine, false for one from object storage unless --allow-local-paths.
+    allow_local_paths: bool = True
+    # URLs may not reach loopback, link-local or private addresses (the cluster's own services,
+    # cloud metadata endpoints) unless allowed.
+    allow_private_urls: bool = False
+    # An unreachable store among these schemes (the manifest's, the output's, the table's) is
+    # waited out this long, then the job stops (see storage.patiently); any other store that
+    # does not answer is the row's `timeout` or `read_error`.
+    patience_s: float = storage.DEFAULT_PATIENCE_S
+    job_schemes: frozenset = frozenset({"file"})
+
+
+def job_schemes(*uris: str | None) -> frozenset:
+    """The storage schemes of a job's own locations (manifest, output, table, model)."""
+    return frozenset(storage.scheme(u) for u in uris if u)
+
+
+def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
+    """An image's bytes from a path, an object-store URI or an http(s) URL, as the policy allows."""
+    shown = storage.redact(uri)
+    links = uri.split("::")
+    schemes = [storage.scheme(link) for link in links]
+    if len(links) == 1 and schemes[0] in URL_SCHEMES:
+        return fetch_url(uri, policy.allow_private_urls)
+    chained = len(links) > 1 or schemes[0] in WRAPPER_SCHEMES
+    allowed = LOCAL_SCHEMES | WRAPPER_SCHEMES | OBJECT_STORE_SCHEMES if chained else (
+        LOCAL_SCHEMES | OBJECT_STORE_SCHEMES)
+    unknown = [s for s in schemes if s not in allowed]
+    if unknown:
+        raise ImageError("forbidden", f"{shown}: images are not read over {unknown[0]}:// (local "
+                         "paths, object stores and http(s) URLs are)")
+    reaches_local = chained or schemes[0] in LOCAL_SCHEMES
+    if not policy.allow_local_paths and (reaches_local or schemes[0] not in policy.job_schemes):
+        what = "a local path" if reaches_local else f"a {schemes[0]}:// store the job is not configured for"
+        raise ImageError("forbidden", f"{shown}: {what} in a manifest from object storage "
+                         "(pass --allow-local-paths to permit it)")
+
+    def read() -> bytes:
+        fs, path = storage.filesystem(uri, policy.storage_options)
+        if storage.is_local(uri):
+            _check_regular_file(path, shown)
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            if isinstance(size, int) and size > MAX_IMAGE_BYTES:
+                raise ImageError("too_large", f"{shown}: {size} bytes > {MAX_IMAGE_BYTES}")
+            data = f.read(MAX_IMAGE_BYTES + 1)
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ImageError("too_large", f"{shown}: more than {MAX_IMAGE_BYTES} bytes")
+        return data
+
+    try:
+        if schemes[-1] in policy.job_schemes:
+            return storage.patiently(read, uri, policy.patience_s)
+        return read()
+    except (storage.StorageUnavailable, ImageError):
+        raise  # the first: the store's fault, not the row's; the job stops and a rerun resumes
+    except FileNotFoundError:
+        raise ImageError("not_found", f"{shown} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError("read_error", f"{shown} is a directory") from None
+    except PermissionError:
+        raise ImageError("read_error", f"{shown}: permission denied") from None
+    except Exception as exc:  # every storage backend raises its own kinds
+        kind = "timeout" if storage.is_unavailable(exc) else "read_error"
+        raise ImageError(kind, f"{shown}: {storage.describe(exc)}") from None
+
+
+def _check_regular_file(path: str, shown: str) -> None:
+    """A FIFO would block the read forever and /dev/zero never end: only regular files are read."""
+    mode = os.stat(path).st_mode  # FileNotFoundError, PermissionError, ELOOP: handled by the caller
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(mode):
+        raise ImageError("read_error", f"{shown}: not a regular file")
+
+
+# --- http(s) ---------------------------------------------------------------------------------
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses of `host`, resolved once per hop: the connection goes to one of these."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_global and not ip.is_multicast
+
+
+_POOLS: OrderedDict[tuple, urllib3.HTTPConnectionPool] = OrderedDict()
+_POOLS_LOCK = threading.Lock()
+MAX_POOLS = 256  # hosts with open connections kept per process
+
+
+def _pool(scheme: str, host: str, address: str, port: int) -> urllib3.HTTPConnectionPool:
+    """A connection pool to the checked address, speaking to `host` (Host header, TLS name)."""
+    key = (scheme, host, address, port)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is not None:
+            _POOLS.move_to_end(key)
+            return pool
+        options = dict(maxsize=4, block=False, retries=False)
+        if scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(address, port, server_hostname=host,
+                                               assert_hostname=host, cert_reqs="CERT_REQUIRED", **options)
+        else:
+            pool = urllib3.HTTPConnectionPool(address, port, **options)
+        _POOLS[key] = pool
+        while len(_POOLS) > MAX_POOLS:
+            _POOLS.popitem(last=False)[1].close()
+        return pool
+
+
+class _Retry(Exception):
+    """A transient failure of one attempt: `kind` if it is the last."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def fetch_url(url: str, allow_private: bool = False) -> bytes:
+    """GET with redirects followed by hand (each hop's scheme and address checked, and the
+    connection made to the address checked), a timeout per attempt, retries with backoff on
+    transient failures, and a size cap."""
+    shown = storage.redact(url)
+    for attempt in range(HTTP_ATTEMPTS):
+        try:
+            return _get(url, allow_private)
+        except _Retry as exc:
+            if attempt == HTTP_ATTEMPTS - 1:
+                raise ImageError(exc.kind, f"{shown}: {exc}, {HTTP_ATTEMPTS} attempts") from None
+        time.sleep(HTTP_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _get(url: str, allow_private: bool) -> bytes:
+    first = storage.redact(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        shown = storage.redact(url)
+        try:
+            parts = parse_url(url)
+        except Exception as exc:
+            raise ImageError("read_error", f"{shown}: not a valid URL ({storage.describe(exc)})") from None
+        scheme = (parts.scheme or "").lower()
+        if scheme not in URL_SCHEMES:
+            raise ImageError("forbidden", f"{first}: redirected to {scheme or 'no'}:// ({shown}); "
+                             "only http and https are followed")
+        if not parts.host:
+            raise ImageError("read_error", f"{shown}: the URL names no host")
+        host = parts.host.strip("[]")
+        port = parts.port or (443 if scheme == "https" else 80)
+        address = _checked_address(host, port, allow_private, shown)
+        host_header = parts.host if parts.port is None else f"{parts.host}:{parts.port}"
+        response = _request(scheme, host, address, port, parts.request_uri, host_header, shown)
+        try:
+            if response.status in _REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise ImageError("read_error", f"{shown}: HTTP {response.status} without a Location")
+                url = urljoin(url, location.strip())
+                continue
+            if response.status in (404, 410):
+                raise ImageError("not_found", f"{shown}: HTTP {response.status}")
+            if response.status in _RETRYABLE_HTTP:
+                raise _Retry("read_error", f"HTTP {response.status}")
+            if response.status >= 400:
+                raise ImageError("read_error", f"{shown}: HTTP {response.status}")
+            return _read_body(response, shown)
+        finally:
+            response.release_conn()
+    raise ImageError("read_error", f"{first}: more than {MAX_REDIRECTS} redirects")
+
+
+def _checked_address(host: str, port: int, allow_private: bool, shown: str) -> str:
+    try:
+        addresses = resolve_host(host, port)
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise ImageError("read_error", f"{shown}: cannot resolve {host} ({storage.describe(exc)})") from None
+    if not addresses:
+        raise ImageError("read_error", f"{shown}: {host} has no address")
+    if not allow_private:
+        for address in addresses:
+            if not is_public_address(address):
+                raise ImageError("forbidden", f"{shown}: {host} is a non-public address ({address}); "
+                                 "pass --allow-private-urls to permit it")
+    return addresses[0]
+
+
+def _request(scheme: str, host: str, address: str, port: int, target: str, host_header: str,
+             shown: str):
+    pool = _pool(scheme, host, address, port)
+    try:
+        return pool.urlopen(
+            "GET", target, headers={"Host": host_header, "User-Agent": "altclip-pipeline",
+                                    "Accept-Encoding": "identity"},
+            redirect=False, retries=False, preload_content=False, assert_same_host=False,
+            timeout=urllib3.Timeout(connect=HTTP_TIMEOUT_S, read=HTTP_TIMEOUT_S),
+        )
+    except (urllib3.exceptions.TimeoutError, TimeoutError, socket.timeout):
+        raise _Retry("timeout", f"no answer in {HTTP_TIMEOUT_S} s") from None
+    except (urllib3.exceptions.HTTPError, ConnectionError, OSError) as exc:
+        # Refused or reset connections, a server answering garbage, a TLS failure: retried.
+        raise _Retry("read_error", storage.describe(exc)) from None
+
+
+def _read_body(response, shown: str) -> bytes:
+    length = response.headers.get("Content-Length")
+    if length is not None and length.strip().isdigit() and int(length) > MAX_IMAGE_BYTES:
+        raise ImageError("too_large", f"{shown}: {int(length)} bytes > {MAX_IMAGE_BYTES}")
+    deadline = time.monotonic() + HTTP_TIMEOUT_S
+    chunks, size = [], 0
+    try:
+        while True:
+            chunk = response.read(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_IMAGE_BYTES:
+                raise ImageError("too_large", f"{shown}: more than {MAX_IMAGE_BYTES} bytes")
+            if time.monotonic() > deadline:  # a server that trickles bytes
+                raise _Retry("timeout", f"the body took more than {HTTP_TIMEOUT_S} s")
+    except (urllib3.exceptions.TimeoutError, TimeoutError, socket.timeout):
+        raise _Retry("timeout", f"no answer in {HTTP_TIMEOUT_S} s") from None
+    except (urllib3.exceptions.HTTPError, ConnectionError, OSError) as exc:
+        raise _Retry("read_error", storage.describe(exc)) from None
+    return b"".join(chunks)
