@@ -23,6 +23,7 @@ from pipeline.config import (
     ReembedConfig,
     SearchConfig,
 )
+from schemas.embeddings import TRANSIENT_ERROR_KINDS
 from schemas.table import DEFAULT_TABLE_NAME, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 
@@ -128,12 +129,21 @@ def _embed_config(manifest: str, out: str | None, table: str | None, towers: str
 @click.option("--progress-interval", "progress_interval_s", default=10.0, show_default=True,
               type=float, help="Seconds between progress lines.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--retry-errors", is_flag=True,
+              help=f"Embed again only the rows of OUT whose error may be transient "
+                   f"({', '.join(TRANSIENT_ERROR_KINDS)}), replacing them in place.")
+@click.option("--retry-kind", "retry_kind", multiple=True, metavar="KIND",
+              help="Also retry rows with this error kind (repeatable), e.g. decode_error after "
+                   "a Pillow upgrade; implies --retry-errors.")
 @job_options
-def embed_command(manifest, out, table, quiet, **options):
+def embed_command(manifest, out, table, quiet, retry_errors, retry_kind, **options):
     """Embed the images and captions of MANIFEST (Parquet, CSV or JSON Lines; file, folder, glob;
     WebDataset shards)."""
     if quiet:
         options["progress"] = "quiet"
+    if retry_errors or retry_kind:
+        kinds = (*(TRANSIENT_ERROR_KINDS if retry_errors else ()), *retry_kind)
+        options["retry_kinds"] = tuple(dict.fromkeys(kinds))
     config = _embed_config(manifest, out, table, **options)
     from jobs.embed import run_embed
 
@@ -224,7 +234,15 @@ def table_restore_command(db, version, table_name, storage_options):
 def _print_summary(summary: dict) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     rejected = summary["rows_rejected"]
-    if summary["rows_embedded"] == 0:
+    retried = summary.get("retried")
+    if retried is not None and retried["rows"] == 0:
+        click.echo("nothing to retry: no row of the output has an error of the kinds asked for", err=True)
+    elif retried is not None:
+        still = ", ".join(f"{k} {v}" for k, v in retried["still_failing"].items())
+        click.echo(f"retried {retried['rows']} rows: {retried['succeeded']} now succeeded"
+                   + (f"; still failing: {still}" if still else "")
+                   + f" ({summary['seconds_total']:.1f} s)", err=True)
+    elif summary["rows_embedded"] == 0:
         click.echo(f"nothing to do: all {summary['rows_out']} rows are already in the output "
                    "(no model work)", err=True)
     else:

@@ -8,6 +8,8 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 
 from pipeline import __version__, storage
@@ -19,7 +21,11 @@ from pipeline.plan import embed_dataset, ensure_ray, manifest_rows, plan_placeme
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.writer import (
     ParquetShardSink,
+    errors_by_kind,
+    failed_ids,
+    has_error,
     output_totals,
+    outputs_dataset,
     read_ids,
     read_output_provenance,
     remove_duplicate_rows,
@@ -28,7 +34,8 @@ from pipeline.writer import (
     summarize,
     write_summary,
 )
-from schemas.embeddings import embeddings_schema
+from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, embeddings_schema
+from schemas.manifest import ID
 
 
 def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str = "exact") -> dict:
@@ -54,6 +61,22 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str 
 COMPARED_PROVENANCE = ("model", "revision", "dim", "dtype", "towers", "preprocessing", "max_tokens")
 
 
+def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
+    """Whether OUT holds embeddings (False: none), refusing ones made differently."""
+    previous = read_output_provenance(config.out, config.storage_options)
+    if previous is None:
+        return False
+    changed = [k for k in COMPARED_PROVENANCE if previous.get(k) != origin.get(k)]
+    if changed:
+        details = "; ".join(f"{k}: {previous.get(k)!r} there, {origin.get(k)!r} now" for k in changed)
+        raise ConfigError(
+            f"--out {config.out} holds embeddings made differently ({details}): rerun with the "
+            "same options, choose another --out, or pass --overwrite to replace them"
+        )
+    remove_unpublished(config.out, config.storage_options)
+    return True
+
+
 def _rows_already_done(config: EmbedConfig, origin: dict) -> pa.Array:
     """Ids a previous run of the same job published under OUT (none with --overwrite).
 
@@ -63,18 +86,31 @@ def _rows_already_done(config: EmbedConfig, origin: dict) -> pa.Array:
     if config.overwrite:
         remove_outputs(config.out, config.storage_options)
         return pa.array([], pa.string())
-    previous = read_output_provenance(config.out, config.storage_options)
-    if previous is None:
+    if not _same_provenance(config, origin):
         return pa.array([], pa.string())
-    changed = [k for k in COMPARED_PROVENANCE if previous.get(k) != origin.get(k)]
-    if changed:
-        details = "; ".join(f"{k}: {previous.get(k)!r} there, {origin.get(k)!r} now" for k in changed)
-        raise ConfigError(
-            f"--out {config.out} holds embeddings made differently ({details}): rerun with the "
-            "same options, choose another --out, or pass --overwrite to replace them"
-        )
-    remove_unpublished(config.out, config.storage_options)
     return read_ids(config.out, config.storage_options)
+
+
+def _rows_to_retry(config: EmbedConfig, origin: dict) -> pa.Array:
+    """Ids of OUT's rows whose error is of a kind to retry (--retry-errors, --retry-kind)."""
+    if config.overwrite:
+        raise ConfigError("--overwrite replaces the output, --retry-errors mends it: choose one")
+    if not _same_provenance(config, origin):
+        raise ConfigError(f"--out {config.out} holds no embeddings to retry: run without "
+                          "--retry-errors first")
+    return failed_ids(config.out, config.retry_kinds, config.storage_options)
+
+
+def _retry_outcome(config: EmbedConfig, retried: pa.Array) -> dict:
+    """How the retried rows came out: how many no longer have an error of the retried kinds."""
+    if not len(retried):
+        return {"rows": 0, "succeeded": 0, "still_failing": {}}
+    rows = outputs_dataset(config.out, config.storage_options).to_table(
+        columns=[ID, IMAGE_ERROR, TEXT_ERROR], filter=pads.field(ID).isin(retried))
+    still = {k: v for k, v in errors_by_kind(rows).items() if k.split(".", 1)[1] in config.retry_kinds}
+    failing = len(pc.unique(rows.column(ID).combine_chunks().filter(has_error(rows, config.retry_kinds))))
+    return {"rows": len(retried), "succeeded": len(retried) - failing,
+            "still_failing": dict(sorted(still.items()))}
 
 
 def _progress(config: EmbedConfig, counter, total: int | None):
@@ -103,29 +139,34 @@ def run_embed(config: EmbedConfig) -> dict:
     placement = plan_placement(config)
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
     origin = provenance(model, dtype, config.towers, config.preprocess)
-    done = _rows_already_done(config, origin)
+    # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
+    retry = _rows_to_retry(config, origin) if config.retry_kinds else None
+    done = pa.array([], pa.string()) if retry is not None else _rows_already_done(config, origin)
     scan = scan_ids(manifest)
     # Rows of a duplicated id are all held back from the stream; its first row joins it again.
     excluded = pa.concat_arrays([done, scan.duplicated_ids])
     extra_rows = scan.first_of_duplicates
-    if extra_rows is not None and len(done):
-        extra_rows = select_rows(extra_rows, manifest.id_col, done)
-    pending = scan.pending(done)
+    if extra_rows is not None and (len(done) or retry is not None):
+        extra_rows = select_rows(extra_rows, manifest.id_col, done, retry)
+    pending = len(retry) if retry is not None else scan.pending(done)
     counter = RowCounter.remote()
     sink = ParquetShardSink(
         config.out, embeddings_schema(model.dim, list(manifest.metadata_fields), origin),
         model.label, config.rows_per_shard, config.storage_options, config.storage_patience_s, counter,
     )
     if pending is None or pending > 0:
-        rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size)
+        rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
         with _progress(config, counter, pending):
             plan.write_datasink(sink)
     duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,
                                                config.storage_patience_s)
     totals = output_totals(config.out, config.storage_options)
-    summary = summarize(sink.shards, totals, scan, len(done), time.perf_counter() - started, origin)
+    already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else len(done)
+    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin)
     summary["duplicate_rows_removed"] = duplicates_removed
+    if retry is not None:
+        summary["retried"] = _retry_outcome(config, retry)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
     if config.table:
         summary["table"] = run_load(

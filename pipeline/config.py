@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from schemas.embeddings import ERROR_KINDS
 from schemas.table import DEFAULT_TABLE_NAME
 
 DEFAULT_MODEL = "BAAI/AltCLIP"
@@ -46,6 +47,8 @@ class EmbedConfig:
     progress_interval_s: float = 10.0
     # Seconds an unreachable store is waited out before the job stops (rerun to resume).
     storage_patience_s: float = 300.0
+    # Not empty: embed again only the rows of OUT whose error is of these kinds, in place.
+    retry_kinds: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [t for t in self.towers if t not in TOWERS]
@@ -71,6 +74,9 @@ class EmbedConfig:
             raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
         if self.storage_patience_s < 0:
             raise ConfigError(f"--storage-patience {self.storage_patience_s}: seconds, 0 or more")
+        for kind in self.retry_kinds:
+            if kind not in ERROR_KINDS:
+                raise ConfigError(f"--retry-kind {kind}: choose among {', '.join(ERROR_KINDS)}")
 
 
 @dataclass(frozen=True)

@@ -657,10 +657,14 @@ def _file_rows(manifest: Manifest, fs, path: str) -> pa.Table:
         return _parse_json(f.read(), manifest)
 
 
-def select_rows(batch: pa.Table, id_col: str, excluded: pa.Array) -> pa.Table:
-    """Ray Data stage: drop rows without an id and rows whose id is excluded (done, duplicated)."""
+def select_rows(batch: pa.Table, id_col: str, excluded: pa.Array,
+                included: pa.Array | None = None) -> pa.Table:
+    """Ray Data stage: drop rows without an id, rows whose id is excluded (done, duplicated)
+    and, when `included` is given, rows whose id is not in it (the rows to retry)."""
     ids = id_text(batch.column(id_col))
     keep = pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), ""))
     if len(excluded):
         keep = pc.and_(keep, pc.invert(pc.is_in(ids, value_set=excluded)))
+    if included is not None:
+        keep = pc.and_(keep, pc.is_in(ids, value_set=included))
     return batch.filter(pc.fill_null(keep, False))

@@ -81,11 +81,12 @@ def plan_placement(config: EmbedConfig) -> Placement:
 
 
 def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table | None,
-                  rows_per_block: int):
+                  rows_per_block: int, included: pa.Array | None = None):
     """The manifest's rows in the contract's columns, less those whose ids are `excluded`
-    (already done, or duplicated), plus `extra_rows` (the one row kept of each duplicated id)."""
+    (already done, or duplicated), plus `extra_rows` (the one row kept of each duplicated id);
+    with `included`, only rows whose id is in it."""
     ds = read_manifest(manifest).map_batches(
-        select_rows, fn_kwargs={"id_col": manifest.id_col, "excluded": excluded},
+        select_rows, fn_kwargs={"id_col": manifest.id_col, "excluded": excluded, "included": included},
         batch_format="pyarrow", batch_size=None,
     )
     if extra_rows is not None and extra_rows.num_rows:

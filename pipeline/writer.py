@@ -61,9 +61,16 @@ def errors_by_kind(table: pa.Table) -> collections.Counter:
     return errors
 
 
+def run_stamp() -> str:
+    """Names the shards of one run so that a later run's sort after an earlier run's (the
+    driver's clock: the workers' clocks may differ)."""
+    return f"{time.time_ns():020d}"
+
+
 def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
-                patience_s: float = storage.DEFAULT_PATIENCE_S) -> str:
-    """Write one shard under a temporary name, then rename it into place; returns its name.
+                patience_s: float = storage.DEFAULT_PATIENCE_S, stamp: str | None = None) -> str:
+    """Write one shard under a temporary name, then rename it into place; returns its name
+    (`part-<run stamp>-<uuid>.parquet`).
 
     While the store is unreachable the whole write is retried (see storage.patiently); a
     rename that went through but was not acknowledged can publish the rows twice, which
@@ -71,9 +78,10 @@ def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
     """
     fs, path = storage.filesystem(out, storage_options)
     path = path.rstrip("/")
+    stamp = stamp or run_stamp()
 
     def write() -> str:
-        name = f"{SHARD_PREFIX}{uuid.uuid4().hex}.parquet"
+        name = f"{SHARD_PREFIX}{stamp}-{uuid.uuid4().hex}.parquet"
         temporary = f"{path}/.{name}.tmp"
         with fs.open(temporary, "wb") as f:
             pq.write_table(table, f, compression="zstd")
@@ -97,6 +105,7 @@ class ParquetShardSink(Datasink):
         self.model_label = model_label
         self.rows_per_shard = rows_per_shard
         self.storage_options = storage_options or {}
+        self.stamp = run_stamp()
         self.shards: list[dict] = []
 
     @property
@@ -111,7 +120,7 @@ class ParquetShardSink(Datasink):
         table, figures = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
         name = write_shard(self.out, conform(table, self.schema, self.model_label),
-                           self.storage_options, self.patience_s)
+                           self.storage_options, self.patience_s, self.stamp)
         figures["seconds"]["write"] = time.perf_counter() - started
         figures["nodes"]["write"] = [ray.get_runtime_context().get_node_id()]
         figures["timeline"]["write"] = [[time.time(), table.num_rows]]
@@ -140,14 +149,21 @@ def read_output_provenance(out: str, storage_options: dict | None = None) -> dic
         return provenance_of(pq.read_schema(f))
 
 
-def read_ids(out: str, storage_options: dict | None = None) -> pa.Array:
-    """The distinct ids already published under OUT: the rows a rerun does not embed again."""
+def outputs_dataset(out: str, storage_options: dict | None = None) -> pads.Dataset | None:
+    """The published shards under OUT as one Arrow dataset (None: there are none)."""
     shards = list_shards(out, storage_options)
     if not shards:
-        return pa.array([], pa.string())
+        return None
     fs, _ = storage.filesystem(shards[0], storage_options)
     paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-    dataset = pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs))
+    return pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs))
+
+
+def read_ids(out: str, storage_options: dict | None = None) -> pa.Array:
+    """The distinct ids already published under OUT: the rows a rerun does not embed again."""
+    dataset = outputs_dataset(out, storage_options)
+    if dataset is None:
+        return pa.array([], pa.string())
     # A shard published twice (see remove_duplicate_rows) must not count its rows twice.
     return pc.unique(dataset.to_table(columns=[ID]).column(0).combine_chunks())
 
@@ -171,16 +187,18 @@ def remove_unpublished(out: str, storage_options: dict | None = None) -> int:
 
 def remove_duplicate_rows(out: str, storage_options: dict | None = None,
                           patience_s: float = storage.DEFAULT_PATIENCE_S) -> int:
-    """Keep one row per id across the published shards; returns how many rows were removed.
+    """Keep one row per id across the published shards, the one of the latest run; returns how
+    many rows were removed.
 
     A write task that Ray retries after its shard was published, or a worker of a killed run
-    that finished its shard late, can publish rows a second time. Their copies are identical
-    (same inputs, same provenance), so the later shard is rewritten without them (write, then
-    rename, as always).
+    that finished its shard late, can publish rows a second time: identical copies (same
+    inputs, same provenance). `--retry-errors` publishes new versions of failed rows on purpose.
+    Shards sort by their run's stamp, so the newest copy is kept and older shards are rewritten
+    without theirs (write, then rename, as always).
     """
     seen: set[str] = set()
     removed = 0
-    for shard in list_shards(out, storage_options):
+    for shard in reversed(list_shards(out, storage_options)):
         fs, path = storage.filesystem(shard, storage_options)
         with fs.open(path, "rb") as f:
             ids = pq.read_table(f, columns=[ID]).column(ID).to_pylist()
@@ -194,9 +212,33 @@ def remove_duplicate_rows(out: str, storage_options: dict | None = None,
         kept = table.filter(keep)
         removed += table.num_rows - kept.num_rows
         if kept.num_rows:
-            write_shard(out, kept, storage_options, patience_s)
+            write_shard(out, kept, storage_options, patience_s, _stamp_of(path))
         fs.rm_file(path)
     return removed
+
+
+def _stamp_of(path: str) -> str | None:
+    """The run stamp in a shard's name (None for shards named before stamps)."""
+    name = path.rsplit("/", 1)[-1][len(SHARD_PREFIX):]
+    stamp = name.split("-", 1)[0]
+    return stamp if "-" in name and stamp.isdigit() else None
+
+
+def failed_ids(out: str, kinds: tuple[str, ...], storage_options: dict | None = None) -> pa.Array:
+    """Ids of OUT's rows with an image or text error of one of `kinds`."""
+    dataset = outputs_dataset(out, storage_options)
+    if dataset is None:
+        return pa.array([], pa.string())
+    table = dataset.to_table(columns=[ID, IMAGE_ERROR, TEXT_ERROR])
+    return pc.unique(table.column(ID).combine_chunks().filter(has_error(table, kinds)))
+
+
+def has_error(table: pa.Table, kinds: tuple[str, ...]) -> pa.BooleanArray:
+    """Which rows of a table with the two error columns have an error of one of `kinds`."""
+    wanted = set(kinds)
+    return pa.array([any(v is not None and error_kind(v) in wanted for v in values)
+                     for values in zip(table.column(IMAGE_ERROR).to_pylist(),
+                                       table.column(TEXT_ERROR).to_pylist())], pa.bool_())
 
 
 def output_totals(out: str, storage_options: dict | None = None) -> dict:
