@@ -302,3 +302,23 @@ def test_an_outage_of_the_jobs_own_image_store_stops_the_job_with_its_message(ra
     assert outage is not None, "the outage was not recognised through Ray's wrapping"
     assert "s3://corpus/a.jpg" in str(outage) and "SECRET" not in str(outage)
     assert "SECRET" not in str(raised.value)
+
+
+def test_a_long_caption_is_tokenized_from_its_start_with_the_same_ids(tiny_model):
+    from pipeline.text import load_tokenizer, token_ids
+
+    tokenizer = load_tokenizer(tiny_model)
+    words = "una foto de un gato en la nieve кошка в снегу ein Hund im Schnee ".split()
+    captions = [
+        " ".join(words[i % len(words)] for i in range(200_000)),  # 1 MB of words
+        "猫の写真" * 50_000,  # no spaces at all
+        " " * 100_000 + "a red car at night",  # spaces the tokenizer drops, then words
+        "x" * 300_000,  # one word
+        "short caption",
+    ]
+    for max_tokens in (64, 8):
+        got_ids, got_cut = token_ids(tokenizer, captions, max_tokens)
+        for caption, ids, cut in zip(captions, got_ids, got_cut):
+            whole = tokenizer([caption], truncation=True, max_length=max_tokens + 1)["input_ids"][0]
+            expected = whole[: max_tokens - 1] + [tokenizer.eos_token_id] if len(whole) > max_tokens else whole
+            assert ids == expected and cut == (len(whole) > max_tokens), caption[:30]
