@@ -378,3 +378,45 @@ def test_the_page_in_chromium(server, rows, tmp_path):
     if os.environ.get("ALTCLIP_UPDATE_SCREENSHOTS"):  # refresh the README's picture on request
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, REPO / "docs" / "serve.png")
+
+
+def test_an_upload_of_too_many_pixels_is_refused_from_its_header(server):
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(buf, "PNG")
+    png = bytearray(buf.getvalue())
+    # The header says 13000x13000 (a 160 KB file of that size costs 0.8 GB to decode).
+    header = b"IHDR" + struct.pack(">II", 13000, 13000) + bytes(png[24:29])
+    png[12:33] = header + struct.pack(">I", zlib.crc32(header))
+    started = time.monotonic()
+    status, result = get_json(f"{server}/api/search/image", data=bytes(png), method="POST",
+                              headers={"Content-Type": "image/png"})
+    assert status == 400 and "too_large: 13000x13000 exceeds 40000000 pixels" in result["error"]
+    assert time.monotonic() - started < 10
+
+
+def test_rows_the_job_did_not_read_have_no_thumbnail(tiny_model, ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.serve_app import ServeError
+
+    (tmp_path / "ok.png").write_bytes(_png_bytes())
+    manifest = pa.table({"id": ["ok", "private"], "caption": ["a", "b"],
+                         "image": ["ok.png", "http://127.0.0.1:9/secret.png"]})
+    pq.write_table(manifest, tmp_path / "m.parquet")
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
+            "--table", tmp_path / "db")
+    searcher = Searcher(str(tmp_path / "db"), "embeddings")
+    assert searcher.thumbnail("ok", 96)[0][:2] == b"\xff\xd8"  # a JPEG
+    with pytest.raises(ServeError) as raised:
+        searcher.thumbnail("private", 96)  # the job refused this URL: the server does not read it
+    assert raised.value.status == 404 and "forbidden" in str(raised.value)
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, "PNG")
+    return buf.getvalue()
