@@ -157,8 +157,13 @@ def run_embed(config: EmbedConfig) -> dict:
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
-        with _progress(config, counter, pending):
-            plan.write_datasink(sink)
+        with _progress(config, counter, pending) as progress:
+            # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
+            # machine, a write asking for one would wait for ever while the stages before it
+            # wait on its queue.
+            plan.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+            if progress is not None:
+                progress.expect(sum(s["rows"] for s in sink.shards))
     duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,
                                                config.storage_patience_s)
     totals = output_totals(config.out, config.storage_options)

@@ -23,7 +23,7 @@ from pipeline.manifest import open_manifest, scan_ids
 from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import embed_dataset, ensure_ray, fetch_policy, manifest_rows, plan_placement
 from pipeline.text import caption_hashes
-from pipeline.timing import pop_stage_seconds
+from pipeline.timing import pop_figures
 from pipeline.writer import conform, write_shard
 from schemas.embeddings import (
     CAPTION_SHA256,
@@ -48,7 +48,7 @@ def _collect(ds) -> pa.Table:
     parts = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
     if not parts:
         return pa.table({})
-    return pop_stage_seconds(pa.concat_tables(parts, promote_options="default"))[0]
+    return pop_figures(pa.concat_tables(parts, promote_options="default"))[0]
 
 
 def _stored_state(table) -> tuple[pa.Table, pa.Array]:

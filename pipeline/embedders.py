@@ -15,7 +15,8 @@ from pipeline.barrier import per_row
 from pipeline.images import PIXELS
 from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
-from pipeline.timing import add_device_stats, add_stage_count, add_stage_seconds
+from pipeline.progress import report_progress
+from pipeline.timing import add_stage_record
 from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_ERROR, IMAGE_SHA256, TEXT_EMBEDDING, TEXT_ERROR, error
 
 
@@ -68,7 +69,8 @@ def accelerator_stats(device: torch.device) -> dict:
 class _TowerActor:
     kind: str
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
+        self.progress = progress  # the last actor of the plan tells the job's RowCounter
         self.device = pick_device()
         if self.device.type == "cpu" and num_threads:
             # Leave the other cores to the decode and tokenize tasks.
@@ -77,11 +79,11 @@ class _TowerActor:
         self.tower = load_tower(self.kind, model.local_dir(), dtype, self.device)
         self.dim = self.tower.projection.out_features
 
-    def _finish(self, out: pa.Table, started: float) -> pa.Table:
-        stage = f"{self.kind}_tower"
-        out = add_stage_seconds(out, stage, time.perf_counter() - started)
-        stats = accelerator_stats(self.device)
-        return add_device_stats(out, stage, stats) if stats else out
+    def _finish(self, out: pa.Table, started: float, **counts: int) -> pa.Table:
+        out = add_stage_record(out, f"{self.kind}_tower", time.perf_counter() - started,
+                               device=accelerator_stats(self.device) or None, counts=counts or None)
+        report_progress(self.progress, out)
+        return out
 
     def _embed_groups(self, groups: list, inputs_of) -> list:
         """The tower on each group of rows (`inputs_of(group)` makes its tensors): a tensor per
@@ -130,8 +132,8 @@ class ImageEmbedder(_TowerActor):
 
     kind = "image"
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
-        super().__init__(model, dtype, num_threads)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
+        super().__init__(model, dtype, num_threads, progress)
         self.height, self.width = model.preprocessing.output_hw()
         self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
@@ -186,8 +188,7 @@ class ImageEmbedder(_TowerActor):
         out = with_errors(batch.drop_columns([PIXELS]), IMAGE_ERROR, errors).append_column(
             IMAGE_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim)
         )
-        out = add_stage_count(out, "images_reused", len(rows) - len(new))
-        return self._finish(out, started)
+        return self._finish(out, started, images_reused=len(rows) - len(new))
 
 
 # Captions per forward pass of the text tower, by device: a batch is sorted by length and cut
@@ -203,8 +204,8 @@ class TextEmbedder(_TowerActor):
 
     kind = "text"
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
-        super().__init__(model, dtype, num_threads)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
+        super().__init__(model, dtype, num_threads, progress)
         self.pad_token_id = model.pad_token_id
         self.vocab_size = self.tower.vocab_size
         self.group_rows = TEXT_GROUP_ROWS.get(self.device.type, 64)
@@ -250,9 +251,12 @@ class TowersEmbedder:
     tower needs two to three times the text tower's compute, so the text actor would idle while
     the image actor, on half the cores, held the job back."""
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None):
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
         self.image = ImageEmbedder(model, dtype, num_threads)
         self.text = TextEmbedder(model, dtype, num_threads)
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.text(self.image(batch))
+        out = self.text(self.image(batch))
+        report_progress(self.progress, out)
+        return out

@@ -18,7 +18,7 @@ from pipeline import storage
 from pipeline.fetch import FetchPolicy, ImageError, read_bytes
 from pipeline.isolation import RowFailure, map_isolated
 from pipeline.resample import FILTERS, resized_window
-from pipeline.timing import add_stage_seconds
+from pipeline.timing import add_stage_record
 from schemas.embeddings import HEIGHT, IMAGE_ERROR, IMAGE_SHA256, WIDTH, error
 from schemas.manifest import IMAGE, INLINE_IMAGE, INTERNAL_PREFIX
 
@@ -258,8 +258,8 @@ def preprocess_images(
     table = _set(table, HEIGHT, pa.array(heights, pa.int32()))
     table = _set(table, IMAGE_SHA256, pa.array(hashes, pa.string()))
     table = _set(table, IMAGE_ERROR, pa.array(errors, pa.string()))
-    table = add_stage_seconds(table, "fetch", fetched_at - started)
-    return add_stage_seconds(table, "decode", time.perf_counter() - fetched_at)
+    table = add_stage_record(table, "fetch", fetched_at - started)
+    return add_stage_record(table, "decode", time.perf_counter() - fetched_at)
 
 
 def hash_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy()) -> pa.Table:
@@ -270,4 +270,4 @@ def hash_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy()) -> pa.Tabl
     errors = [d if isinstance(d, str) else None for d in fetched]
     table = _set(batch, IMAGE_SHA256, pa.array(hashes, pa.string()))
     table = _set(table, IMAGE_ERROR, pa.array(errors, pa.string()))
-    return add_stage_seconds(table, "hash", time.perf_counter() - started)
+    return add_stage_record(table, "hash", time.perf_counter() - started)

@@ -387,22 +387,25 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
     )
 
 
-def read_manifest(manifest: Manifest):
-    """The manifest's rows as a Ray Dataset, streamed from its files."""
+def read_manifest(manifest: Manifest, num_cpus: float = 1.0):
+    """The manifest's rows as a Ray Dataset, streamed from its files by tasks that each reserve
+    `num_cpus`."""
     import ray.data
 
     fs = storage.arrow_filesystem(manifest.filesystem())
     files = list(manifest.files)
+    task = {"ray_remote_args": {"num_cpus": num_cpus}}
     if manifest.format == "parquet":
-        return ray.data.read_parquet(files, filesystem=fs)
+        return ray.data.read_parquet(files, filesystem=fs, **task)
     if manifest.format == "csv":
-        return ray.data.read_csv(files, filesystem=fs, **_csv_options(manifest.schema.names))
+        return ray.data.read_csv(files, filesystem=fs, **task, **_csv_options(manifest.schema.names))
     if manifest.format == "webdataset":
-        return ray.data.read_webdataset(files, filesystem=fs, decoder=None).map_batches(
-            flatten_webdataset, fn_kwargs={"schema": manifest.schema}, batch_format="pyarrow"
-        )
-    return ray.data.read_binary_files(files, filesystem=fs).map_batches(
-        _parse_json_files, fn_kwargs={"manifest": manifest}, batch_format="pyarrow", batch_size=1)
+        return ray.data.read_webdataset(files, filesystem=fs, decoder=None, **task).map_batches(
+            flatten_webdataset, fn_kwargs={"schema": manifest.schema}, batch_format="pyarrow",
+            num_cpus=num_cpus)
+    return ray.data.read_binary_files(files, filesystem=fs, **task).map_batches(
+        _parse_json_files, fn_kwargs={"manifest": manifest}, batch_format="pyarrow", batch_size=1,
+        num_cpus=num_cpus)
 
 
 def _parse_json(data: bytes, manifest: Manifest) -> pa.Table:

@@ -16,13 +16,19 @@ from pipeline.fetch import FetchPolicy, job_schemes
 from pipeline.images import preprocess_images
 from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
 from pipeline.model import ModelSpec
-from pipeline.progress import count_rows
 from pipeline.text import tokenize_captions
 from schemas.manifest import INLINE_IMAGE
 
 # An actor that cannot be placed (a GPU nobody has) fails the job after this long instead of
 # waiting forever, which is Ray Data's default.
 ACTOR_START_TIMEOUT_S = 600
+# CPUs the tasks reading the manifest reserve (writes reserve none). A read task streams a whole
+# file and keeps its reservation while Ray Data holds its output back; at a whole CPU the read, a
+# decode task and the tower actor asked 2.5 of a 2-CPU machine's 2, so decoding waited for the
+# read of the whole file (a 2,000-row manifest in blocks of 2 rows sat 120 s without a row done),
+# and a read paused with a full output queue would never let it start. Reading is I/O: a quarter
+# leaves a decode task its core.
+READ_CPUS = 0.25
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -85,16 +91,26 @@ def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table |
     """The manifest's rows in the contract's columns, less those whose ids are `excluded`
     (already done, or duplicated), plus `extra_rows` (the one row kept of each duplicated id);
     with `included`, only rows whose id is in it."""
-    ds = read_manifest(manifest).map_batches(
+    ds = read_manifest(manifest, READ_CPUS).map_batches(
         select_rows, fn_kwargs={"id_col": manifest.id_col, "excluded": excluded, "included": included},
-        batch_format="pyarrow", batch_size=None,
+        batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
     )
     if extra_rows is not None and extra_rows.num_rows:
         ds = ds.union(ray.data.from_arrow(extra_rows))
     # Small blocks so decode tasks and tower actors work side by side from the first rows on.
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    ds = _reserving(ds.repartition(target_num_rows_per_block=rows_per_block), READ_CPUS)
     return ds.map_batches(to_contract_columns, fn_kwargs={"manifest": manifest},
                           batch_format="pyarrow", batch_size=None)
+
+
+def _reserving(ds, num_cpus: float):
+    """`ds`, whose last operation (a repartition: Ray Data 2.60's `repartition` takes no
+    resources) reserves `num_cpus` per task, so that it fuses with the read before it (same
+    reservation) and holds no more than the read does."""
+    last = ds._logical_plan.dag
+    if hasattr(last, "ray_remote_args"):
+        object.__setattr__(last, "ray_remote_args", {**last.ray_remote_args, "num_cpus": num_cpus})
+    return ds
 
 
 def fetch_policy(config: EmbedConfig) -> FetchPolicy:
@@ -149,15 +165,13 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
         actors = [TowersEmbedder]
     else:
         actors = [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]
-    for actor in actors:
+    for n, actor in enumerate(actors):
+        last = n == len(actors) - 1
         ds = ds.map_batches(
             actor,
-            fn_constructor_kwargs={"model": model, "dtype": dtype,
-                                   "num_threads": placement.torch_threads},
+            fn_constructor_kwargs={"model": model, "dtype": dtype, "num_threads": placement.torch_threads,
+                                   "progress": counter if last else None},
             **actor_args,
         )
-    if counter is not None:
-        ds = ds.map_batches(count_rows, fn_kwargs={"counter": counter}, batch_format="pyarrow",
-                            batch_size=None, num_cpus=0)
     return ds
 

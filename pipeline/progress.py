@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import ray
 
-from pipeline.timing import device_stats, stage_seconds
+from pipeline.timing import stage_records, summarize_records
 
 
 @ray.remote(num_cpus=0)
@@ -51,13 +51,13 @@ class RowCounter:
                 "stage_seconds": dict(self.stage_seconds), "devices": self.devices}
 
 
-def count_rows(batch: pa.Table, counter) -> pa.Table:
-    """Ray Data stage after the towers: tell the counter the rows and the busy time of every
-    stage so far, pass the batch on."""
-    # Waited for: calls from many tasks are not ordered against the driver's final read, and
-    # the last progress line must count every row.
-    ray.get(counter.add.remote(batch.num_rows, stage_seconds(batch), device_stats(batch)))
-    return batch
+def report_progress(counter, batch: pa.Table) -> None:
+    """Tell the counter (if any) the rows of a batch out of the last tower, and the busy time
+    and accelerator reports its records carry. Not waited for: no batch waits on one actor."""
+    if counter is None:
+        return
+    figures = summarize_records(stage_records(batch))
+    counter.add.remote(batch.num_rows, figures["seconds"], figures["devices"])
 
 
 class ProgressLog:
@@ -73,6 +73,13 @@ class ProgressLog:
     def __enter__(self):
         self.thread.start()
         return self
+
+    def expect(self, rows: int) -> None:
+        """The rows the job wrote: the last line waits (a few seconds at most) for the counter
+        to have heard of all of them, as its reports are not waited for."""
+        deadline = time.monotonic() + 5
+        while ray.get(self.counter.snapshot.remote())["rows"] < rows and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def __exit__(self, *exc):
         self.done.set()

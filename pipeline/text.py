@@ -9,7 +9,7 @@ import time
 import pyarrow as pa
 
 from pipeline.barrier import per_row
-from pipeline.timing import add_stage_seconds
+from pipeline.timing import add_stage_record
 from schemas.embeddings import CAPTION_SHA256, CAPTION_TRUNCATED, TEXT_ERROR, error
 from schemas.manifest import CAPTION, INTERNAL_PREFIX
 
@@ -102,7 +102,7 @@ def tokenize_captions(batch: pa.Table, model) -> pa.Table:
             table = table.set_column(table.column_names.index(name), name, values)
         else:
             table = table.append_column(name, values)
-    return add_stage_seconds(table, "tokenize", time.perf_counter() - started)
+    return add_stage_record(table, "tokenize", time.perf_counter() - started)
 
 
 def _one_by_one(tokenizer, captions: list[str], max_tokens: int) -> list:

@@ -16,7 +16,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import storage
-from pipeline.timing import pop_stage_seconds
+from pipeline.timing import pop_figures
 from schemas.manifest import ID, IMAGE
 from schemas.embeddings import (
     IMAGE_EMBEDDING,
@@ -117,15 +117,15 @@ class ParquetShardSink(Datasink):
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return {"rows": 0}
-        table, figures = pop_stage_seconds(pa.concat_tables(tables, promote_options="default"))
+        table, figures = pop_figures(pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
         name = write_shard(self.out, conform(table, self.schema, self.model_label),
                            self.storage_options, self.patience_s, self.stamp)
         figures["seconds"]["write"] = time.perf_counter() - started
         figures["nodes"]["write"] = [ray.get_runtime_context().get_node_id()]
         figures["timeline"]["write"] = [[time.time(), table.num_rows]]
-        if self.counter is not None:  # waited for, so the last progress line counts this write
-            ray.get(self.counter.add_stages.remote(table.num_rows, {"write": figures["seconds"]["write"]}))
+        if self.counter is not None:
+            self.counter.add_stages.remote(table.num_rows, {"write": figures["seconds"]["write"]})
         return {"rows": table.num_rows, "shard": name, **figures}
 
     def on_write_complete(self, write_result) -> None:
