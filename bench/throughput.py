@@ -7,7 +7,8 @@
 On one corpus (photo-sized JPEGs and multilingual captions, generated once and cached) it measures:
 
 - naive: PIL opens each image; `AltCLIPProcessor` preprocesses and tokenizes a batch;
-  `AltCLIPModel.get_image_features` / `get_text_features` embed it; float32, one process.
+  `AltCLIPModel.get_image_features` / `get_text_features` embed it; one process, in each dtype
+  asked for (like for like with ours).
 - ceiling: the two towers alone (`pipeline.model.load_tower`) on inputs already in memory (random
   pixels, and the corpus's own token ids padded per batch): no I/O, decoding or tokenizing. The
   same dtype and batch size as ours. Nothing that reads the corpus can be faster than this.
@@ -71,7 +72,7 @@ def _device_report(device) -> dict:
 
 
 def measure_naive(params: dict) -> dict:
-    """The loop from the model card: PIL, AltCLIPProcessor, AltCLIPModel, float32."""
+    """The loop from the model card: PIL, AltCLIPProcessor, AltCLIPModel, in `params["dtype"]`."""
     import torch
     from PIL import Image
     from transformers import AltCLIPModel, AltCLIPProcessor
@@ -79,7 +80,8 @@ def measure_naive(params: dict) -> dict:
     device = _setup(params)
     paths, texts = corpus.read_corpus(params["manifest"])
     started = time.perf_counter()
-    model = AltCLIPModel.from_pretrained(params["model_dir"], dtype=torch.float32).to(device).eval()
+    dtype = getattr(torch, params["dtype"])
+    model = AltCLIPModel.from_pretrained(params["model_dir"], dtype=dtype).to(device).eval()
     processor = AltCLIPProcessor.from_pretrained(params["model_dir"])
     load_seconds = time.perf_counter() - started
     batch_size = params["batch_size"]
@@ -90,7 +92,8 @@ def measure_naive(params: dict) -> dict:
         for batch in _batches(paths, batch_size):
             images = [Image.open(p) for p in batch]
             inputs = processor(images=images, return_tensors="pt")
-            model.get_image_features(pixel_values=inputs["pixel_values"].to(device)).pooler_output.cpu()
+            pixel_values = inputs["pixel_values"].to(device, dtype)
+            model.get_image_features(pixel_values=pixel_values).pooler_output.cpu()
             for image in images:
                 image.close()
         image_seconds = time.perf_counter() - started
@@ -251,6 +254,7 @@ def run_ours(manifest: str, model_dir: str, dtype: str, batch_size: int, device:
         # Each tower actor's own rate over the time it was busy: comparable to the ceiling's.
         "tower_busy_images_per_s": round(rows / busy["image_tower"], 2) if busy.get("image_tower") else None,
         "tower_busy_captions_per_s": round(rows / busy["text_tower"], 2) if busy.get("text_tower") else None,
+        "seconds_to_first_row": summary.get("seconds_to_first_row"),
         "driver_peak_rss_mib": round((finished.peak_rss or 0) / MIB, 1),
         "tree": finished.tree.to_dict(),
     }
@@ -281,12 +285,12 @@ def _table(report: dict) -> str:
         lines.append(f"{name:<26}{dtype:<10}{show(images, '.2f'):>10}{show(captions, '.2f'):>12}"
                      f"{show(rows, '.2f'):>10}{show(seconds, '.2f'):>10}{show(rss, '.0f'):>14}")
 
-    naive = report["results"]["naive"]
-    row("naive (transformers loop)", "float32", naive["images_per_s"], naive["captions_per_s"],
-        naive["rows_per_s"], naive["image_seconds"] + naive["text_seconds"], naive["peak_rss_mib"])
     for dtype in report["dtypes"]:
+        naive = report["results"]["naive"][dtype]
         ceiling = report["results"]["ceiling"][dtype]
         ours = report["results"]["ours"][dtype]
+        row("naive (transformers loop)", dtype, naive["images_per_s"], naive["captions_per_s"],
+            naive["rows_per_s"], naive["image_seconds"] + naive["text_seconds"], naive["peak_rss_mib"])
         row("ceiling (towers only)", dtype, ceiling["images_per_s"], ceiling["captions_per_s"],
             ceiling["rows_per_s"], ceiling["image_seconds"] + ceiling["text_seconds"],
             ceiling["peak_rss_mib"])
@@ -298,8 +302,12 @@ def _table(report: dict) -> str:
     for dtype in report["dtypes"]:
         ratios = report["ratios"][dtype]
         ours = report["results"]["ours"][dtype]
-        lines.append(f"{dtype}: ours/ceiling {ratios['ours_over_ceiling']}, ours/naive "
-                     f"{ratios['ours_over_naive']} (rows/s); ours: {ours['summary_seconds_total']} s "
+        lines.append(f"{dtype}: ours/naive {ratios['ours_over_naive']}, ours/ceiling "
+                     f"{ratios['ours_over_ceiling']} (rows/s, same dtype); each tower inside ours / the "
+                     f"same tower in-process on the same tensors: image {ratios['image_tower_over_ceiling']}, "
+                     f"text {ratios['text_tower_over_ceiling']}; first row through the towers "
+                     f"{ours['seconds_to_first_row']} s after the job started; ours: "
+                     f"{ours['summary_seconds_total']} s "
                      f"in the job, {ours['wall_seconds']} s wall ({ours['rows_per_s_wall']} rows/s), "
                      f"stage busy s {ours['stage_busy_seconds']}; memory: driver "
                      f"{ours['driver_peak_rss_mib']:.0f} MiB, tree RSS sum "
@@ -307,8 +315,14 @@ def _table(report: dict) -> str:
                      f"{ours['tree']['peak_pss_sum_mib']:.0f} MiB, sum of each process's peak "
                      f"{ours['tree']['sum_of_process_peak_rss_mib']:.0f} MiB, "
                      f"{ours['tree']['peak_processes']} processes")
+    gain = report.get("bfloat16_gain")
+    if gain:
+        lines.append(f"bfloat16 / float32, rows/s: ours {gain['ours']}, naive {gain['naive']}, "
+                     f"ceiling {gain['ceiling']} (what this CPU's bf16 is worth, apart from the "
+                     "like-for-like ratios above)")
     loads = ", ".join(f"{dtype} {report['results']['ceiling'][dtype]['load_seconds']:.1f} s"
                       for dtype in report["dtypes"])
+    naive = report["results"]["naive"][report["dtypes"][0]]
     lines += [
         "",
         "rows/s: one row is one image and one caption. For naive and ceiling it is "
@@ -317,7 +331,8 @@ def _table(report: dict) -> str:
         "model loading included).",
         f"seconds: naive, image + caption loops; ceiling, the same, fastest of up to "
         f"{MAX_PASSES} passes while under {MIN_SECONDS:g} s in all (model loading apart: naive "
-        f"{naive['load_seconds']:.1f} s, ceiling {loads}); ours, the process's wall time.",
+        f"{naive['load_seconds']:.1f} s ({report['dtypes'][0]}), ceiling {loads}); ours, the "
+        "process's wall time.",
         "ours' towers' busy time: rows / the tower stage's busy seconds from summary.json, each "
         "actor with its share of the cores.",
         "peak RSS: naive and ceiling, the measurement process's own peak (VmHWM); ours, the "
@@ -340,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=corpus.CONFIGS, default="tiny")
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32"],
-                        help="dtypes for ceiling and ours (naive is always float32); several "
-                             "share one corpus and one naive run")
+                        help="dtypes for naive, ceiling and ours, each measured in each; several "
+                             "share one corpus")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="for naive and ceiling [cuda if available]; ours uses a GPU "
@@ -385,18 +400,17 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads or corpus.cores(),
         "machine": corpus.machine(device), "corpus": corpus.corpus_stats(manifest),
         "manifest": manifest, "model_dir": model_dir,
-        "results": {"ceiling": {}, "ours": {}}, "ratios": {},
+        "results": {"naive": {}, "ceiling": {}, "ours": {}}, "ratios": {},
     }
     workdir = tempfile.mkdtemp(prefix="altclip-bench-")
     try:
         base = {"model_dir": model_dir, "manifest": manifest, "batch_size": args.batch_size,
                 "device": device, "threads": report["threads"]}
-        log("naive ...")
-        naive = run_in_child("naive", {**base, "dtype": "float32"}, workdir)
-        report["results"]["naive"] = naive
-        if naive.get("gpu"):
-            report["machine"]["gpu"] = naive["gpu"]
         for dtype in dtypes:
+            log(f"naive {dtype} ...")
+            naive = run_in_child("naive", {**base, "dtype": dtype}, workdir)
+            if naive.get("gpu"):
+                report["machine"]["gpu"] = naive["gpu"]
             log(f"ceiling {dtype} ...")
             ceiling = run_in_child("ceiling", {**base, "dtype": dtype}, workdir)
             log(f"ours {dtype} ...")
@@ -404,12 +418,21 @@ def main(argv: list[str] | None = None) -> None:
             if ours["rows"] != args.rows or ours["image_ok"] != args.rows or ours["text_ok"] != args.rows:
                 log(f"warning: ours embedded {ours['rows']} rows, {ours['image_ok']} images, "
                     f"{ours['text_ok']} captions of {args.rows}; errors {ours['errors_by_kind']}")
+            report["results"]["naive"][dtype] = naive
             report["results"]["ceiling"][dtype] = ceiling
             report["results"]["ours"][dtype] = ours
             report["ratios"][dtype] = {
                 "ours_over_ceiling": _ratio(ours["summary_rows_per_second"], ceiling["rows_per_s"]),
                 "ours_over_naive": _ratio(ours["summary_rows_per_second"], naive["rows_per_s"]),
+                "image_tower_over_ceiling": _ratio(ours["tower_busy_images_per_s"], ceiling["images_per_s"]),
+                "text_tower_over_ceiling": _ratio(ours["tower_busy_captions_per_s"], ceiling["captions_per_s"]),
             }
+        if "float32" in dtypes and "bfloat16" in dtypes:
+            r = report["results"]
+            report["bfloat16_gain"] = {
+                kind: _ratio(r[kind]["bfloat16"][key], r[kind]["float32"][key])
+                for kind, key in (("ours", "summary_rows_per_second"), ("naive", "rows_per_s"),
+                                  ("ceiling", "rows_per_s"))}
     finally:
         if args.keep:
             log(f"work folder kept: {workdir}")

@@ -130,7 +130,7 @@ def run_embed(config: EmbedConfig) -> dict:
 
     Rerun with the same arguments, it resumes: rows already in OUT are not embedded again.
     """
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # Everything that can be wrong with the options fails here, before a model starts.
     manifest = open_manifest(config)
     model = resolve_model(config.model, config.storage_options)
@@ -168,7 +168,8 @@ def run_embed(config: EmbedConfig) -> dict:
                                                config.storage_patience_s)
     totals = output_totals(config.out, config.storage_options)
     already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else len(done)
-    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin)
+    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin,
+                        started_at)
     summary["duplicate_rows_removed"] = duplicates_removed
     if retry is not None:
         summary["retried"] = _retry_outcome(config, retry)

@@ -58,24 +58,37 @@ def summarize_records(records: list[dict]) -> dict:
     """The figures records add up to: `seconds` (busy, per stage), `nodes` (per stage),
     `timeline` ([finished at, rows] per stage and batch), `workers` ({actor: [rows, busy
     seconds]} per stage), `devices` ({stage: {actor: latest report}}), `counts` (summed)."""
+    return merge_figures([{
+        "seconds": {r["stage"]: r["seconds"]}, "nodes": {r["stage"]: [r["node"]]},
+        "timeline": {r["stage"]: [[r["at"], r["rows"]]]},
+        "workers": {r["stage"]: {r["worker"]: [r["rows"], r["seconds"]]}} if r["worker"] else {},
+        "devices": {r["stage"]: {r["worker"]: r["device"]}} if r["worker"] and r.get("device") else {},
+        "counts": r.get("counts") or {},
+    } for r in sorted(records, key=lambda r: r["at"])])
+
+
+def merge_figures(parts: list[dict]) -> dict:
+    """Figures of several batches or shards (see summarize_records) as one."""
     seconds = collections.Counter()
     nodes = collections.defaultdict(set)
     timeline = collections.defaultdict(list)
     workers = collections.defaultdict(dict)
     devices = collections.defaultdict(dict)
     counts = collections.Counter()
-    for record in sorted(records, key=lambda r: r["at"]):
-        stage = record["stage"]
-        seconds[stage] += record["seconds"]
-        nodes[stage].add(record["node"])
-        timeline[stage].append([record["at"], record["rows"]])
-        if record["worker"]:
-            entry = workers[stage].setdefault(record["worker"], [0, 0.0])
-            entry[0] += record["rows"]
-            entry[1] += record["seconds"]
-            if record.get("device"):
-                devices[stage][record["worker"]] = record["device"]
-        counts.update(record.get("counts") or {})
+    for part in parts:
+        seconds.update(part["seconds"])
+        counts.update(part["counts"])
+        for stage, stage_nodes in part["nodes"].items():
+            nodes[stage].update(stage_nodes)
+        for stage, points in part["timeline"].items():
+            timeline[stage].extend(points)
+        for stage, per_actor in part["workers"].items():
+            for actor, (rows, busy) in per_actor.items():
+                entry = workers[stage].setdefault(actor, [0, 0.0])
+                entry[0] += rows
+                entry[1] += busy
+        for stage, per_actor in part["devices"].items():
+            devices[stage].update(per_actor)
     return {"seconds": dict(seconds), "nodes": {k: sorted(v) for k, v in nodes.items()},
             "timeline": {k: sorted(v) for k, v in timeline.items()}, "workers": dict(workers),
             "devices": dict(devices), "counts": dict(counts)}

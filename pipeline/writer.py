@@ -16,7 +16,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import storage
-from pipeline.timing import pop_figures
+from pipeline.timing import merge_figures, pop_figures
 from schemas.manifest import ID, IMAGE
 from schemas.embeddings import (
     IMAGE_EMBEDDING,
@@ -294,29 +294,14 @@ def _bucketed(timeline: dict[str, list], buckets: int = 60) -> dict[str, list[li
 
 
 def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, seconds_total: float,
-              provenance: dict) -> dict:
+              provenance: dict, started_at: float | None = None) -> dict:
     """The run's summary: counts over the whole output that add up to the rows in, plus this
-    run's work (rows embedded, busy seconds per stage, rows/s)."""
-    stage_seconds = collections.Counter()
-    stage_nodes = collections.defaultdict(set)
-    timeline = collections.defaultdict(list)
-    actors = collections.defaultdict(dict)
-    devices = collections.defaultdict(dict)
-    counts = collections.Counter()
-    for shard in shards:
-        counts.update(shard["counts"])
-        stage_seconds.update(shard["seconds"])
-        for stage, nodes in shard["nodes"].items():
-            stage_nodes[stage].update(nodes)
-        for stage, points in shard["timeline"].items():
-            timeline[stage].extend(points)
-        for stage, per_actor in shard["workers"].items():
-            for actor, (rows, busy) in per_actor.items():
-                entry = actors[stage].setdefault(actor, [0, 0.0])
-                entry[0] += rows
-                entry[1] += busy
-        for stage, per_actor in shard["devices"].items():
-            devices[stage].update(per_actor)
+    run's work (rows embedded, busy seconds per stage, rows/s, and how long after `started_at`
+    (Unix seconds) the first batch came out of a tower)."""
+    figures = merge_figures(shards)
+    stage_seconds, timeline, actors = figures["seconds"], figures["timeline"], figures["workers"]
+    devices = collections.defaultdict(dict, figures["devices"])
+    towers = [at for stage in ("image_tower", "text_tower") for at, _ in timeline.get(stage, [])]
     rows_embedded = sum(s["rows"] for s in shards)
     return {
         "rows_in": scan.rows,
@@ -344,10 +329,13 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
                                  for actor, (rows, busy) in sorted(per_actor.items())]
                          for stage, per_actor in sorted(actors.items())},
         "rows_per_second": round(rows_embedded / seconds_total, 2) if seconds_total else None,
+        # Start-up as a user waits it: imports are before the clock; Ray, the manifest scan,
+        # model loading and the first batch's decode are in it.
+        "seconds_to_first_row": round(min(towers) - started_at, 2) if towers and started_at else None,
         # Image rows whose vector an actor had already made for the same bytes (not embedded again).
-        "images_reused": counts.get("images_reused", 0),
+        "images_reused": figures["counts"].get("images_reused", 0),
         # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
-        "stage_nodes": {k: sorted(v) for k, v in sorted(stage_nodes.items())},
+        "stage_nodes": dict(sorted(figures["nodes"].items())),
         # Rows each stage finished over time: [seconds since the first, rows], per time bucket.
         "stage_timeline": _bucketed(timeline),
         "shards_written": sorted(s["shard"] for s in shards),

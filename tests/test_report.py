@@ -56,6 +56,7 @@ def test_progress_lines_and_summary_figures(run):
     assert sum(r for _, r in summary["stage_timeline"]["image_tower"]) == rows
     assert summary["bottleneck"] in summary["stage_busy_seconds"]
     assert summary["stage_busy_seconds"][summary["bottleneck"]] == max(summary["stage_busy_seconds"].values())
+    assert 0 < summary["seconds_to_first_row"] < summary["seconds_total"]
     for tower in ("image_tower", "text_tower"):
         actors = summary["tower_actors"][tower]
         assert sum(a["rows"] for a in actors) == rows and all(a["rows_per_busy_second"] > 0 for a in actors)
