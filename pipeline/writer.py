@@ -29,6 +29,8 @@ from schemas.embeddings import (
 )
 
 SHARD_PREFIX = "part-"
+# Key of a shard's own totals (rows, vectors, errors by kind) in its Parquet footer.
+TOTALS_KEY = b"altclip.totals"
 ERROR_EXAMPLES = 5  # ids kept per error kind in the summary
 SUMMARY_NAME = "summary.json"
 
@@ -84,7 +86,7 @@ def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
         name = f"{SHARD_PREFIX}{stamp}-{uuid.uuid4().hex}.parquet"
         temporary = f"{path}/.{name}.tmp"
         with fs.open(temporary, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(_with_totals(table), f, compression="zstd")
         fs.mv(temporary, f"{path}/{name}")
         return name
 
@@ -241,41 +243,66 @@ def has_error(table: pa.Table, kinds: tuple[str, ...]) -> pa.BooleanArray:
                                        table.column(TEXT_ERROR).to_pylist())], pa.bool_())
 
 
+def shard_totals(table: pa.Table) -> dict:
+    """A shard's own counts: rows, vectors per side, errors by kind with a few example ids."""
+    errors, examples = collections.Counter(), {}
+    for column in (IMAGE_ERROR, TEXT_ERROR):
+        side = column.split("_")[0]
+        failed = table.filter(pc.is_valid(table.column(column)))
+        for row_id, value in zip(failed.column(ID).to_pylist(), failed.column(column).to_pylist()):
+            kind = f"{side}.{error_kind(value)}"
+            errors[kind] += 1
+            if len(examples.setdefault(kind, [])) < ERROR_EXAMPLES:
+                examples[kind].append(row_id)
+    return {"rows": table.num_rows,
+            "image_ok": table.num_rows - table.column(IMAGE_EMBEDDING).null_count,
+            "text_ok": table.num_rows - table.column(TEXT_EMBEDDING).null_count,
+            "errors": dict(errors), "error_examples": examples}
+
+
+def _with_totals(table: pa.Table) -> pa.Table:
+    """The table with its totals in its schema's metadata: the Parquet footer carries them."""
+    metadata = {**(table.schema.metadata or {}), TOTALS_KEY: json.dumps(shard_totals(table))}
+    return table.replace_schema_metadata(metadata)
+
+
+def _totals_from_rows(parquet: pq.ParquetFile) -> dict:
+    """shard_totals of a shard without them in its footer: errors from its error columns,
+    vectors from the null counts of the vector columns' statistics (not read)."""
+    metadata = parquet.metadata
+    vectors = {column: 0 for column in (IMAGE_EMBEDDING, TEXT_EMBEDDING)}
+    leaves = {metadata.schema.column(i).path.split(".")[0]: i for i in range(metadata.num_columns)}
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for column in vectors:  # a fixed-size list column is one leaf: its nulls are rows without one
+            vectors[column] += group.num_rows - group.column(leaves[column]).statistics.null_count
+    columns = parquet.read(columns=[ID, IMAGE_ERROR, TEXT_ERROR])
+    placeholder = pa.nulls(columns.num_rows, pa.list_(pa.float32(), 1))
+    totals = shard_totals(columns.append_column(IMAGE_EMBEDDING, placeholder)
+                          .append_column(TEXT_EMBEDDING, placeholder))
+    return {**totals, "image_ok": vectors[IMAGE_EMBEDDING], "text_ok": vectors[TEXT_EMBEDDING]}
+
+
 def output_totals(out: str, storage_options: dict | None = None) -> dict:
-    """Rows, vectors and errors by kind over every published shard (vector nulls from footers)."""
+    """Rows, vectors and errors by kind over every published shard, from each shard's footer
+    (where its writer put its totals); shards written before footers held them are counted from
+    their rows."""
     totals = {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter(),
               "error_examples": {}}
     for shard in list_shards(out, storage_options):
         fs, path = storage.filesystem(shard, storage_options)
         with fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
-            metadata = parquet.metadata
-            names = parquet.schema_arrow.names
-            for g in range(metadata.num_row_groups):
-                group = metadata.row_group(g)
-                for side, column in (("image_ok", IMAGE_EMBEDDING), ("text_ok", TEXT_EMBEDDING)):
-                    # a fixed-size list column is one leaf: its nulls are the rows without a vector
-                    leaf = group.column(_leaf_index(metadata, names, column))
-                    totals[side] += group.num_rows - leaf.statistics.null_count
-            totals["rows"] += metadata.num_rows
-            errors = parquet.read(columns=[ID, IMAGE_ERROR, TEXT_ERROR])
-        totals["errors"].update(errors_by_kind(errors))
-        for column in (IMAGE_ERROR, TEXT_ERROR):
-            side = column.split("_")[0]
-            failed = errors.filter(pc.is_valid(errors.column(column)))
-            for row_id, value in zip(failed.column(ID).to_pylist(), failed.column(column).to_pylist()):
-                examples = totals["error_examples"].setdefault(f"{side}.{error_kind(value)}", [])
-                if len(examples) < ERROR_EXAMPLES:
-                    examples.append(row_id)
+            raw = (parquet.schema_arrow.metadata or {}).get(TOTALS_KEY)
+            part = json.loads(raw) if raw else _totals_from_rows(parquet)
+        for key in ("rows", "image_ok", "text_ok"):
+            totals[key] += part[key]
+        totals["errors"].update(part["errors"])
+        for kind, ids in part["error_examples"].items():
+            examples = totals["error_examples"].setdefault(kind, [])
+            examples.extend(ids[:ERROR_EXAMPLES - len(examples)])
     totals["errors"] = dict(sorted(totals["errors"].items()))
     return totals
-
-
-def _leaf_index(metadata, names: list[str], column: str) -> int:
-    for i in range(metadata.num_columns):
-        if metadata.schema.column(i).path.split(".")[0] == column:
-            return i
-    raise KeyError(column)
 
 
 def _bucketed(timeline: dict[str, list], buckets: int = 60) -> dict[str, list[list[float]]]:

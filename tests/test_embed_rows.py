@@ -75,6 +75,21 @@ def test_bad_rows_get_errors_and_the_job_succeeds(tiny_model, ray_session, tmp_p
     }
     assert "output: 10 of 10 manifest rows" in result.stderr
 
+    # Each shard's writer put its own totals in its footer: the summary adds those up, reading
+    # no rows; a shard without them (written by an older version) is counted from its rows.
+    from pipeline.writer import TOTALS_KEY, output_totals, shard_totals
+
+    shards = sorted(out.glob("part-*.parquet"))
+    for shard in shards:
+        assert json.loads(pq.read_schema(shard).metadata[TOTALS_KEY]) == shard_totals(pq.read_table(shard))
+    before = output_totals(str(out))
+    old = pq.read_table(shards[0])
+    pq.write_table(old.replace_schema_metadata({k: v for k, v in old.schema.metadata.items()
+                                                if k != TOTALS_KEY}), shards[0])
+    assert TOTALS_KEY not in pq.read_schema(shards[0]).metadata
+    assert output_totals(str(out)) == before
+    assert before["rows"] == 10 and before["errors"] == summary["errors_by_kind"]
+
 
 def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path):
     (tmp_path / "a.png").write_bytes(odd_images()["exact.png"])
