@@ -164,9 +164,15 @@ def run_embed(config: EmbedConfig) -> dict:
             plan.write_datasink(sink, ray_remote_args={"num_cpus": 0})
             if progress is not None:
                 progress.expect(sum(s["rows"] for s in sink.shards))
-    duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,
-                                               config.storage_patience_s)
     totals = output_totals(config.out, config.storage_options)
+    duplicates_removed = 0
+    # Every id of the manifest is in the output at least once; more rows than ids means copies
+    # (a retried write, a late writer of a killed run, rows retried on purpose). Only then is
+    # every shard's id column read to remove them.
+    if retry is not None or scan.ids is None or totals["rows"] > len(scan.ids):
+        duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,
+                                                   config.storage_patience_s)
+        totals = output_totals(config.out, config.storage_options)
     already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else len(done)
     summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin,
                         started_at)
