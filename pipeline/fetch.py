@@ -162,6 +162,13 @@ def _pool(scheme: str, host: str, address: str, port: int) -> urllib3.HTTPConnec
         return pool
 
 
+def close_pools() -> None:
+    """Close this process's pooled connections (each pool keeps the TLS settings it was made with)."""
+    with _POOLS_LOCK:
+        while _POOLS:
+            _POOLS.popitem()[1].close()
+
+
 class _Retry(Exception):
     """A transient failure of one attempt: `kind` if it is the last."""
 

@@ -246,3 +246,58 @@ def test_a_store_the_job_is_not_configured_for_is_not_waited_for(monkeypatch):
     kind = _kind(lambda: read_bytes("s3://bucket/a.jpg", policy))
     assert kind in {"timeout", "read_error"}
     assert time.monotonic() - started < 60
+
+
+def test_https_is_verified_against_the_name_while_connecting_to_the_checked_address(fake_internet, tmp_path,
+                                                                                   monkeypatch):
+    import datetime
+    import ssl
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "public.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("public.test")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG)
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        # Not trusted yet: the certificate is refused (a row error, not an exception).
+        assert _kind(lambda: fetch.fetch_url(f"https://public.test:{port}/a.png")) == "read_error"
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+        fetch.close_pools()
+        assert fetch.fetch_url(f"https://public.test:{port}/a.png") == PNG
+        # The same address under another name: the certificate does not name it.
+        monkeypatch.setattr(fetch, "resolve_host", lambda host, p: ["127.0.0.1"])
+        assert _kind(lambda: fetch.fetch_url(f"https://other.test:{port}/a.png")) == "read_error"
+    finally:
+        fetch.close_pools()
+        httpd.shutdown()
