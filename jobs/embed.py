@@ -10,14 +10,13 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import ray
 
 from pipeline import __version__, storage
 from jobs.load import run_load
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.manifest import open_manifest, scan_ids, select_rows
 from pipeline.model import ModelSpec, resolve_dtype, resolve_model
-from pipeline.plan import embed_dataset, ensure_ray, manifest_rows, plan_placement
+from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifest_rows, plan_placement
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.writer import (
     ParquetShardSink,
@@ -113,13 +112,14 @@ def _retry_outcome(config: EmbedConfig, retried: pa.Array) -> dict:
             "still_failing": dict(sorted(still.items()))}
 
 
-def _progress(config: EmbedConfig, counter, total: int | None):
+def _progress_mode(config: EmbedConfig) -> str:
     """Ray Data's bars on a terminal; elsewhere (or when asked) a line per interval."""
-    ctx = ray.data.DataContext.get_current()
-    mode = config.progress
-    if mode == "auto":
-        mode = "bars" if sys.stderr.isatty() else "text"
-    ctx.enable_progress_bars = mode == "bars"
+    if config.progress == "auto":
+        return "bars" if sys.stderr.isatty() else "text"
+    return config.progress
+
+
+def _progress(mode: str, config: EmbedConfig, counter, total: int | None):
     if mode in ("text", "json"):
         return ProgressLog(counter, total, config.progress_interval_s, mode)
     return contextlib.nullcontext()
@@ -136,6 +136,8 @@ def run_embed(config: EmbedConfig) -> dict:
     model = resolve_model(config.model, config.storage_options)
     storage.check_writable(config.out, config.storage_options, "--out")
     ensure_ray(config.address)
+    progress_mode = _progress_mode(config)
+    configure_ray_data(progress_bars=progress_mode == "bars")
     placement = plan_placement(config)
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
     origin = provenance(model, dtype, config.towers, config.preprocess)
@@ -157,7 +159,7 @@ def run_embed(config: EmbedConfig) -> dict:
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
-        with _progress(config, counter, pending) as progress:
+        with _progress(progress_mode, config, counter, pending) as progress:
             # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
             # machine, a write asking for one would wait for ever while the stages before it
             # wait on its queue.

@@ -8,6 +8,7 @@ bytes the table already holds a vector for reuses it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import pyarrow as pa
@@ -21,7 +22,14 @@ from pipeline.config import ReembedConfig
 from pipeline.images import hash_images
 from pipeline.manifest import open_manifest, scan_ids
 from pipeline.model import resolve_dtype, resolve_model
-from pipeline.plan import embed_dataset, ensure_ray, fetch_policy, manifest_rows, plan_placement
+from pipeline.plan import (
+    configure_ray_data,
+    embed_dataset,
+    ensure_ray,
+    fetch_policy,
+    manifest_rows,
+    plan_placement,
+)
 from pipeline.text import caption_hashes
 from pipeline.timing import pop_figures
 from pipeline.writer import conform, write_shard
@@ -102,6 +110,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     if e.out:
         storage.check_writable(e.out, e.storage_options, "--out")
     ensure_ray(e.address)
+    configure_ray_data(progress_bars=sys.stderr.isatty())
     placement = plan_placement(e)
     dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
     origin = provenance(model, dtype, e.towers, e.preprocess)

@@ -394,7 +394,7 @@ def read_manifest(manifest: Manifest, num_cpus: float = 1.0):
 
     fs = storage.arrow_filesystem(manifest.filesystem())
     files = list(manifest.files)
-    task = {"ray_remote_args": {"num_cpus": num_cpus}}
+    task = {"num_cpus": num_cpus}
     if manifest.format == "parquet":
         return ray.data.read_parquet(files, filesystem=fs, **task)
     if manifest.format == "csv":

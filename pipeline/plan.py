@@ -129,19 +129,28 @@ UNREACHABLE_STORE_ERRORS = ("Could not connect to the endpoint URL", "Connect ti
                             "Read timeout on endpoint URL", "Connection was closed before we received")
 
 
-def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,
-                  counter=None):
-    """Rows in the contract's columns -> the same rows with their vectors (the towers in
-    `config.towers` only), errors, hashes and sizes."""
+def configure_ray_data(progress_bars: bool) -> None:
+    """Ray Data's settings for the job. Set before the job makes its first dataset: each dataset
+    keeps a copy of the settings current when its read was made, so later changes are ignored."""
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     # Ray Data retries reading a manifest file on errors that match these; add how botocore
     # (under s3fs) words an unreachable endpoint to pyarrow's own wording.
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *UNREACHABLE_STORE_ERRORS]))
+    # Off: no bars and no status block every 10 s in a log; the job's own progress line stays.
+    ctx.enable_progress_bars = progress_bars
+
+
+def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,
+                  counter=None):
+    """Rows in the contract's columns -> the same rows with their vectors (the towers in
+    `config.towers` only), errors, hashes and sizes."""
+    pool = placement.concurrency
     actor_args = dict(
         batch_format="pyarrow",
         batch_size=config.batch_size,
-        concurrency=placement.concurrency,
+        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]) if isinstance(pool, tuple)
+        else ray.data.ActorPoolStrategy(size=pool),
         num_gpus=placement.num_gpus,
         num_cpus=placement.num_cpus,
     )

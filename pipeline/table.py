@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
-import lancedb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
@@ -17,6 +16,10 @@ from schemas.table import ANN_INDEX_MIN_ROWS, FULL_TEXT_COLUMN, KEY, ROWS_PER_PA
 
 
 def connect(db_uri: str, storage_options: dict | None = None):
+    # Imported here, not with the module: LanceDB's runtime warns at every fork after it loads,
+    # and an embed job starts Ray (forking its processes) before it ever touches a table.
+    import lancedb
+
     return lancedb.connect(db_uri, storage_options=storage.lance_storage_options(db_uri, storage_options))
 
 

@@ -33,3 +33,29 @@ def test_thousands_of_tiny_blocks_finish(tiny_model, tmp_path):
     assert summary["rows_out"] == rows
     assert summary["errors_by_kind"] == {"image.not_found": rows, "text.empty_caption": rows}
     print(f"\n{rows} rows in blocks of 2: {time.monotonic() - started:.0f} s")
+
+
+def test_the_jobs_ray_data_settings_reach_its_datasets(tiny_model, ray_session, tmp_path):
+    # Each dataset keeps the settings current when its read was made: settings applied later
+    # (as the plan once did for the actor start timeout) never took effect.
+    import ray
+
+    from pipeline.config import EmbedConfig
+    from pipeline.manifest import open_manifest
+    from pipeline.model import resolve_model
+    from pipeline.plan import (ACTOR_START_TIMEOUT_S, configure_ray_data, embed_dataset, manifest_rows,
+                               plan_placement)
+
+    pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "m.parquet")
+    config = EmbedConfig(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
+                         model=tiny_model, towers=("text",))
+    saved = ray.data.DataContext.get_current().enable_progress_bars
+    try:
+        configure_ray_data(progress_bars=False)
+        rows = manifest_rows(open_manifest(config), pa.array([], pa.string()), None, 8)
+        plan = embed_dataset(rows, config, resolve_model(tiny_model), "float32", plan_placement(config))
+        assert plan.context.wait_for_min_actors_s == ACTOR_START_TIMEOUT_S
+        assert plan.context.enable_progress_bars is False
+        assert "Could not connect to the endpoint URL" in plan.context.retried_io_errors
+    finally:
+        ray.data.DataContext.get_current().enable_progress_bars = saved
