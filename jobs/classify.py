@@ -29,12 +29,12 @@ _NEW_COLUMNS = pa.schema([pa.field(LABEL, pa.string()), pa.field(LABEL_SCORE, pa
 
 
 def run_classify(config: ClassifyConfig) -> dict:
+    labels = read_labels(list(config.labels), list(config.templates))  # checked before any loading
     table = open_table(config.table, config.table_name, config.storage_options)
     origin = table_provenance(table) or {}
     if config.model is None and "model" not in origin:
         raise ConfigError("the table does not record its model: name it with --model")
     model = resolve_model(config.model or origin["model"], config.storage_options)
-    labels = read_labels(list(config.labels), list(config.templates))
     classes = label_vectors(model, origin.get("dtype", "float32"), labels)
     query = (table.search().where(f"{IMAGE_EMBEDDING} IS NOT NULL").select([ID, IMAGE_EMBEDDING])
              .limit(None))

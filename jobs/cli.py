@@ -36,6 +36,10 @@ def _run(job, *args):
     """Run a job; bad configuration exits non-zero with the message and no traceback."""
     try:
         return job(*args)
+    except KeyboardInterrupt:
+        click.echo("interrupted: what was written so far is kept; run the same command again "
+                   "to resume", err=True)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:
@@ -52,6 +56,21 @@ storage_option = click.option(
 )
 table_name = click.option("--name", "table_name", default=DEFAULT_TABLE_NAME, show_default=True,
                           help="Table name inside the LanceDB database.")
+
+
+class ManifestCommand(click.Command):
+    """A command taking one MANIFEST: an unquoted glob, expanded by the shell into many
+    arguments, gets a message that says to quote it."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if "unexpected extra argument" in exc.message:
+                raise click.UsageError(
+                    f"{exc.message}. A manifest glob must be quoted, or the shell expands it into "
+                    f"many arguments: altclip {ctx.info_name} 'manifests/*.parquet' ...", ctx) from None
+            raise
 
 
 @click.group()
@@ -116,7 +135,7 @@ def _embed_config(manifest: str, out: str | None, table: str | None, towers: str
     ))
 
 
-@main.command("embed")
+@main.command("embed", cls=ManifestCommand)
 @click.argument("manifest")
 @click.option("--out", required=True, help="Output folder or URI for Parquet shards and summary.json.")
 @click.option("--table", default=None, help="Also load the rows into this LanceDB database.")
@@ -152,7 +171,7 @@ def embed_command(manifest, out, table, quiet, retry_errors, retry_kind, **optio
         _print_summary(summary)
 
 
-@main.command("reembed")
+@main.command("reembed", cls=ManifestCommand)
 @click.argument("manifest")
 @click.option("--table", required=True, help="LanceDB database folder or URI (created if absent).")
 @click.option("--out", default=None, help="Also write the re-embedded rows as Parquet here.")
@@ -242,6 +261,8 @@ def _print_summary(summary: dict) -> None:
         click.echo(f"retried {retried['rows']} rows: {retried['succeeded']} now succeeded"
                    + (f"; still failing: {still}" if still else "")
                    + f" ({summary['seconds_total']:.1f} s)", err=True)
+    elif summary["rows_in"] == 0:
+        click.echo("the manifest has no rows: nothing to embed", err=True)
     elif summary["rows_embedded"] == 0:
         click.echo(f"nothing to do: all {summary['rows_out']} rows are already in the output "
                    "(no model work)", err=True)

@@ -110,5 +110,5 @@ def run_demo(workdir: str, model: str | None, query: str) -> list[dict]:
     click.echo(f'\ntop 5 images for "{query}":')
     for rank, hit in enumerate(hits, 1):
         click.echo(f"{rank}. {hit['score']:.4f}  {hit['id']}  {hit['image']}  ({hit['caption']})")
-    click.echo(f"\nTry: altclip search {db} --text \"{query}\" --k 5 --json")
+    click.echo(f"\nTry: altclip search {os.path.abspath(db)} --text \"{query}\" --k 5 --json")
     return hits

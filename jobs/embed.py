@@ -18,6 +18,7 @@ from pipeline.manifest import open_manifest, scan_ids, select_rows
 from pipeline.model import ModelSpec, resolve_dtype, resolve_model
 from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifest_rows, plan_placement
 from pipeline.progress import ProgressLog, RowCounter
+from pipeline.table import ensure_table
 from pipeline.writer import (
     ParquetShardSink,
     errors_by_kind,
@@ -152,9 +153,10 @@ def run_embed(config: EmbedConfig) -> dict:
         extra_rows = select_rows(extra_rows, manifest.id_col, done, retry)
     pending = len(retry) if retry is not None else scan.pending(done)
     counter = RowCounter.remote()
+    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
     sink = ParquetShardSink(
-        config.out, embeddings_schema(model.dim, list(manifest.metadata_fields), origin),
-        model.label, config.rows_per_shard, config.storage_options, config.storage_patience_s, counter,
+        config.out, schema, model.label, config.rows_per_shard, config.storage_options,
+        config.storage_patience_s, counter,
     )
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry)
@@ -182,7 +184,9 @@ def run_embed(config: EmbedConfig) -> dict:
     if retry is not None:
         summary["retried"] = _retry_outcome(config, retry)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
-    if config.table:
+    if config.table and totals["rows"] == 0:  # a manifest without rows: the table as it is
+        summary["table"] = ensure_table(config.table, config.table_name, schema, config.storage_options)
+    elif config.table:
         summary["table"] = run_load(
             LoadConfig(config.out, config.table, config.table_name, config.storage_options)
         )

@@ -27,8 +27,11 @@ def read_labels(label_files: list[str], templates: list[str]) -> LabelSet:
     """One label per line; several files are the same classes in other languages, line by line."""
     columns = []
     for path in label_files:
-        with open(path, encoding="utf-8") as f:
-            columns.append([line.strip() for line in f if line.strip()])
+        try:
+            with open(path, encoding="utf-8") as f:
+                columns.append([line.strip() for line in f if line.strip()])
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--labels {path}: cannot read it ({exc.strerror or exc})") from None
     if not columns or not columns[0]:
         raise ConfigError(f"--labels {label_files[0] if label_files else ''}: no labels in it")
     if any(len(c) != len(columns[0]) for c in columns):

@@ -50,6 +50,8 @@ def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
     if storage.has_scheme(ref) and not storage.is_local(ref):
         revision = _remote_fingerprint(ref, storage_options)
     elif os.path.isdir(ref):
+        # Recorded in outputs and tables, which other commands open from other directories.
+        ref = os.path.abspath(ref)
         revision = _fingerprint(ref)
     elif os.path.exists(ref) or ref.startswith((".", "/")):
         raise ConfigError(f"--model {ref}: not a folder; name a folder saved with save_pretrained")

@@ -18,10 +18,12 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     """The query's result. Vector columns are DuckDB arrays: `array_cosine_similarity`,
     `array_inner_product` and `array_distance` work on them."""
     con = duckdb.connect()
+    visible = []
     if db_uri:
         # A Lance dataset is an Arrow dataset: DuckDB scans it lazily, pushing down
         # projections and filters.
         con.register(table_name, open_table(db_uri, table_name, storage_options).to_lance())
+        visible.append(f"{table_name} (the table in {db_uri})")
     if outputs:
         shards = list_shards(outputs, storage_options)
         if not shards:
@@ -30,7 +32,26 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
         paths = [storage.filesystem(s, storage_options)[1] for s in shards]
         con.register("outputs", pads.dataset(paths, format="parquet",
                                               filesystem=storage.arrow_filesystem(fs)))
+        visible.append(f"outputs (the Parquet under {outputs})")
     try:
-        return con.sql(query).to_arrow_table()
+        result = con.sql(query).to_arrow_table()
+    except duckdb.CatalogException as exc:
+        raise ConfigError(f"SQL: {str(exc).splitlines()[0]} The query can name: "
+                          f"{'; '.join(visible)}") from None
     except duckdb.Error as exc:
         raise ConfigError(f"SQL: {str(exc).splitlines()[0]}") from None
+    return result.rename_columns(unique_names(result.column_names))
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Column names made unique as DuckDB's own client shows them (`id`, `id_1`, ...), never
+    taking a name another column already has."""
+    taken, seen, out = set(names), set(), []
+    for name in names:
+        unique, n = name, 0
+        while unique in seen or (unique != name and unique in taken):
+            n += 1
+            unique = f"{name}_{n}"
+        seen.add(unique)
+        out.append(unique)
+    return out

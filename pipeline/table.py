@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -24,6 +25,11 @@ def connect(db_uri: str, storage_options: dict | None = None):
 
 
 def open_table(db_uri: str, name: str, storage_options: dict | None = None):
+    """An existing table, for reading: a local path without a database is an error, never a
+    new empty folder."""
+    if storage.is_local(db_uri) and not os.path.isdir(storage.filesystem(db_uri)[1]):
+        raise ConfigError(f"{db_uri}: no database there (a LanceDB database is a folder made by "
+                          "`altclip embed ... --table DB` or `altclip load OUT --table DB`)")
     db = connect(db_uri, storage_options)
     if name not in db.table_names():
         raise ConfigError(
@@ -35,6 +41,14 @@ def open_table(db_uri: str, name: str, storage_options: dict | None = None):
 
 def table_provenance(table) -> dict | None:
     return provenance_of(table.schema)
+
+
+def ensure_table(db_uri: str, name: str, schema: pa.Schema, storage_options: dict | None = None) -> dict:
+    """The table as it is, or created empty with the outputs' schema (a manifest without rows)."""
+    db = connect(db_uri, storage_options)
+    table = db.open_table(name) if name in db.table_names() else db.create_table(name, schema=schema)
+    return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": 0, "updated": 0,
+            "version": table.version}
 
 
 def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None = None) -> dict:
