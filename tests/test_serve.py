@@ -266,6 +266,10 @@ def test_the_serve_command(corpus, tmp_path, stop):
     """`altclip serve` as a user starts it: a process that answers, and stops on Ctrl-C (SIGINT)
     or SIGTERM (what Kubernetes and systemd send)."""
     result = CliRunner().invoke(serve_command, [str(tmp_path / "nothing-here")])
+    assert result.exit_code == 1 and "no database there" in result.output
+    assert not (tmp_path / "nothing-here").exists()  # reading commands create nothing
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(serve_command, [str(tmp_path / "empty")])
     assert result.exit_code == 1 and "has no table 'embeddings'" in result.output
     with socket.socket() as taken:  # a port in use fails at once, before the model loads
         taken.bind(("127.0.0.1", 0))
