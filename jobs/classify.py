@@ -30,7 +30,7 @@ _NEW_COLUMNS = pa.schema([pa.field(LABEL, pa.string()), pa.field(LABEL_SCORE, pa
 
 def run_classify(config: ClassifyConfig) -> dict:
     labels = read_labels(list(config.labels), list(config.templates))  # checked before any loading
-    table = open_table(config.table, config.table_name, config.storage_options)
+    table = open_table(config.db, config.table_name, config.storage_options)
     origin = table_provenance(table) or {}
     if config.model is None and "model" not in origin:
         raise ConfigError("the table does not record its model: name it with --model")
@@ -53,6 +53,6 @@ def run_classify(config: ClassifyConfig) -> dict:
         table.add_columns(pa.schema(missing))  # null until this run fills them in
     if result is not None:
         table.merge_insert(KEY).when_matched_update_all().execute(result)
-    record_run(connect(config.table, config.storage_options), config.table_name, table.version,
+    record_run(connect(config.db, config.storage_options), config.table_name, table.version,
                {"job": "classify", "labels": len(labels.names), "rows": rows})
     return {"rows": rows, "labels": len(labels.names), "version": table.version}

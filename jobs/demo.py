@@ -100,13 +100,13 @@ def run_demo(workdir: str, model: str | None, query: str) -> list[dict]:
     manifest = make_sample_corpus(os.path.join(workdir, "corpus"))
     db = os.path.join(workdir, "db")
     summary = run_embed(EmbedConfig(manifest=manifest, out=os.path.join(workdir, "out"),
-                                    model=model, table=db))
+                                    model=model, db=db))
     click.echo(
         f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s "
         f"({summary['rows_per_second']} rows/s); summary: {summary['summary_uri']}",
         err=True,
     )
-    hits = run_search(SearchConfig(table=db, text=query, k=5))
+    hits = run_search(SearchConfig(db=db, text=query, k=5))
     click.echo(f'\ntop 5 images for "{query}":')
     for rank, hit in enumerate(hits, 1):
         click.echo(f"{rank}. {hit['score']:.4f}  {hit['id']}  {hit['image']}  ({hit['caption']})")

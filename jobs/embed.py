@@ -184,11 +184,11 @@ def run_embed(config: EmbedConfig) -> dict:
     if retry is not None:
         summary["retried"] = _retry_outcome(config, retry)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
-    if config.table and totals["rows"] == 0:  # a manifest without rows: the table as it is
-        summary["table"] = ensure_table(config.table, config.table_name, schema, config.storage_options)
-    elif config.table:
+    if config.db and totals["rows"] == 0:  # a manifest without rows: the table as it is
+        summary["table"] = ensure_table(config.db, config.table_name, schema, config.storage_options)
+    elif config.db:
         summary["table"] = run_load(
-            LoadConfig(config.out, config.table, config.table_name, config.storage_options)
+            LoadConfig(config.out, config.db, config.table_name, config.storage_options)
         )
     return summary
 
@@ -196,8 +196,9 @@ def run_embed(config: EmbedConfig) -> dict:
 def main() -> None:
     """`python -m jobs.embed ...` is `altclip embed ...` (what `ray job submit` runs)."""
     from jobs.cli import embed_command
+    from jobs.options import CONTEXT
 
-    embed_command(prog_name="python -m jobs.embed")
+    embed_command(prog_name="python -m jobs.embed", **CONTEXT)
 
 
 if __name__ == "__main__":

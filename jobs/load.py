@@ -7,4 +7,4 @@ from pipeline.table import load_outputs
 
 
 def run_load(config: LoadConfig) -> dict:
-    return load_outputs(config.outputs, config.table, config.table_name, config.storage_options)
+    return load_outputs(config.outputs, config.db, config.table_name, config.storage_options)

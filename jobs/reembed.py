@@ -126,7 +126,7 @@ def run_reembed(config: ReembedConfig) -> dict:
         CAPTION_SHA256, pa.array(caption_hashes(current.column(CAPTION).to_pylist()), pa.string()))
 
     # 2. What the table holds, and the difference.
-    table = tables.open_table_if_exists(e.table, e.table_name, e.storage_options)
+    table = tables.open_table_if_exists(e.db, e.table_name, e.storage_options)
     stored, stored_hashes, model_stale = None, pa.array([], pa.string()), False
     if table is not None:
         stored, stored_hashes = _stored_state(table)
@@ -171,7 +171,7 @@ def run_reembed(config: ReembedConfig) -> dict:
 
     # 5. One new table version: upserts (and deletes with --prune).
     result = tables.apply_changes(
-        e.table, e.table_name, rows, deleted=plan.deleted if (config.prune or model_stale) else None,
+        e.db, e.table_name, rows, deleted=plan.deleted if (config.prune or model_stale) else None,
         replace=table is None or model_stale, storage_options=e.storage_options,
         record={"job": "reembed", "model": model.label, **plan.counts(),
                 "deleted": len(plan.deleted) if (config.prune or model_stale) else 0},
@@ -190,8 +190,9 @@ def run_reembed(config: ReembedConfig) -> dict:
 def main() -> None:
     """`python -m jobs.reembed ...` is `altclip reembed ...` (what a schedule runs)."""
     from jobs.cli import reembed_command
+    from jobs.options import CONTEXT
 
-    reembed_command(prog_name="python -m jobs.reembed")
+    reembed_command(prog_name="python -m jobs.reembed", **CONTEXT)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from jobs.options import parse_storage_options
+from jobs.options import CONTEXT, parse_storage_options, storage_option, table_name
 from pipeline.config import ConfigError
 from schemas.table import DEFAULT_TABLE_NAME
 
@@ -46,22 +46,22 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
         server.server_close()
 
 
-@click.command("serve")
+@click.command("serve", context_settings=CONTEXT)
 @click.argument("db")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1",
               help="Address to listen on (0.0.0.0: every interface; the API has no authentication).")
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--name", "table_name", default=DEFAULT_TABLE_NAME, show_default=True,
-              help="Table name inside the LanceDB database.")
-@click.option("--model", default=None, help="Query model [the one the table was built with].")
+@click.option("--port", default=8000, type=int, help="Port to listen on.")
+@table_name
+@click.option("--model", default=None, show_default="the one the table was built with",
+              help="Query model.")
 @click.option("--allow-private-urls", is_flag=True,
               help="Let thumbnails of http(s) image URLs reach loopback and private addresses.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="Passed to the filesystem of every URI (fsspec storage options).")
+@storage_option
 def serve_command(db, host, port, table_name, model, allow_private_urls, quiet, storage_options):
-    """Serve a search page and a JSON API over DB (a LanceDB database): text in any language,
-    image uploads, metadata filters, thumbnails."""
+    """Serve a search page and a JSON API over a table in DB.
+
+    Text queries in any language, image uploads, metadata filters, thumbnails."""
     try:
         run_serve(db, host, port, table_name, model, parse_storage_options(storage_options),
                   allow_private_urls, quiet)

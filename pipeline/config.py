@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from schemas.embeddings import ERROR_KINDS
@@ -19,12 +20,20 @@ class ConfigError(ValueError):
     """Bad configuration: raised before any work, with a message that says what to change."""
 
 
+def check_table_name(name: str) -> None:
+    """LanceDB's rule for table names; a path or URI here is a database given as a table."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+        raise ConfigError(f"--table {name}: a table name is letters, digits, _, - and . "
+                          "(the database folder or URI is given with --db DB, or as DB "
+                          "first argument of reading commands)")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     manifest: str
     out: str
     model: str = DEFAULT_MODEL
-    table: str | None = None
+    db: str | None = None  # also load the rows into a table of this LanceDB database
     table_name: str = DEFAULT_TABLE_NAME
     towers: tuple[str, ...] = TOWERS
     id_col: str = "id"
@@ -51,6 +60,7 @@ class EmbedConfig:
     retry_kinds: tuple[str, ...] = ()
 
     def __post_init__(self):
+        check_table_name(self.table_name)
         unknown = [t for t in self.towers if t not in TOWERS]
         if unknown or not self.towers:
             raise ConfigError(
@@ -82,14 +92,17 @@ class EmbedConfig:
 @dataclass(frozen=True)
 class LoadConfig:
     outputs: str
-    table: str
+    db: str
     table_name: str = DEFAULT_TABLE_NAME
     storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_table_name(self.table_name)
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    table: str
+    db: str
     text: str | None = None
     image: str | None = None
     vector: str | None = None  # a .npy or JSON file holding the query vector
@@ -104,6 +117,7 @@ class SearchConfig:
     refine_factor: int | None = None  # candidates re-ranked exactly per hit; None: the default
 
     def __post_init__(self):
+        check_table_name(self.table_name)
         for option, value in (("--nprobes", self.nprobes), ("--refine-factor", self.refine_factor)):
             if value is not None and value < 1:
                 raise ConfigError(f"{option} {value}: must be at least 1")
@@ -128,7 +142,7 @@ class ReembedConfig:
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    table: str
+    db: str
     labels: tuple[str, ...]  # label files: one label per line; several = several languages
     templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
     top_k: int = 3
@@ -138,6 +152,7 @@ class ClassifyConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        check_table_name(self.table_name)
         if not self.labels:
             raise ConfigError("give the labels: --labels FILE (one label per line)")
         if self.top_k < 1:

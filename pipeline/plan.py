@@ -39,7 +39,30 @@ def ensure_ray(address: str | None = None) -> None:
     # "local", not Ray's default: that would try whatever cluster this machine last started,
     # even one long gone.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            return
+        except Exception as exc:
+            if not _start_timed_out(exc):
+                raise
+            ray.shutdown()  # the half-started processes go before the next try
+            if attempt == 1:
+                # Ray waits a fixed 30 s for its own processes; on a loaded machine the second
+                # start, with the first one's processes gone, usually makes it.
+                logging.getLogger(__name__).warning("Ray did not start in time (%s); trying once more", exc)
+                continue
+            where = "on this machine" if address == "local" else f"at {address}"
+            raise ConfigError(
+                f"Ray did not start {where}, twice: {exc}. The machine may be overloaded or short "
+                "of memory; free some, or start Ray first (`ray start --head`) and pass "
+                "--address auto") from None
+
+
+def _start_timed_out(exc: Exception) -> bool:
+    """Ray's processes did not come up (or answer) in time, as opposed to a wrong setting."""
+    return isinstance(exc, (TimeoutError, ConnectionError)) or "timed out" in str(exc)
+
 
 
 @dataclass(frozen=True)
@@ -121,7 +144,7 @@ def fetch_policy(config: EmbedConfig) -> FetchPolicy:
         allow_local_paths=storage.is_local(config.manifest) or config.allow_local_paths,
         allow_private_urls=config.allow_private_urls,
         patience_s=config.storage_patience_s,
-        job_schemes=job_schemes(config.manifest, config.out, config.table),
+        job_schemes=job_schemes(config.manifest, config.out, config.db),
     )
 
 
@@ -139,6 +162,9 @@ def configure_ray_data(progress_bars: bool) -> None:
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *UNREACHABLE_STORE_ERRORS]))
     # Off: no bars and no status block every 10 s in a log; the job's own progress line stays.
     ctx.enable_progress_bars = progress_bars
+    # Off on purpose, so Ray Data's warning that bars are off (with how to turn them on, which
+    # is not ours to offer) says nothing a user can act on.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placement: Placement,

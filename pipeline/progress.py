@@ -92,9 +92,12 @@ class ProgressLog:
 
     def emit(self, final: bool = False) -> None:
         snapshot = ray.get(self.counter.snapshot.remote())
+        # JSON lines go to stdout, where nothing else is written, for a log shipper to read
+        # whole; text lines go with the other messages to stderr. The stream is looked up now,
+        # not at import: callers (and tests) may have replaced it.
+        stream = self.stream or (sys.stdout if self.fmt == "json" else sys.stderr)
         print(format_progress(snapshot, self.total, time.monotonic() - self.started, self.fmt, final),
-              # sys.stderr looked up now, not at import: callers (and tests) may have replaced it.
-              file=self.stream or sys.stderr, flush=True)
+              file=stream, flush=True)
 
 
 def format_progress(snapshot: dict, total: int | None, elapsed: float, fmt: str, final: bool) -> str:

@@ -13,7 +13,13 @@ from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.fetch import FetchPolicy
 from pipeline.images import preprocess_images
 from pipeline.model import ModelSpec, resolve_model
-from pipeline.table import open_table, table_provenance
+from pipeline.table import (
+    full_text_index,
+    full_text_index_is_current,
+    full_text_query,
+    open_table,
+    table_provenance,
+)
 from pipeline.text import tokenize_captions
 from schemas.embeddings import (
     CAPTION_SHA256,
@@ -65,7 +71,7 @@ def embed_image_query(model: ModelSpec, dtype: str, uri: str, storage_options=No
 
 def search(config: SearchConfig) -> list[dict]:
     """Nearest rows, best first, each as {id, score, caption, image, metadata...}."""
-    table = open_table(config.table, config.table_name, config.storage_options)
+    table = open_table(config.db, config.table_name, config.storage_options)
     origin = table_provenance(table) or {}
     if config.model is None and "model" not in origin:
         raise ConfigError("the table does not record its model: name it with --model")
@@ -87,13 +93,15 @@ def search(config: SearchConfig) -> list[dict]:
         vector = embed_image_query(model, dtype, config.image, config.storage_options)
     else:
         vector = _read_vector(config.vector, model.dim)
+    if config.hybrid:
+        _warn_if_full_text_index_is_old(table, config.db)
     column = SEARCH_COLUMNS[config.against or "image"]
     where = f"{column} IS NOT NULL" + (f" AND ({config.where})" if config.where else "")
     try:
         if config.hybrid:
             # Reciprocal-rank fusion of the vector ranking and the captions' full-text ranking.
             query = (table.search(query_type="hybrid", vector_column_name=column)
-                     .vector(vector).text(config.text))
+                     .vector(vector).text(full_text_query(config.text)))
         else:
             query = (table.search(vector, vector_column_name=column)
                      .nprobes(config.nprobes or SEARCH_NPROBES)
@@ -104,6 +112,17 @@ def search(config: SearchConfig) -> list[dict]:
             raise
         raise ConfigError(f"--where {config.where!r}: {exc}") from exc
     return [_hit(row) for row in rows]
+
+
+def _warn_if_full_text_index_is_old(table, db: str) -> None:
+    index = full_text_index(table)
+    if index is not None and not full_text_index_is_current(index):
+        print(
+            "warning: the table's full-text index was built before captions were indexed as "
+            "n-grams: it splits them on spaces, so a word inside Chinese, Japanese or Thai text is "
+            f"not found; rebuild it with `altclip table index {db}`",
+            file=sys.stderr,
+        )
 
 
 def _read_vector(path: str, dim: int) -> np.ndarray:

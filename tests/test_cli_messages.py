@@ -24,27 +24,27 @@ from tests.corpus import write_corpus
 def db(tiny_model, ray_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--table", folder / "db")
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db", folder / "db")
     return folder / "db"
 
 
 def test_sql_columns_of_the_same_name_all_come_out(db):
     query = "SELECT id, id, lang FROM embeddings ORDER BY id LIMIT 2"
-    table = altclip("sql", query, "--db", db).stdout.splitlines()
+    table = altclip("sql", db, query).stdout.splitlines()
     assert table[0].split() == ["id", "id_1", "lang"] and len(table) == 3
-    row = json.loads(altclip("sql", query, "--db", db, "--json").stdout.splitlines()[0])
+    row = json.loads(altclip("sql", db, query, "--json").stdout.splitlines()[0])
     assert set(row) == {"id", "id_1", "lang"} and row["id"] == row["id_1"]
-    assert altclip("sql", query, "--db", db, "--csv").stdout.splitlines()[0] == '"id","id_1","lang"'
+    assert altclip("sql", db, query, "--csv").stdout.splitlines()[0] == '"id","id_1","lang"'
 
 
 def test_a_missing_table_in_sql_is_named_with_what_exists(db):
-    result = altclip("sql", "SELECT * FROM zoo", "--db", db, expect_exit=1)
+    result = altclip("sql", db, "SELECT * FROM zoo", expect_exit=1)
     assert "zoo" in result.stderr and "The query can name: embeddings (the table in" in result.stderr
 
 
 def test_reading_commands_never_create_a_database(tmp_path):
     missing = tmp_path / "nothing-here"
-    for args in (["search", missing, "--text", "x"], ["sql", "SELECT 1 FROM embeddings", "--db", missing],
+    for args in (["search", missing, "--text", "x"], ["sql", missing, "SELECT 1 FROM embeddings"],
                  ["table", "versions", missing]):
         result = altclip(*args, expect_exit=1)
         assert "no database there" in result.stderr, args
@@ -70,12 +70,12 @@ def test_a_manifest_without_rows(tiny_model, ray_session, tmp_path):
     result = altclip("embed", tmp_path / "empty.parquet", "--out", tmp_path / "out", "--model", tiny_model)
     assert "the manifest has no rows: nothing to embed" in result.stderr
     result = altclip("embed", tmp_path / "empty.parquet", "--out", tmp_path / "out2", "--model", tiny_model,
-                     "--table", tmp_path / "db")
+                     "--db", tmp_path / "db")
     assert "(0 rows" in result.stderr
     table = lancedb.connect(str(tmp_path / "db")).open_table("embeddings")
     assert table.count_rows() == 0 and "image_embedding" in table.schema.names
     altclip("embed", tmp_path / "empty.parquet", "--out", tmp_path / "out3", "--model", tiny_model,
-            "--table", tmp_path / "db")  # again: the table is left as it is
+            "--db", tmp_path / "db")  # again: the table is left as it is
 
 
 def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_session, tmp_path, monkeypatch):
@@ -83,7 +83,7 @@ def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_sess
     folder = tmp_path / "work"
     manifest = write_corpus(folder)
     monkeypatch.chdir(tmp_path)
-    altclip("embed", manifest, "--out", folder / "out", "--model", "model", "--table", folder / "db")
+    altclip("embed", manifest, "--out", folder / "out", "--model", "model", "--db", folder / "db")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -91,21 +91,97 @@ def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_sess
     assert len(hits) == 2
 
 
-def test_ctrl_c_says_the_same_command_resumes(tiny_model, tmp_path):
+def test_ctrl_c_says_the_same_command_resumes_and_json_lines_have_stdout_alone(tiny_model, tmp_path):
     rows = [{"id": f"r{i}", "caption": f"caption {i}"} for i in range(20000)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
     process = subprocess.Popen(
         [altclip_bin, "embed", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"), "--model",
-         tiny_model, "--towers", "text", "--batch-size", "8", "--log-format", "text",
+         tiny_model, "--towers", "text", "--batch-size", "8", "--log-format", "json",
          "--progress-interval", "1"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
-    seen = ""
-    while "progress:" not in seen:  # running: Ray is up and rows are moving
-        line = process.stderr.readline()
-        assert line, "the job ended before it could be interrupted"
-        seen += line
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+    first = process.stdout.readline()  # running: Ray is up and rows are moving
+    assert first, "the job ended before it could be interrupted: " + process.stderr.read()[-2000:]
     process.send_signal(signal.SIGINT)
-    _, rest = process.communicate(timeout=120)
-    assert process.returncode == 130, rest[-2000:]
-    assert "interrupted: what was written so far is kept; run the same command again to resume" in rest
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "interrupted: what was written so far is kept; run the same command again to resume" in err
+    # Everything on stdout, Ray's own processes' output included, is one JSON event per line.
+    events = [json.loads(line) for line in (first + out).splitlines()]
+    assert events[0]["event"] == "progress" and "rows_done" in events[0]
+
+
+def _commands(group, prefix=()):
+    """Every command of `altclip`, with the words that run it."""
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_help_for_every_option_and_summaries_not_cut():
+    from jobs.cli import main
+
+    listing = altclip("-h").stdout
+    assert "Commands:" in listing and "..." not in listing.split("Commands:")[1]
+    assert altclip("--version").stdout.startswith("altclip, version ")
+    for words, command in _commands(main):
+        assert f" {' '.join(words)} " in altclip(*words, "-h").stdout.splitlines()[0]
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:
+                assert param.help, f"altclip {' '.join(words)} {param.opts[0]} has no help line"
+    search_help = " ".join(altclip("search", "--help").stdout.split())
+    assert "Give exactly one of --text, --image or --vector" in search_help
+    assert "--towers image,text" in altclip("embed", "--help").stdout
+
+
+def test_lancedb_names_everywhere(db, tmp_path):
+    """The database is DB (`--db DB` on the writing commands), the table `--table NAME`; the
+    names of before are refused with what to write now."""
+    result = altclip("search", db, "--text", "x", "--name", "embeddings", expect_exit=2)
+    assert "--name was renamed: use --table NAME" in result.stderr
+    result = altclip("sql", "SELECT 1", "--db", db, expect_exit=2)
+    assert "use altclip sql DB QUERY" in result.stderr
+    result = altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "o", "--table",
+                     tmp_path / "db", expect_exit=1)
+    assert "a table name is letters, digits" in result.stderr and "--db DB" in result.stderr
+    assert not (tmp_path / "db").exists() and not (tmp_path / "o").exists()
+    result = altclip("sql", "SELECT 1", expect_exit=2)
+    assert "altclip sql DB QUERY, and/or --parquet OUT" in result.stderr
+    # The table listing and search results have a header row.
+    assert altclip("search", db, "--text", "un gato", "--k", "2").stdout.split()[:5] == [
+        "rank", "score", "id", "caption", "image"]
+    listing = altclip("table", "versions", db, "--table", "embeddings").stdout.splitlines()
+    assert listing[0].split() == ["version", "time", "rows", "made", "by"] and len(listing) > 1
+
+
+def test_ray_that_does_not_start_in_time_is_tried_again_then_named(monkeypatch):
+    import ray
+
+    from pipeline import plan
+    from pipeline.config import ConfigError
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append("init")
+        if calls.count("init") <= failures:
+            raise Exception("The current node timed out during startup. This could happen ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    failures = 1
+    plan.ensure_ray()
+    assert calls == ["init", "shutdown", "init"]  # the second start made it
+    calls.clear()
+    failures = 2
+    with pytest.raises(ConfigError, match="Ray did not start on this machine, twice: The current node timed out"):
+        plan.ensure_ray()
+    assert calls == ["init", "shutdown", "init", "shutdown"]
+    monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(ValueError("bad address")))
+    with pytest.raises(ValueError, match="bad address"):  # a wrong setting is not retried
+        plan.ensure_ray()

@@ -364,7 +364,7 @@ def test_embed_rayjob_entrypoint():
     assert module == "jobs.embed" and params is not None
     assert params["manifest"] == "s3://corpus/manifest.parquet"
     assert params["out"] == "s3://embeddings/run1"
-    assert params["table"] == "s3://tables/db"
+    assert params["db"] == "s3://tables/db"
     assert params["model"] == "s3://models/altclip/"
 
 
@@ -384,12 +384,12 @@ def test_reembed_rayjob_entrypoint():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.reembed"]
     assert argv[3] == "s3://corpus/manifest.parquet" and "--prune" in argv
-    assert argv[argv.index("--table") + 1] == "s3://tables/db"
+    assert argv[argv.index("--db") + 1] == "s3://tables/db"
     module, params = parse_entrypoint(job["spec"]["entrypoint"])
     if params is None:
         pytest.skip("jobs.reembed / `altclip reembed` is not in the project yet: "
                     "its entrypoint could not be checked against its parser")
-    assert params["table"] == "s3://tables/db" and params["prune"] is True
+    assert params["db"] == "s3://tables/db" and params["prune"] is True
 
 
 @pytest.mark.parametrize("job", ["rayjob-embed.yaml", "cronjob-reembed.yaml ConfigMap"])

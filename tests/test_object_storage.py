@@ -59,7 +59,7 @@ def test_everything_in_s3_equals_the_local_run(s3, tiny_model, local_run, tmp_pa
     s3.put(str(folder / "manifest.parquet"), "corpus/run/manifest.parquet")
     s3.put(tiny_model, "models/tiny", recursive=True)
     result = altclip("embed", "s3://corpus/run/manifest.parquet", "--out", "s3://out/run",
-                     "--model", "s3://models/tiny/", "--table", "s3://tables/db", "--dtype", "float32")
+                     "--model", "s3://models/tiny/", "--db", "s3://tables/db", "--dtype", "float32")
 
     got = _read_s3_output(s3, "out/run")
     _assert_same_vectors(got, expected)

@@ -51,7 +51,7 @@ def days(tmp_path_factory):
 def test_day_two_embeds_only_what_changed(days, tiny_model, ray_session, tmp_path):
     folder, day1, day1_manifest = days
     db = tmp_path / "db"
-    first = _reembed(day1_manifest, "--table", db, "--model", tiny_model, "--dtype", "float32")
+    first = _reembed(day1_manifest, "--db", db, "--model", tiny_model, "--dtype", "float32")
     assert first["new"] == 200 and first["image_tower_rows"] == 200 and first["text_tower_rows"] == 200
     day1_rows = _table_rows(db)
 
@@ -69,13 +69,13 @@ def test_day_two_embeds_only_what_changed(days, tiny_model, ray_session, tmp_pat
         day2.append({"id": f"copy{n}", "image": f"images/{100 + n:03d}.png", "caption": f"a copy {n}"})
     day2_manifest = _write(folder, day2, "day2.parquet")
 
-    dry = altclip("reembed", day2_manifest, "--table", db, "--model", tiny_model, "--dtype", "float32",
+    dry = altclip("reembed", day2_manifest, "--db", db, "--model", tiny_model, "--dtype", "float32",
                   "--prune", "--dry-run")
     assert "dry run, nothing changed: new 25, image changed 10, caption changed 10" in dry.stdout
     assert "would embed 30 images and 35 captions, reuse 5 image vectors" in dry.stdout
     assert len(_table_rows(db)) == 200
 
-    second = _reembed(day2_manifest, "--table", db, "--model", tiny_model, "--dtype", "float32",
+    second = _reembed(day2_manifest, "--db", db, "--model", tiny_model, "--dtype", "float32",
                       "--prune")
     assert second["image_tower_rows"] == 30  # 20 new + 10 replaced; the copies reuse vectors
     assert second["text_tower_rows"] == 35  # 20 new + 10 edited + the copies' 5 captions
@@ -93,13 +93,17 @@ def test_day_two_embeds_only_what_changed(days, tiny_model, ray_session, tmp_pat
             assert got[row_id][column] == row[column], (row_id, column)
 
     # Nothing changed: nothing embedded.
-    third = _reembed(day2_manifest, "--table", db, "--model", tiny_model, "--dtype", "float32")
+    third = _reembed(day2_manifest, "--db", db, "--model", tiny_model, "--dtype", "float32")
     assert third["image_tower_rows"] == third["text_tower_rows"] == third["rows_upserted"] == 0
     assert third["unchanged"] == 215
 
     # Versions: listed with what each run changed; day 1 restored gives day 1's rows.
     listing = altclip("table", "versions", db).stdout
     assert "reembed" in listing and "image_changed 10" in listing
+    header, *lines = listing.splitlines()
+    assert header.split() == ["version", "time", "rows", "made", "by"]
+    assert len(lines) > 3 and all(len(line.split()) > 3 for line in lines)  # each says what made it
+    assert "table created" in listing and "(no record)" not in listing
     day1_version = next(int(line.split()[0]) for line in listing.splitlines()
                         if "reembed" in line and "new 200" in line)
     altclip("table", "restore", db, str(day1_version))
@@ -114,10 +118,10 @@ def test_another_model_re_embeds_everything(days, tiny_model, ray_session, tmp_p
     folder, day1, day1_manifest = days
     db = tmp_path / "db"
     small = _write(folder, day1[:20], "small.parquet")
-    _reembed(small, "--table", db, "--model", tiny_model, "--dtype", "float32")
+    _reembed(small, "--db", db, "--model", tiny_model, "--dtype", "float32")
     other = tmp_path / "other-model"
     altclip("make-test-model", other, "--seed", "1")
-    summary = _reembed(small, "--table", db, "--model", other, "--dtype", "float32")
+    summary = _reembed(small, "--db", db, "--model", other, "--dtype", "float32")
     assert summary["model_stale"] is True
     assert summary["image_tower_rows"] == 20 and summary["text_tower_rows"] == 20
     assert {r["model"].split("@")[0] for r in _table_rows(db).values()} == {str(other)}

@@ -39,7 +39,8 @@ def run(tiny_model, ray_session, tmp_path_factory):
 
 def test_progress_lines_and_summary_figures(run):
     folder, result, rows = run
-    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    # --log-format json: stdout holds the JSON lines and nothing else, for a log shipper.
+    events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events and events[-1]["event"] == "finished"
     assert events[-1]["rows_done"] == events[-1]["rows_total"] == rows
     assert all(e["rows_done"] <= rows for e in events)

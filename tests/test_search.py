@@ -15,7 +15,7 @@ from tests.corpus import write_corpus
 def db(tiny_model, ray_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("search")
     manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--table",
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
             folder / "db", "--dtype", "float32")
     return folder
 
@@ -49,7 +49,7 @@ def test_text_query_against_captions_and_a_filter(db):
 
 
 def test_load_upserts_by_id(db):
-    result = altclip("load", db / "out", "--table", db / "db")
+    result = altclip("load", db / "out", "--db", db / "db")
     assert "0 inserted" in result.stdout
     table = lancedb.connect(str(db / "db")).open_table("embeddings")
     assert table.count_rows() == len(read_output(db / "out"))
@@ -77,4 +77,4 @@ def test_vector_file_hybrid_and_index(db, tmp_path):
     result = altclip("table", "index", db / "db")
     assert "too few vectors for an ANN index: search is exact" in result.stdout
     table = altclip("search", db / "db", "--text", "un gato", "--k", "2").stdout.splitlines()
-    assert len(table) == 2 and table[0].split()[0] == "1"
+    assert len(table) == 3 and table[0].split()[0] == "rank" and table[1].split()[0] == "1"

@@ -38,7 +38,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def corpus(tiny_model, ray_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--table",
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
             folder / "db", "--dtype", "float32")
     return folder
 
@@ -412,7 +412,7 @@ def test_rows_the_job_did_not_read_have_no_thumbnail(tiny_model, ray_session, tm
                          "image": ["ok.png", "http://127.0.0.1:9/secret.png"]})
     pq.write_table(manifest, tmp_path / "m.parquet")
     altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
-            "--table", tmp_path / "db")
+            "--db", tmp_path / "db")
     searcher = Searcher(str(tmp_path / "db"), "embeddings")
     assert searcher.thumbnail("ok", 96)[0][:2] == b"\xff\xd8"  # a JPEG
     with pytest.raises(ServeError) as raised:

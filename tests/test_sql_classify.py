@@ -20,15 +20,15 @@ from tests.corpus import odd_images, write_corpus
 def db(tiny_model, ray_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sql")
     manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--table",
+    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
             folder / "db", "--dtype", "float32")
     return folder
 
 
 def test_sql_over_the_table_and_the_outputs(db):
     rows = [json.loads(line) for line in altclip(
-        "sql", "SELECT lang, count(*) AS n FROM embeddings GROUP BY lang ORDER BY lang",
-        "--db", db / "db", "--json").stdout.splitlines()]
+        "sql", db / "db", "SELECT lang, count(*) AS n FROM embeddings GROUP BY lang ORDER BY lang",
+        "--json").stdout.splitlines()]
     outputs = read_output(db / "out")
     expected = {}
     for r in outputs.values():
@@ -41,11 +41,11 @@ def test_sql_over_the_table_and_the_outputs(db):
     top = json.loads(altclip("sql", query, "--parquet", db / "out", "--json").stdout.splitlines()[0])
     assert top["id"] == "row-02" and top["score"] > 0.9999
 
-    csv = altclip("sql", "SELECT id FROM embeddings WHERE width > 600 ORDER BY id", "--db",
-                  db / "db", "--csv").stdout.splitlines()
+    csv = altclip("sql", db / "db", "SELECT id FROM embeddings WHERE width > 600 ORDER BY id",
+                  "--csv").stdout.splitlines()
     assert csv[0] == "\"id\"" and len(csv) - 1 == sum(r["width"] > 600 for r in outputs.values())
 
-    result = altclip("sql", "SELECT nope FROM embeddings", "--db", db / "db", expect_exit=1)
+    result = altclip("sql", db / "db", "SELECT nope FROM embeddings", expect_exit=1)
     assert "SQL: " in result.stderr and "nope" in result.stderr
 
 
