@@ -109,6 +109,9 @@ def make_test_model(out_dir: str, seed: int = 0, vocab_size: int = 600) -> str:
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     os.makedirs(out_dir, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar for one small file is only noise in a log
     model.save_pretrained(out_dir)
     AltCLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer).save_pretrained(out_dir)
     return out_dir

@@ -84,7 +84,9 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         table = db.create_table(name, data=dataset.scanner().to_reader(), on_bad_vectors="null")
         inserted, updated = table.count_rows(), 0
     index_table(table)
-    record_run(db, name, table.version, {"job": "load", "outputs": storage.redact(out),
+    # The record outlives the command: a relative folder would mean nothing from elsewhere.
+    where = os.path.abspath(out) if storage.is_local(out) and "://" not in out else storage.redact(out)
+    record_run(db, name, table.version, {"job": "load", "outputs": where,
                                          "inserted": inserted, "updated": updated})
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": inserted,
             "updated": updated, "version": table.version}

@@ -84,11 +84,14 @@ def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_sess
     manifest = write_corpus(folder)
     monkeypatch.chdir(tmp_path)
     altclip("embed", manifest, "--out", folder / "out", "--model", "model", "--db", folder / "db")
+    altclip("load", "work/out", "--db", "work/db2")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     hits = altclip("search", folder / "db", "--text", "un gato", "--k", "2", "--json").stdout.splitlines()
     assert len(hits) == 2
+    # The load's record names the outputs it read absolutely.
+    assert f"outputs {folder / 'out'}," in altclip("table", "versions", folder / "db2").stdout
 
 
 def test_ctrl_c_says_the_same_command_resumes_and_json_lines_have_stdout_alone(tiny_model, tmp_path):
