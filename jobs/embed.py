@@ -146,8 +146,9 @@ def run_embed(config: EmbedConfig) -> dict:
     retry = _rows_to_retry(config, origin) if config.retry_kinds else None
     done = pa.array([], pa.string()) if retry is not None else _rows_already_done(config, origin)
     scan = scan_ids(manifest)
-    # Rows of a duplicated id are all held back from the stream; its first row joins it again.
-    excluded = pa.concat_arrays([done, scan.duplicated_ids])
+    # Rows of a duplicated id are all held back from the stream; its first row joins it again
+    # (WebDataset: the shards' reads leave out the later copies themselves).
+    excluded = pa.concat_arrays([done, scan.held_back])
     extra_rows = scan.first_of_duplicates
     if extra_rows is not None and (len(done) or retry is not None):
         extra_rows = select_rows(extra_rows, manifest.id_col, done, retry)
@@ -159,7 +160,7 @@ def run_embed(config: EmbedConfig) -> dict:
         config.storage_patience_s, counter,
     )
     if pending is None or pending > 0:
-        rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry)
+        rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry, scan.shards)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
         with _progress(progress_mode, config, counter, pending) as progress:
             # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU

@@ -119,7 +119,8 @@ def run_reembed(config: ReembedConfig) -> dict:
 
     # 1. What the manifest holds now: rows with the hashes of their image bytes and captions.
     current = _collect(
-        manifest_rows(manifest, scan.duplicated_ids, scan.first_of_duplicates, e.batch_size)
+        manifest_rows(manifest, scan.held_back, scan.first_of_duplicates, e.batch_size,
+                      shards=scan.shards)
         .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
     )
     current = current.append_column(

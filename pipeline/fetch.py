@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import stat
+import tarfile
 import threading
 import time
 from collections import OrderedDict
@@ -86,6 +87,8 @@ def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
                          "(pass --allow-local-paths to permit it)")
 
     def read() -> bytes:
+        if schemes[0] == "tar" and len(links) == 2:  # a member of a tar (a WebDataset shard)
+            return _read_member(links[1], links[0].split("://", 1)[1], policy.storage_options, shown)
         fs, path = storage.filesystem(uri, policy.storage_options)
         if storage.is_local(uri):
             _check_regular_file(path, shown)
@@ -113,6 +116,43 @@ def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     except Exception as exc:  # every storage backend raises its own kinds
         kind = "timeout" if storage.is_unavailable(exc) else "read_error"
         raise ImageError(kind, f"{shown}: {storage.describe(exc)}") from None
+
+
+# A WebDataset row's image is a member of its shard, in fsspec's form `tar://MEMBER::SHARD`
+# (pipeline/webdataset.py). Finding a member means reading every header of the shard (in object
+# storage, most of its bytes): the member index of the last shards read is kept in each process
+# while the shard's size and modification time stay as they were, and a member is then one
+# ranged read.
+SHARD_INDEXES_KEPT = 8
+_SHARD_INDEXES: OrderedDict[str, tuple[tuple, dict[str, tuple[int, int]]]] = OrderedDict()
+_SHARD_INDEXES_LOCK = threading.Lock()
+
+
+def _read_member(shard: str, member: str, storage_options: dict, shown: str) -> bytes:
+    """The bytes of one member of a tar (the last of that name), by its index."""
+    fs, path = storage.filesystem(shard, storage_options)
+    if storage.is_local(shard):
+        _check_regular_file(path, shown)
+    info = fs.info(path)
+    version = (info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag")))
+    with _SHARD_INDEXES_LOCK:
+        kept = _SHARD_INDEXES.get(shard)
+        if kept is not None and kept[0] == version:
+            _SHARD_INDEXES.move_to_end(shard)
+    if kept is None or kept[0] != version:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            # Of two members with one name the later wins, as `tar -x` and fsspec have it.
+            kept = (version, {m.name: (m.offset_data, m.size) for m in tar if m.isreg()})
+        with _SHARD_INDEXES_LOCK:
+            _SHARD_INDEXES[shard] = kept
+            while len(_SHARD_INDEXES) > SHARD_INDEXES_KEPT:
+                _SHARD_INDEXES.popitem(last=False)
+    if member not in kept[1]:
+        raise FileNotFoundError(member)
+    offset, size = kept[1][member]
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError("too_large", f"{shown}: {size} bytes > {MAX_IMAGE_BYTES}")
+    return fs.cat_file(path, start=offset, end=offset + size)
 
 
 def _check_regular_file(path: str, shown: str) -> None:

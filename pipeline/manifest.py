@@ -14,10 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import storage, webdataset
 from pipeline.config import ConfigError, EmbedConfig
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, error, is_reserved
-from schemas.manifest import CAPTION, FORMATS_BY_SUFFIX, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE, INTERNAL_PREFIX
+from schemas.manifest import (CAPTION, FORMATS_BY_SUFFIX, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE,
+                              INLINE_IMAGE_URI, INTERNAL_PREFIX)
 
 # A metadata column whose name an output column already has is kept under this prefix.
 RENAMED_METADATA_PREFIX = "manifest_"
@@ -271,51 +272,63 @@ def _typed_values(values: list, kind: pa.DataType) -> pa.Array:
         return pa.array(out, kind)
 
 
-# WebDataset (img2dataset's layout): per key, an image file, a `.txt` caption, a `.json` of metadata.
-WEBDATASET_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+# WebDataset (img2dataset's layout, see pipeline/webdataset.py): per key, an image, a `.txt`
+# caption, a `.json` of metadata whose fields become metadata columns.
 _WEBDATASET_OWN_FIELDS = {"key", "caption"}  # also in `.json`, already columns of their own
+# The metadata fields are those of the first `.json` member that is a JSON object, looked for
+# in this many samples at most.
+WEBDATASET_SCHEMA_SAMPLES = 100
+
+
+def _json_object(data: bytes | None) -> dict | None:
+    """A `.json` member's object; None for no member, or one that is not a JSON object."""
+    try:
+        value = json.loads(data) if data else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _webdataset_schema(f) -> pa.Schema:
-    """The flattened schema of a shard, from its first sample's files."""
-    sample, key = {}, None
-    with tarfile.open(fileobj=f, mode="r|") as tar:
+    """The flattened schema of a shard: key, image, caption and the first sample's metadata."""
+    metadata, keys = None, set()
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
-            if not member.isfile():
+            key, suffix = webdataset.split_name(member.name)
+            if not member.isreg() or key is None:
                 continue
-            name, _, suffix = posixpath.basename(member.name).partition(".")
-            if key is not None and name != key:
+            keys.add(key)
+            if len(keys) > WEBDATASET_SCHEMA_SAMPLES:
                 break
-            key = name
-            sample[suffix.lower()] = tar.extractfile(member).read()
+            if suffix == webdataset.METADATA_SUFFIX:
+                metadata = _json_object(tar.extractfile(member).read())
+                if metadata is not None:
+                    break
     fields = [pa.field(ID, pa.string()), pa.field(IMAGE_BYTES, pa.binary()),
               pa.field(CAPTION, pa.string())]
-    for name, value in json.loads(sample.get("json") or b"{}").items():
+    for name, value in (metadata or {}).items():
         if name not in _WEBDATASET_OWN_FIELDS:
-            kind = pa.array([value]).type
+            try:
+                kind = pa.array([value]).type
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                kind = pa.string()
             fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
     return pa.schema(fields)
 
 
 def flatten_webdataset(batch: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Ray's WebDataset rows (a column per file suffix) -> one column per manifest field."""
-    n = batch.num_rows
-    images = [None] * n
-    for suffix in WEBDATASET_IMAGE_SUFFIXES:
-        if suffix in batch.column_names:
-            for i, data in enumerate(batch.column(suffix).to_pylist()):
-                images[i] = images[i] if images[i] is not None else data
-    captions = (
-        [None if t is None else t.decode("utf-8", errors="replace") for t in batch.column("txt").to_pylist()]
-        if "txt" in batch.column_names else [None] * n
-    )
-    metadata = [json.loads(m) if m else {} for m in
-                (batch.column("json").to_pylist() if "json" in batch.column_names else [None] * n)]
-    columns = {ID: pc.cast(batch.column("__key__"), pa.string()),
-               IMAGE_BYTES: pa.array(images, pa.binary()), CAPTION: pa.array(captions, pa.string())}
+    """Samples as webdataset.sample_table gives them -> one column per manifest field, and the
+    URI of each image's member. A `.json` that is not a JSON object, or a value that does not
+    fit its field's type, leaves that metadata null."""
+    captions = [None if t is None else t.decode("utf-8", errors="replace")
+                for t in batch.column(webdataset.CAPTION_SUFFIX).to_pylist()]
+    metadata = [_json_object(m) or {} for m in batch.column(webdataset.METADATA_SUFFIX).to_pylist()]
+    columns = {ID: batch.column(ID), IMAGE_BYTES: batch.column(IMAGE_BYTES),
+               CAPTION: pa.array(captions, pa.string())}
     for field in schema:
         if field.name not in columns:
-            columns[field.name] = pa.array([m.get(field.name) for m in metadata]).cast(field.type)
+            columns[field.name] = _typed_values([m.get(field.name) for m in metadata], field.type)
+    columns[INLINE_IMAGE_URI] = batch.column(INLINE_IMAGE_URI)
     return pa.table(columns)
 
 
@@ -387,12 +400,16 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
     )
 
 
-def read_manifest(manifest: Manifest, num_cpus: float = 1.0):
+def read_manifest(manifest: Manifest, num_cpus: float = 1.0,
+                  shards: tuple[webdataset.ShardPlan, ...] | None = None):
     """The manifest's rows as a Ray Dataset, streamed from its files by tasks that each reserve
-    `num_cpus`."""
+    `num_cpus`. WebDataset shards are read as `shards` (one plan per file, from scan_ids) says:
+    without plans, every sample is read and a key whose members are not adjacent gives a row
+    per run of them."""
     import ray.data
 
-    fs = storage.arrow_filesystem(manifest.filesystem())
+    source_fs = manifest.filesystem()
+    fs = storage.arrow_filesystem(source_fs)
     files = list(manifest.files)
     task = {"num_cpus": num_cpus}
     if manifest.format == "parquet":
@@ -400,7 +417,9 @@ def read_manifest(manifest: Manifest, num_cpus: float = 1.0):
     if manifest.format == "csv":
         return ray.data.read_csv(files, filesystem=fs, **task, **_csv_options(manifest.schema.names))
     if manifest.format == "webdataset":
-        return ray.data.read_webdataset(files, filesystem=fs, decoder=None, **task).map_batches(
+        shards = shards or tuple(webdataset.ShardPlan(storage.unstrip(source_fs, f)) for f in files)
+        source = webdataset.WebDatasetShardsDatasource(files, dict(zip(files, shards)), filesystem=fs)
+        return ray.data.read_datasource(source, **task).map_batches(
             flatten_webdataset, fn_kwargs={"schema": manifest.schema}, batch_format="pyarrow",
             num_cpus=num_cpus)
     return ray.data.read_binary_files(files, filesystem=fs, **task).map_batches(
@@ -431,6 +450,8 @@ def to_contract_columns(batch: pa.Table, manifest: Manifest) -> pa.Table:
         source = batch.column(manifest.image_col)
         if manifest.image_is_bytes and _is_binary(source.type):
             image_bytes = pc.cast(source, pa.binary())
+            if INLINE_IMAGE_URI in batch.column_names:  # the bytes' own URI (a shard's member)
+                images = pc.cast(batch.column(INLINE_IMAGE_URI), pa.string())
         else:
             texts, invalid = value_text(source, "image")
             invalid = _merge_invalid(invalid, batch, manifest.image_col)
@@ -558,53 +579,68 @@ class IdScan:
     """The manifest's ids, read before any work: row count, rejects and duplicates."""
 
     rows: int
-    ids: pa.Array | None  # every valid id once (string); None for WebDataset
+    ids: pa.Array | None  # every valid id once (string)
     missing_ids: int  # rows whose id is null or empty: rejected
     duplicate_rows: int  # rows whose id an earlier row already has: rejected
     duplicated_ids: pa.Array  # ids that more than one row has
     first_of_duplicates: pa.Table | None  # the first row of each duplicated id, manifest columns
+    # WebDataset: how to read each shard (in the manifest's order of files). Its read leaves out
+    # the later copies of a repeated id itself: no row is read twice, none is held in the driver.
+    shards: tuple[webdataset.ShardPlan, ...] | None = None
+
+    @property
+    def held_back(self) -> pa.Array:
+        """Ids whose every row select_rows is to drop from the read: a table's repeated ids,
+        whose first rows join the stream again from first_of_duplicates (none for WebDataset,
+        whose shards' plans leave out the later copies only)."""
+        return self.duplicated_ids if self.shards is None else pa.array([], pa.string())
 
     def pending(self, done: pa.Array) -> int | None:
-        """How many ids are not done yet (None: unknown without reading the shards)."""
+        """How many ids are not done yet (None: unknown)."""
         if self.ids is None:
             return None
         return int(pc.sum(pc.invert(pc.is_in(self.ids, value_set=done))).as_py() or 0)
 
 
 def scan_ids(manifest: Manifest) -> IdScan:
-    """Read only the id column (in manifest order) to count rows and find bad and repeated ids.
+    """Read only the ids (in manifest order: files as listed, rows in file order) to count rows
+    and find bad and repeated ids; of the rows sharing an id the first wins.
 
-    A CSV or JSON line that cannot be read as a row fails the job here, before any work, with a
-    message naming the file and line. WebDataset keys are unique by construction and are not
-    read twice: the shards are counted.
+    A CSV or JSON line that cannot be read as a row, or a shard that cannot be read as a tar,
+    fails the job here, before any work, with a message naming the file (and line). WebDataset
+    keys are unique within a shard only (img2dataset numbers each run's samples from 0): shards
+    that reuse keys repeat them. Only the shards' member headers are read here (in Ray tasks),
+    and their `.json` members where the id is a metadata field.
     """
-    if manifest.format == "webdataset":
-        rows = read_manifest(manifest).count()
-        return IdScan(rows, None, 0, 0, pa.array([], pa.string()), None)
     fs = manifest.filesystem()
-    per_file = [_file_ids(manifest, fs, path) for path in manifest.files]
+    scattered = None
+    if manifest.format == "webdataset":
+        per_file, scattered = _shard_ids(manifest)
+    else:
+        per_file = [_file_ids(manifest, fs, path) for path in manifest.files]
     ids = pa.concat_arrays(per_file) if per_file else pa.array([], pa.string())
     valid = pc.fill_null(pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), "")), False)
     good = ids.filter(valid)
     counts = pc.value_counts(good)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     duplicated = repeated.field("values")
-    first_rows = None
+    firsts, laters = [], []
     if len(duplicated):
-        # The first row of each repeated id, read again whole from its file.
         is_repeated = pc.fill_null(pc.is_in(ids, value_set=duplicated), False)
         positions = pc.indices_nonzero(is_repeated).to_pylist()
-        seen, keep = set(), []
+        seen = set()
         for position, row_id in zip(positions, ids.take(positions).to_pylist()):
-            if row_id not in seen:
-                seen.add(row_id)
-                keep.append(position)
-        parts, start = [], 0
-        for path, file_ids in zip(manifest.files, per_file):
-            local = [p - start for p in keep if start <= p < start + len(file_ids)]
-            if local:
-                parts.append(_file_rows(manifest, fs, path).take(local))
-            start += len(file_ids)
+            (laters if row_id in seen else firsts).append(position)
+            seen.add(row_id)
+    sizes = [len(file_ids) for file_ids in per_file]
+    first_rows, shards = None, None
+    if scattered is not None:
+        shards = tuple(webdataset.ShardPlan(storage.unstrip(fs, path), frozenset(skipped), keys)
+                       for path, skipped, keys in zip(manifest.files, _per_file(laters, sizes), scattered))
+    elif firsts:
+        # The first row of each repeated id, read again whole from its file.
+        parts = [_file_rows(manifest, fs, path).take(local)
+                 for path, local in zip(manifest.files, _per_file(firsts, sizes)) if local]
         first_rows = pa.concat_tables(parts, promote_options="default")
     return IdScan(
         rows=len(ids),
@@ -613,7 +649,53 @@ def scan_ids(manifest: Manifest) -> IdScan:
         duplicate_rows=int(pc.sum(repeated.field("counts")).as_py() or 0) - len(duplicated),
         duplicated_ids=duplicated,
         first_of_duplicates=first_rows,
+        shards=shards,
     )
+
+
+def _per_file(positions: list[int], sizes: list[int]) -> list[list[int]]:
+    """Ascending positions in the manifest -> positions within each file (files of `sizes` rows)."""
+    out, start, n = [], 0, 0
+    for size in sizes:
+        local = []
+        while n < len(positions) and positions[n] < start + size:
+            local.append(positions[n] - start)
+            n += 1
+        out.append(local)
+        start += size
+    return out
+
+
+# Each shard's scan is a Ray task reserving this much CPU: it waits on storage (as
+# plan.READ_CPUS for the reads of the job).
+SHARD_SCAN_CPUS = 0.25
+
+
+def _shard_ids(manifest: Manifest) -> tuple[list[pa.Array], list[frozenset[str]]]:
+    """Each shard's ids in reading order, and its keys whose members are not adjacent."""
+    import ray
+
+    scan = ray.remote(_one_shard_ids).options(num_cpus=SHARD_SCAN_CPUS)
+    results = ray.get([scan.remote(manifest, path) for path in manifest.files])
+    failed = next((r for r in results if isinstance(r, str)), None)
+    if failed is not None:
+        raise ConfigError(failed)
+    return [ids for ids, _ in results], [keys for _, keys in results]
+
+
+def _one_shard_ids(manifest: Manifest, path: str) -> tuple[pa.Array, frozenset[str]] | str:
+    """One shard's ids and scattered keys, or why it cannot be read (a message)."""
+    fs = manifest.filesystem()
+    shown = storage.unstrip(fs, path)
+    read = () if manifest.id_col == ID else (webdataset.METADATA_SUFFIX,)
+    try:
+        with fs.open(path, "rb") as f:
+            index = webdataset.index_shard(f, read)
+    except Exception as exc:  # a damaged or truncated tar, an unreadable object: say which
+        return f"cannot read manifest shard {shown} as a tar: {storage.describe(exc)}"
+    # The ids as the job's read makes them (a metadata field's as flatten_webdataset types it).
+    rows = flatten_webdataset(webdataset.sample_table(index.samples, shown), manifest.schema)
+    return id_text(rows.column(manifest.id_col)), index.scattered
 
 
 def _file_ids(manifest: Manifest, fs, path: str) -> pa.Array:

@@ -15,6 +15,7 @@ from pipeline import storage
 from pipeline.fetch import FetchPolicy, job_schemes
 from pipeline.images import preprocess_images
 from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
+from pipeline.webdataset import ShardPlan
 from pipeline.model import ModelSpec
 from pipeline.text import tokenize_captions
 from schemas.manifest import INLINE_IMAGE
@@ -64,7 +65,6 @@ def _start_timed_out(exc: Exception) -> bool:
     return isinstance(exc, (TimeoutError, ConnectionError)) or "timed out" in str(exc)
 
 
-
 @dataclass(frozen=True)
 class Placement:
     """Resources per tower actor, decided from the options and what the cluster has."""
@@ -110,11 +110,13 @@ def plan_placement(config: EmbedConfig) -> Placement:
 
 
 def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table | None,
-                  rows_per_block: int, included: pa.Array | None = None):
+                  rows_per_block: int, included: pa.Array | None = None,
+                  shards: tuple[ShardPlan, ...] | None = None):
     """The manifest's rows in the contract's columns, less those whose ids are `excluded`
     (already done, or duplicated), plus `extra_rows` (the one row kept of each duplicated id);
-    with `included`, only rows whose id is in it."""
-    ds = read_manifest(manifest, READ_CPUS).map_batches(
+    with `included`, only rows whose id is in it. WebDataset shards are read as `shards` (from
+    scan_ids) says."""
+    ds = read_manifest(manifest, READ_CPUS, shards).map_batches(
         select_rows, fn_kwargs={"id_col": manifest.id_col, "excluded": excluded, "included": included},
         batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
     )

@@ -61,9 +61,15 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
 
     Credentials come from where each backend looks (AWS_* variables, instance roles, ...);
     `storage_options` are fsspec's own option names (for S3: endpoint_url, key, secret, token,
-    region, anon).
+    region, anon). In a chained URI (`tar://member::s3://bucket/shard.tar`) they are the last
+    link's, the store where the bytes are.
     """
+    links = uri.split("::")
     try:
+        if len(links) > 1:
+            target = links[-1]
+            options = {scheme(target): _fsspec_options(target, storage_options)}
+            return fsspec.core.url_to_fs(uri, **options)
         return fsspec.core.url_to_fs(uri, **_fsspec_options(uri, storage_options))
     except ImportError as exc:
         raise ConfigError(f"{redact(uri)}: {exc}") from None

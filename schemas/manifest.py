@@ -13,6 +13,10 @@ KNOWN_COLUMNS = (ID, IMAGE, IMAGE_BYTES, CAPTION)
 INTERNAL_PREFIX = "__altclip_"
 # A row's inline image bytes, from reading the manifest to decoding.
 INLINE_IMAGE = INTERNAL_PREFIX + "image_bytes"
+# Where a reader found a row's inline image bytes, when they have a URI of their own (a member
+# of a WebDataset shard): the row's `image`. The job decodes the bytes it has; later readers
+# (thumbnails, the report) open the URI.
+INLINE_IMAGE_URI = INTERNAL_PREFIX + "image_uri"
 
 # File name suffix -> manifest format.
 FORMATS_BY_SUFFIX = {

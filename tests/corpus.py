@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -98,3 +100,26 @@ def crash_image() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(_pattern(64, 48, 666)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar holding these members, in this order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def webdataset_members(key: str, image: bytes, caption: str) -> list[tuple[str, bytes]]:
+    """One sample in img2dataset's layout: KEY.jpg, KEY.txt, KEY.json."""
+    meta = json.dumps({"key": key, "caption": caption, "url": f"https://example.com/{key}.jpg",
+                       "width": 123, "status": "success"}).encode()
+    return [(f"{key}.jpg", image), (f"{key}.txt", caption.encode()), (f"{key}.json", meta)]
+
+
+def webdataset_shard(samples: list[tuple[str, bytes, str]]) -> bytes:
+    """A WebDataset shard of (key, image, caption) samples, each sample's members adjacent."""
+    return tar_of([m for sample in samples for m in webdataset_members(*sample)])

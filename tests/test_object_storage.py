@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -17,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from pipeline.fetch import read_bytes
 from tests.conftest import SECRET_ACCESS_KEY, _free_port, altclip, read_output
-from tests.corpus import CAPTIONS, odd_images, write_corpus
+from tests.corpus import CAPTIONS, odd_images, webdataset_shard, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -76,26 +76,13 @@ def test_everything_in_s3_equals_the_local_run(s3, tiny_model, local_run, tmp_pa
     assert hits[0]["image"].endswith("images/rgba.png") and hits[0]["score"] > 0.9999
 
 
-def _webdataset_shard(samples: list[tuple[str, bytes, str]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, image, caption in samples:
-            meta = json.dumps({"key": key, "caption": caption, "url": f"https://example.com/{key}.jpg",
-                               "width": 123, "status": "success"}).encode()
-            for suffix, data in (("jpg", image), ("txt", caption.encode()), ("json", meta)):
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_webdataset_shards_in_s3(s3, tiny_model, local_run):
     folder, expected = local_run
     images = odd_images()
     manifest = pq.read_table(folder / "manifest.parquet").to_pylist()
     samples = [(r["id"], images[r["image"].split("/")[-1]], r["caption"]) for r in manifest]
-    s3.pipe("corpus/wds/00000.tar", _webdataset_shard(samples[:6]))
-    s3.pipe("corpus/wds/00001.tar", _webdataset_shard(samples[6:]))
+    s3.pipe("corpus/wds/00000.tar", webdataset_shard(samples[:6]))
+    s3.pipe("corpus/wds/00001.tar", webdataset_shard(samples[6:]))
 
     altclip("embed", "s3://corpus/wds/{00000..00001}.tar", "--out", "s3://out/wds",
             "--model", tiny_model, "--dtype", "float32")
@@ -105,6 +92,10 @@ def test_webdataset_shards_in_s3(s3, tiny_model, local_run):
     assert got["row-03"]["url"] == "https://example.com/row-03.jpg"
     assert got["row-03"]["manifest_width"] == 123  # img2dataset's width, beside ours
     assert got["row-03"]["caption"] == CAPTIONS[3]
+    # Each image is named by its member of its shard, which opens again with the job's settings.
+    assert got["row-03"]["image"] == "tar://row-03.jpg::s3://corpus/wds/00000.tar"
+    assert got["row-08"]["image"] == "tar://row-08.jpg::s3://corpus/wds/00001.tar"
+    assert read_bytes(got["row-08"]["image"]) == samples[8][1]
 
 
 def test_storage_problems_fail_before_work_and_name_the_cause(s3, tiny_model, local_run, tmp_path):
