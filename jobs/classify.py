@@ -3,9 +3,11 @@ Parquet)."""
 
 from __future__ import annotations
 
+import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.options import parse_storage_options, run_job, storage_option, table_name
 from pipeline import storage
 from pipeline.classify import (
     LABEL,
@@ -16,7 +18,7 @@ from pipeline.classify import (
     label_vectors,
     read_labels,
 )
-from pipeline.config import ClassifyConfig, ConfigError
+from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig, ConfigError
 from pipeline.model import resolve_model
 from pipeline.table import connect, open_table, record_run, table_provenance
 from schemas.embeddings import IMAGE_EMBEDDING
@@ -56,3 +58,27 @@ def run_classify(config: ClassifyConfig) -> dict:
     record_run(connect(config.db, config.storage_options), config.table_name, table.version,
                {"job": "classify", "labels": len(labels.names), "rows": rows})
     return {"rows": rows, "labels": len(labels.names), "version": table.version}
+
+
+@click.command("classify")
+@click.argument("db")
+@click.option("--labels", "label_files", multiple=True, required=True,
+              help="One label per line; repeat with the same classes in other languages.")
+@click.option("--template", "templates", multiple=True,
+              help='Prompt template, repeatable, averaged ["a photo of a {}"].')
+@click.option("--top-k", default=3, type=int, help="Labels kept per image, best first.")
+@click.option("--out", default=None, help="Write id + labels as Parquet here instead of into the table.")
+@click.option("--model", default=None, show_default="the one the table was built with",
+              help="Model that embeds the labels.")
+@table_name
+@storage_option
+def classify_command(db, label_files, templates, top_k, out, model, table_name, storage_options):
+    """Zero-shot labels for every image of a table in DB.
+
+    Adds label, label_score and the top k labels to each row."""
+    config = run_job(lambda: ClassifyConfig(
+        db=db, labels=label_files, templates=templates or (DEFAULT_TEMPLATE,), top_k=top_k,
+        out=out, model=model, table_name=table_name, storage_options=parse_storage_options(storage_options)))
+    result = run_job(run_classify, config)
+    where = f"Parquet under {out}" if out else f"the table (version {result['version']})"
+    click.echo(f"labelled {result['rows']} images with {result['labels']} labels into {where}")

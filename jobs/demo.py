@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from jobs.embed import run_embed
+from jobs.options import run_job
 from jobs.search import run_search
 from pipeline.config import DEFAULT_MODEL, ConfigError, EmbedConfig, SearchConfig
 from pipeline.model import resolve_model
@@ -112,3 +113,14 @@ def run_demo(workdir: str, model: str | None, query: str) -> list[dict]:
         click.echo(f"{rank}. {hit['score']:.4f}  {hit['id']}  {hit['image']}  ({hit['caption']})")
     click.echo(f"\nTry: altclip search {os.path.abspath(db)} --text \"{query}\" --k 5 --json")
     return hits
+
+
+@click.command("demo")
+@click.option("--workdir", default="altclip-demo",
+              help="Where the sample corpus, outputs and table go (replaced on each run).")
+@click.option("--model", default=None, show_default=f"{DEFAULT_MODEL}, else a tiny random one",
+              help="Model to use.")
+@click.option("--query", default="un círculo rojo", help="Text to search the sample for.")
+def demo_command(workdir, model, query):
+    """Embed, load and search a small multilingual sample."""
+    run_job(run_demo, workdir, model, query)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 
+import click
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline import __version__, storage
 from jobs.load import run_load
+from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
+from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.manifest import open_manifest, scan_ids, select_rows
-from pipeline.model import ModelSpec, resolve_dtype, resolve_model
+from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifest_rows, plan_placement
 from pipeline.progress import ProgressLog, RowCounter
+from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.table import ensure_table
 from pipeline.writer import (
     ParquetShardSink,
@@ -34,31 +36,8 @@ from pipeline.writer import (
     summarize,
     write_summary,
 )
-from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, embeddings_schema
+from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, TRANSIENT_ERROR_KINDS, embeddings_schema
 from schemas.manifest import ID
-
-
-def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str = "exact") -> dict:
-    """What produced the vectors; two outputs with equal provenance are comparable.
-
-    In JSON's own types, so it compares equal to a copy read back from a footer.
-    """
-    return json.loads(json.dumps({
-        "model": model.ref,
-        "revision": model.revision,
-        "dim": model.dim,
-        "dtype": dtype,
-        "towers": list(towers),
-        # Pixels follow transformers' PIL image processor, bit for bit.
-        "preprocessing": {"reference": "CLIPImageProcessorPil", "mode": mode,
-                          **model.preprocessing.to_dict()},
-        "max_tokens": model.max_tokens,
-        "pipeline_version": __version__,
-    }))
-
-
-# Provenance that changes the vectors: an output mixes runs only where these agree.
-COMPARED_PROVENANCE = ("model", "revision", "dim", "dtype", "towers", "preprocessing", "max_tokens")
 
 
 def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
@@ -194,11 +173,78 @@ def run_embed(config: EmbedConfig) -> dict:
     return summary
 
 
+@click.command("embed", cls=ManifestCommand)
+@click.argument("manifest")
+@click.option("--out", required=True, help="Output folder or URI for Parquet shards and summary.json.")
+@db_option(default=None, help="Also load the rows into a table of this LanceDB database.")
+@click.option("--rows-per-shard", default=10_000, type=int, help="Rows per Parquet shard at most.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace what OUT holds; without it a rerun resumes (and refuses other settings).")
+@click.option("--log-format", "progress", default="auto",
+              type=click.Choice(["auto", "text", "json"]),
+              help="Progress: auto = bars on a terminal, else a text line per interval; json: "
+                   "JSON lines on stdout, nothing else there.")
+@click.option("--progress-interval", "progress_interval_s", default=10.0,
+              type=float, help="Seconds between progress lines.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--retry-errors", is_flag=True,
+              help=f"Embed again only the rows of OUT whose error may be transient "
+                   f"({', '.join(TRANSIENT_ERROR_KINDS)}), replacing them in place.")
+@click.option("--retry-kind", "retry_kind", multiple=True, metavar="KIND",
+              help="Also retry rows with this error kind (repeatable), e.g. decode_error after "
+                   "a Pillow upgrade; implies --retry-errors.")
+@job_options
+def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, **options):
+    """Embed a manifest's images and captions.
+
+    Writes Parquet shards to OUT and, with --db, loads them into a table. MANIFEST: Parquet, CSV
+    or JSON Lines (a file, folder or quoted glob), or WebDataset shards."""
+    if quiet:
+        options["progress"] = "quiet"
+    if retry_errors or retry_kind:
+        kinds = (*(TRANSIENT_ERROR_KINDS if retry_errors else ()), *retry_kind)
+        options["retry_kinds"] = tuple(dict.fromkeys(kinds))
+    config = embed_config(manifest, out, db, **options)
+    summary = run_job(run_embed, config)
+    if not quiet:
+        print_summary(summary)
+
+
+def print_summary(summary: dict) -> None:
+    errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
+    rejected = summary["rows_rejected"]
+    retried = summary.get("retried")
+    if retried is not None and retried["rows"] == 0:
+        click.echo("nothing to retry: no row of the output has an error of the kinds asked for", err=True)
+    elif retried is not None:
+        still = ", ".join(f"{k} {v}" for k, v in retried["still_failing"].items())
+        click.echo(f"retried {retried['rows']} rows: {retried['succeeded']} now succeeded"
+                   + (f"; still failing: {still}" if still else "")
+                   + f" ({summary['seconds_total']:.1f} s)", err=True)
+    elif summary["rows_in"] == 0:
+        click.echo("the manifest has no rows: nothing to embed", err=True)
+    elif summary["rows_embedded"] == 0:
+        click.echo(f"nothing to do: all {summary['rows_out']} rows are already in the output "
+                   "(no model work)", err=True)
+    else:
+        resumed = (f" (resumed: {summary['rows_already_done']} rows were already done)"
+                   if summary["rows_already_done"] else "")
+        click.echo(f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s, "
+                   f"{summary['rows_per_second']} rows/s{resumed}", err=True)
+    click.echo(
+        f"output: {summary['rows_out']} of {summary['rows_in']} manifest rows "
+        f"(image vectors {summary['image_ok']}, text vectors {summary['text_ok']}; errors: {errors}; "
+        f"rejected: {rejected['missing_id']} without id, {rejected['duplicate_id']} duplicate ids)",
+        err=True,
+    )
+    click.echo(f"summary: {summary['summary_uri']}", err=True)
+    if "table" in summary:
+        t = summary["table"]
+        click.echo(f"table: {t['uri']} '{t['name']}' ({t['rows']} rows, version {t['version']})", err=True)
+
+
 def main() -> None:
     """`python -m jobs.embed ...` is `altclip embed ...` (what `ray job submit` runs)."""
-    from jobs.cli import embed_command
-    from jobs.options import CONTEXT
-
     embed_command(prog_name="python -m jobs.embed", **CONTEXT)
 
 

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import click
+
+from jobs.options import db_option, parse_storage_options, run_job, storage_option, table_name
 from pipeline.config import LoadConfig
 from pipeline.table import load_outputs
 
 
 def run_load(config: LoadConfig) -> dict:
     return load_outputs(config.outputs, config.db, config.table_name, config.storage_options)
+
+
+@click.command("load")
+@click.argument("outputs")
+@db_option(required=True, help="LanceDB database folder or URI (created if absent).")
+@table_name
+@storage_option
+def load_command(outputs, db, table_name, storage_options):
+    """Load the outputs of `embed` into a table.
+
+    The Parquet shards in OUTPUTS are upserted by id."""
+    config = run_job(lambda: LoadConfig(outputs, db, table_name, parse_storage_options(storage_options)))
+    result = run_job(run_load, config)
+    click.echo(f"table: {result['uri']} '{result['name']}' ({result['rows']} rows: "
+               f"{result['inserted']} inserted, {result['updated']} updated; version {result['version']})")

@@ -6,6 +6,8 @@ import io
 import itertools
 import os
 
+import click
+
 # Sentences in several scripts (Latin, Cyrillic, Arabic, Greek, Devanagari, Hebrew, CJK, Hangul),
 # combined so the unigram model sees each word in many contexts.
 _SUBJECTS = {
@@ -115,3 +117,14 @@ def make_test_model(out_dir: str, seed: int = 0, vocab_size: int = 600) -> str:
     model.save_pretrained(out_dir)
     AltCLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer).save_pretrained(out_dir)
     return out_dir
+
+
+@click.command("make-test-model")
+@click.argument("out_dir")
+@click.option("--seed", default=0, type=int, help="Seed of the random weights.")
+def make_test_model_command(out_dir, seed):
+    """Save a tiny random-weight AltCLIP to OUT_DIR (for tests).
+
+    Its vectors are meaningless; the tokenizer is a real SentencePiece one."""
+    make_test_model(out_dir, seed=seed)
+    click.echo(f"tiny random-weight AltCLIP saved to {out_dir}")

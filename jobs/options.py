@@ -1,9 +1,16 @@
-"""Command-line values the `altclip` commands share, parsed in one place."""
+"""What the `altclip` commands share: options, how a job is run and its errors shown, and how
+rows are printed."""
 
 from __future__ import annotations
 
+import io
+import json
+import sys
+
 import click
 
+from pipeline.config import DEFAULT_MODEL, DTYPES, PREPROCESS_MODES, ConfigError, EmbedConfig
+from pipeline.storage import outage_in
 from schemas.table import DEFAULT_TABLE_NAME
 
 # Every command: -h as well as --help, each option's default shown, help not cut at 80 columns.
@@ -48,3 +55,131 @@ def renamed(now: str):
                                    "--db DB on embed, reembed and load, the first argument "
                                    "elsewhere; --table NAME names the table in it)", ctx)
     return refuse
+
+
+class StoreOutage(click.ClickException):
+    # EX_TEMPFAIL: a scheduler may rerun the job, which resumes.
+    exit_code = 75
+
+
+def run_job(job, *args):
+    """Run a job; bad configuration exits non-zero with the message and no traceback."""
+    try:
+        return job(*args)
+    except KeyboardInterrupt:
+        click.echo("interrupted: what was written so far is kept; run the same command again "
+                   "to resume", err=True)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:
+        outage = outage_in(exc)
+        if outage is None:
+            raise
+        raise StoreOutage(f"{outage}; what was written so far is kept: rerun the same command "
+                          "when the store is back, it resumes") from None
+
+
+class ManifestCommand(click.Command):
+    """A command taking one MANIFEST: an unquoted glob, expanded by the shell into many
+    arguments, gets a message that says to quote it."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if "unexpected extra argument" in exc.message:
+                raise click.UsageError(
+                    f"{exc.message}. A manifest glob must be quoted, or the shell expands it into "
+                    f"many arguments: altclip {ctx.info_name} 'manifests/*.parquet' ...", ctx) from None
+            raise
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    try:
+        parts = [int(p) for p in str(text).split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: N or MIN,MAX") from None
+    if len(parts) not in (1, 2):
+        raise click.BadParameter(f"{text!r}: N or MIN,MAX")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+_JOB_OPTIONS = [
+    click.option("--model", default=DEFAULT_MODEL,
+                 help="Hub id, a folder saved with save_pretrained, or its URI."),
+    click.option("--towers", default="image,text", metavar="image,text",
+                 help="Which towers run: image, text, or image,text for both."),
+    click.option("--id-col", default="id", help="Manifest column holding each row's unique id."),
+    click.option("--image-col", default=None, show_default="image or image_bytes",
+                 help="Column of image URIs/paths or bytes."),
+    click.option("--caption-col", default=None, show_default="caption",
+                 help="Column of captions."),
+    click.option("--batch-size", default=64, type=int, help="Rows per batch through each tower."),
+    click.option("--dtype", default="auto", type=click.Choice(DTYPES),
+                 help="Tower precision; auto: bfloat16 on GPUs and CPUs that have it, else float32."),
+    click.option("--preprocess", default="exact", type=click.Choice(PREPROCESS_MODES),
+                 help="exact: the reference's pixels bit for bit; fast: JPEGs decoded at reduced "
+                      "scale first (cosine >= 0.999 to exact)."),
+    click.option("--concurrency", default=None, type=_concurrency, metavar="N|MIN,MAX",
+                 show_default="one per GPU, or 1",
+                 help="Actors per tower, or a range the pool autoscales in."),
+    click.option("--num-gpus", default=None, type=float,
+                 show_default="1/number of towers when the cluster has GPUs, else 0",
+                 help="GPUs per tower actor."),
+    click.option("--address", default=None, show_default="RAY_ADDRESS, else a local Ray",
+                 help="Ray cluster address."),
+    click.option("--allow-local-paths", is_flag=True,
+                 help="Let a manifest from object storage name local files."),
+    click.option("--allow-private-urls", is_flag=True,
+                 help="Let image URLs reach loopback, link-local and private addresses."),
+    click.option("--storage-patience", "storage_patience_s", default=300.0,
+                 type=float, help="Seconds to wait out an unreachable store before stopping "
+                                  "(the outputs so far are kept: rerun to resume)."),
+    storage_option,
+    table_name,
+]
+
+
+def job_options(command):
+    """The options `embed` and `reembed` share, turned into one EmbedConfig by `embed_config`."""
+    for option in reversed(_JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
+def embed_config(manifest: str, out: str | None, db: str | None, towers: str,
+                  storage_options: tuple[str, ...], **options) -> EmbedConfig:
+    return run_job(lambda: EmbedConfig(
+        manifest=manifest, out=out or "", db=db,
+        towers=tuple(t.strip() for t in towers.split(",") if t.strip()),
+        storage_options=parse_storage_options(storage_options), **options,
+    ))
+
+
+def print_rows(rows: list[dict], as_json: bool, as_csv: bool, names: list[str] | None = None,
+                cut: int | None = 60) -> None:
+    """Rows as JSON lines, CSV, or a table with a header row (cells longer than `cut` shortened);
+    `names` when rows may be none."""
+    names = names if names is not None else list(rows[0]) if rows else []
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, ensure_ascii=False, default=str))
+    elif as_csv:
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+
+        buf = io.BytesIO()
+        pacsv.write_csv(pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names}), buf)
+        click.echo(buf.getvalue().decode(), nl=False)
+    else:
+        cells = [[_cell(v, cut) for v in row.values()] for row in rows]
+        widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+        click.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip())
+        for row in cells:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _cell(value, cut: int | None) -> str:
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return text if cut is None or len(text) <= cut else text[:cut - 3] + "..."

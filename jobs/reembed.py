@@ -8,14 +8,16 @@ bytes the table already holds a vector for reuses it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 
+import click
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from jobs.embed import COMPARED_PROVENANCE, provenance
+from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
 from pipeline import storage, table as tables
 from pipeline.changes import ChangePlan, plan_changes
 from pipeline.config import ReembedConfig
@@ -30,6 +32,7 @@ from pipeline.plan import (
     manifest_rows,
     plan_placement,
 )
+from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.text import caption_hashes
 from pipeline.timing import pop_figures
 from pipeline.writer import conform, write_shard
@@ -188,11 +191,38 @@ def run_reembed(config: ReembedConfig) -> dict:
     return summary
 
 
+@click.command("reembed", cls=ManifestCommand)
+@click.argument("manifest")
+@db_option(required=True, help="LanceDB database folder or URI (created if absent).")
+@click.option("--out", default=None, help="Also write the re-embedded rows as Parquet here.")
+@click.option("--prune", is_flag=True, help="Delete table rows whose id left the manifest.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@job_options
+def reembed_command(manifest, db, out, prune, dry_run, **options):
+    """Update a table from its manifest, embedding what changed.
+
+    Only new and changed rows of MANIFEST go through the towers."""
+    config = ReembedConfig(embed_config(manifest, out, db, **options), prune=prune,
+                           dry_run=dry_run)
+    summary = run_job(run_reembed, config)
+    counts = (f"new {summary['new']}, image changed {summary['image_changed']}, "
+              f"caption changed {summary['caption_changed']}, "
+              f"model stale {'all' if summary['model_stale'] else 0}, "
+              f"gone from the manifest {summary['deleted']}, unchanged {summary['unchanged']}")
+    if dry_run:
+        click.echo(f"dry run, nothing changed: {counts}; would embed {summary['images_to_embed']} "
+                   f"images and {summary['captions_to_embed']} captions, reuse "
+                   f"{summary['images_reused']} image vectors")
+        return
+    click.echo(f"{counts}; embedded {summary['image_tower_rows']} images and "
+               f"{summary['text_tower_rows']} captions, reused {summary['images_reused']} image "
+               f"vectors; upserted {summary['rows_upserted']}, deleted {summary['rows_deleted']} rows "
+               f"in {summary['seconds_total']:.1f} s", err=True)
+    click.echo(json.dumps(summary, default=str))
+
+
 def main() -> None:
     """`python -m jobs.reembed ...` is `altclip reembed ...` (what a schedule runs)."""
-    from jobs.cli import reembed_command
-    from jobs.options import CONTEXT
-
     reembed_command(prog_name="python -m jobs.reembed", **CONTEXT)
 
 

@@ -340,7 +340,7 @@ def click_command(module: str):
     from jobs.cli import main
 
     name = module.removeprefix("jobs.").replace("_", "-")
-    return main.commands.get(name)
+    return main.get_command(None, name)
 
 
 def parse_entrypoint(entrypoint: str):

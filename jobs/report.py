@@ -1,0 +1,25 @@
+"""`altclip report`: one self-contained HTML page about a run."""
+
+from __future__ import annotations
+
+import click
+
+from jobs.options import parse_storage_options, run_job, storage_option
+from pipeline.report import render_report
+
+
+@click.command("report")
+@click.argument("outputs")
+@click.option("--html", "html_path", default="report.html",
+              help="Where to write the page.")
+@click.option("--samples", default=12, type=int,
+              help="Images on the contact sheet.")
+@storage_option
+def report_command(outputs, html_path, samples, storage_options):
+    """Render a run as one self-contained HTML page.
+
+    From the outputs of `embed` in OUTPUTS: counts, errors, a contact sheet."""
+    page = run_job(render_report, outputs, parse_storage_options(storage_options), samples)
+    with open(html_path, "w", encoding="utf-8") as f:
+        f.write(page)
+    click.echo(f"report: {html_path}")

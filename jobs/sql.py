@@ -1,0 +1,34 @@
+"""`altclip sql`: DuckDB SQL over a table and/or the outputs of `embed`."""
+
+from __future__ import annotations
+
+import click
+
+from jobs.options import parse_storage_options, print_rows, renamed, run_job, storage_option, table_name
+from pipeline.sql import run_sql
+
+
+@click.command("sql")
+@click.argument("db_and_query", nargs=-1, required=True, metavar="[DB] QUERY")
+@click.option("--parquet", "outputs", default=None, metavar="OUT",
+              help="Also the outputs of `embed` in OUT, visible as `outputs`.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row and line.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header line.")
+@click.option("--db", hidden=True, expose_value=False,
+              callback=renamed("altclip sql DB QUERY (the database first)"))
+@table_name
+@storage_option
+def sql_command(db_and_query, outputs, as_json, as_csv, table_name, storage_options):
+    """Run a DuckDB SQL query over a table and/or outputs.
+
+    The table in DB is visible by its name, the outputs of --parquet as `outputs`.
+
+    `altclip sql DB "SELECT ..."`; `altclip sql --parquet OUT "SELECT ... FROM outputs"`."""
+    if len(db_and_query) > 2:
+        raise click.UsageError("give the database and one query: altclip sql DB \"SELECT ...\" "
+                               "(quote the query)")
+    db, query = db_and_query if len(db_and_query) == 2 else (None, db_and_query[0])
+    if not db and not outputs:
+        raise click.UsageError("name what to query: altclip sql DB QUERY, and/or --parquet OUT")
+    result = run_job(run_sql, query, db, table_name, outputs, parse_storage_options(storage_options))
+    print_rows(result.to_pylist(), as_json, as_csv, names=result.column_names)

@@ -1,0 +1,54 @@
+"""`altclip table`: a table's versions and indexes."""
+
+from __future__ import annotations
+
+import click
+
+from jobs.options import parse_storage_options, print_rows, run_job, storage_option, table_name
+from pipeline.table import index_table, open_table, restore_version, table_versions
+
+
+@click.group("table")
+def table_group() -> None:
+    """A table's versions and indexes: list, roll back, rebuild."""
+
+
+@table_group.command("versions")
+@click.argument("db")
+@table_name
+@storage_option
+def table_versions_command(db, table_name, storage_options):
+    """List the table's versions in DB, each with what made it."""
+    versions = run_job(table_versions, db, table_name, parse_storage_options(storage_options))
+    print_rows([{"version": v["version"], "time": v["timestamp"], "rows": v["rows"],
+                 "made by": v["made_by"]} for v in versions], as_json=False, as_csv=False, cut=None)
+
+
+@table_group.command("index")
+@click.argument("db")
+@table_name
+@storage_option
+def table_index_command(db, table_name, storage_options):
+    """Rebuild the table's indexes in DB.
+
+    Full-text on captions; an ANN index per vector column once it holds enough vectors."""
+    built = run_job(index_table, run_job(open_table, db, table_name, parse_storage_options(storage_options)))
+    for column, info in built.items():
+        click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
+                   f"{info['vectors']} vectors")
+    if not built:
+        click.echo("full-text index rebuilt; too few vectors for an ANN index: search is exact")
+
+
+@table_group.command("restore")
+@click.argument("db")
+@click.argument("version", type=int)
+@table_name
+@storage_option
+def table_restore_command(db, version, table_name, storage_options):
+    """Make an old version of the table the latest again.
+
+    VERSION's rows become a new version of the table in DB; the history stays."""
+    result = run_job(restore_version, db, table_name, version, parse_storage_options(storage_options))
+    click.echo(f"table: {result['uri']} '{result['name']}' restored to version {version} "
+               f"({result['rows']} rows, now version {result['version']})")
