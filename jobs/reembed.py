@@ -105,7 +105,52 @@ def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text
     return pa.Table.from_pylist(rows)
 
 
+def _current_rows(manifest, scan, config, policy) -> pa.Table:
+    """What the manifest holds now: its rows with the hashes of their image bytes and captions."""
+    current = _collect(
+        manifest_rows(manifest, scan.held_back, scan.first_of_duplicates, config.batch_size,
+                      shards=scan.shards)
+        .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
+    )
+    return current.append_column(
+        CAPTION_SHA256, pa.array(caption_hashes(current.column(CAPTION).to_pylist()), pa.string()))
+
+
+def _tower_inputs(plan: ChangePlan) -> tuple[pa.Table, pa.Table]:
+    """The towers' rows: each distinct new image (by its hash) and each new caption."""
+    images = plan.images_to_embed
+    image_input = pa.table({ID: images.column(IMAGE_SHA256), IMAGE: images.column(IMAGE),
+                            INLINE_IMAGE: images.column(INLINE_IMAGE),
+                            CAPTION: pa.nulls(images.num_rows, pa.string())})
+    captions = plan.captions_to_embed
+    text_input = pa.table({ID: captions.column(ID), IMAGE: pa.nulls(captions.num_rows, pa.string()),
+                           INLINE_IMAGE: pa.nulls(captions.num_rows, pa.binary()),
+                           CAPTION: captions.column(CAPTION), TEXT_ERROR: captions.column(TEXT_ERROR)})
+    return image_input, text_input
+
+
+def _kept_from_table(table, current: pa.Table, plan: ChangePlan) -> tuple[dict, dict]:
+    """What the upserted rows take from the table: image vectors it already holds for the same
+    bytes (by hash), and each row's unchanged side."""
+    reused, old_rows = {}, {}
+    wanted = pc.unique(pa.concat_arrays([plan.new, plan.image_changed]))
+    hashes = current.filter(pc.is_in(current.column(ID), value_set=wanted)).column(IMAGE_SHA256)
+    hashes = pc.unique(hashes.combine_chunks().drop_null()).to_pylist()
+    if hashes:
+        where = f"{IMAGE_EMBEDDING} IS NOT NULL AND {tables.in_filter(IMAGE_SHA256, hashes)}"
+        for r in tables.read_columns(table, [IMAGE_SHA256, *IMAGE_SIDE], where).to_pylist():
+            reused.setdefault(r[IMAGE_SHA256], r)
+    where = tables.in_filter(ID, plan.upserted.to_pylist())
+    old_rows = {r[ID]: r for r in tables.read_columns(table, [ID, *IMAGE_SIDE, *TEXT_SIDE], where).to_pylist()}
+    return reused, old_rows
+
+
+def _embedded(results: pa.Table, column: str) -> int:
+    return results.num_rows - results.column(column).null_count if results.num_rows else 0
+
+
 def run_reembed(config: ReembedConfig) -> dict:
+    """Compare the manifest with the table, embed only new content, upsert one new version."""
     started = time.perf_counter()
     e = config.embed
     manifest = open_manifest(e)
@@ -118,18 +163,8 @@ def run_reembed(config: ReembedConfig) -> dict:
     dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
     origin = provenance(model, dtype, e.towers, e.preprocess)
     scan = scan_ids(manifest)
-    policy = fetch_policy(e)
+    current = _current_rows(manifest, scan, e, fetch_policy(e))
 
-    # 1. What the manifest holds now: rows with the hashes of their image bytes and captions.
-    current = _collect(
-        manifest_rows(manifest, scan.held_back, scan.first_of_duplicates, e.batch_size,
-                      shards=scan.shards)
-        .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
-    )
-    current = current.append_column(
-        CAPTION_SHA256, pa.array(caption_hashes(current.column(CAPTION).to_pylist()), pa.string()))
-
-    # 2. What the table holds, and the difference.
     table = tables.open_table_if_exists(e.db, e.table_name, e.storage_options)
     stored, stored_hashes, model_stale = None, pa.array([], pa.string()), False
     if table is not None:
@@ -142,49 +177,27 @@ def run_reembed(config: ReembedConfig) -> dict:
     if config.dry_run:
         return {"dry_run": True, **summary}
 
-    # 3. The towers, on new content only.
-    image_rows = plan.images_to_embed
-    image_input = pa.table({ID: image_rows.column(IMAGE_SHA256), IMAGE: image_rows.column(IMAGE),
-                            INLINE_IMAGE: image_rows.column(INLINE_IMAGE),
-                            CAPTION: pa.nulls(image_rows.num_rows, pa.string())})
-    text_rows = plan.captions_to_embed
-    text_input = pa.table({ID: text_rows.column(ID), IMAGE: pa.nulls(text_rows.num_rows, pa.string()),
-                           INLINE_IMAGE: pa.nulls(text_rows.num_rows, pa.binary()),
-                           CAPTION: text_rows.column(CAPTION), TEXT_ERROR: text_rows.column(TEXT_ERROR)})
+    image_input, text_input = _tower_inputs(plan)
     image_results = _embed(image_input, "image", e, model, dtype, placement)
     text_results = _embed(text_input, "text", e, model, dtype, placement)
-
-    # 4. Reused vectors and unchanged sides come from the table.
-    reused, old_rows = {}, {}
-    if table is not None and not model_stale and len(plan.upserted):
-        wanted = pc.unique(pa.concat_arrays([plan.new, plan.image_changed]))
-        hashes = current.filter(pc.is_in(current.column(ID), value_set=wanted)).column(IMAGE_SHA256)
-        hashes = pc.unique(hashes.combine_chunks().drop_null()).to_pylist()
-        if hashes:
-            where = f"{IMAGE_EMBEDDING} IS NOT NULL AND {tables.in_filter(IMAGE_SHA256, hashes)}"
-            for r in tables.read_columns(table, [IMAGE_SHA256, *IMAGE_SIDE], where).to_pylist():
-                reused.setdefault(r[IMAGE_SHA256], r)
-        where = tables.in_filter(ID, plan.upserted.to_pylist())
-        old_rows = {r[ID]: r for r in
-                    tables.read_columns(table, [ID, *IMAGE_SIDE, *TEXT_SIDE], where).to_pylist()}
+    reused, old_rows = ({}, {}) if table is None or model_stale or not len(plan.upserted) else (
+        _kept_from_table(table, current, plan))
     rows = _assemble(current, plan, image_results, text_results, reused, old_rows)
     schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
     rows = conform(rows, schema, model.label) if rows.num_rows else schema.empty_table()
     if e.out and rows.num_rows:
         write_shard(e.out, rows, e.storage_options, e.storage_patience_s)
 
-    # 5. One new table version: upserts (and deletes with --prune).
+    deleting = config.prune or model_stale
     result = tables.apply_changes(
-        e.db, e.table_name, rows, deleted=plan.deleted if (config.prune or model_stale) else None,
+        e.db, e.table_name, rows, deleted=plan.deleted if deleting else None,
         replace=table is None or model_stale, storage_options=e.storage_options,
         record={"job": "reembed", "model": model.label, **plan.counts(),
-                "deleted": len(plan.deleted) if (config.prune or model_stale) else 0},
+                "deleted": len(plan.deleted) if deleting else 0},
     )
     summary.update({
-        "image_tower_rows": (image_results.num_rows - image_results.column(IMAGE_EMBEDDING).null_count)
-        if image_results.num_rows else 0,
-        "text_tower_rows": (text_results.num_rows - text_results.column(TEXT_EMBEDDING).null_count)
-        if text_results.num_rows else 0,
+        "image_tower_rows": _embedded(image_results, IMAGE_EMBEDDING),
+        "text_tower_rows": _embedded(text_results, TEXT_EMBEDDING),
         "rows_upserted": rows.num_rows, "rows_deleted": result["deleted"],
         "table": result, "seconds_total": round(time.perf_counter() - started, 3),
     })
