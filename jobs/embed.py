@@ -23,6 +23,7 @@ from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.table import ensure_table
 from pipeline.writer import (
     ParquetShardSink,
+    check_output_vector_dtype,
     errors_by_kind,
     failed_ids,
     has_error,
@@ -42,6 +43,7 @@ from schemas.manifest import ID
 
 def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
     """Whether OUT holds embeddings (False: none), refusing ones made differently."""
+    check_output_vector_dtype(config.out, config.vector_dtype, config.storage_options)
     previous = read_output_provenance(config.out, config.storage_options)
     if previous is None:
         return False
@@ -120,7 +122,7 @@ def run_embed(config: EmbedConfig) -> dict:
     configure_ray_data(progress_bars=progress_mode == "bars")
     placement = plan_placement(config)
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
-    origin = provenance(model, dtype, config.towers, config.preprocess)
+    origin = provenance(model, dtype, config.towers, config.preprocess, config.vector_dtype)
     # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
     retry = _rows_to_retry(config, origin) if config.retry_kinds else None
     done = pa.array([], pa.string()) if retry is not None else _rows_already_done(config, origin)

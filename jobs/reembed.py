@@ -161,11 +161,14 @@ def run_reembed(config: ReembedConfig) -> dict:
     configure_ray_data(progress_bars=sys.stderr.isatty())
     placement = plan_placement(e)
     dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
-    origin = provenance(model, dtype, e.towers, e.preprocess)
+    origin = provenance(model, dtype, e.towers, e.preprocess, e.vector_dtype)
     scan = scan_ids(manifest)
+    # A table holds one vector type: another is refused before any work.
+    table = tables.open_table_if_exists(e.db, e.table_name, e.storage_options)
+    if table is not None:
+        tables.check_vector_dtype(table, e.vector_dtype)
     current = _current_rows(manifest, scan, e, fetch_policy(e))
 
-    table = tables.open_table_if_exists(e.db, e.table_name, e.storage_options)
     stored, stored_hashes, model_stale = None, pa.array([], pa.string()), False
     if table is not None:
         stored, stored_hashes = _stored_state(table)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from schemas.embeddings import ERROR_KINDS
+from schemas.embeddings import DEFAULT_VECTOR_DTYPE, ERROR_KINDS, VECTOR_VALUE_TYPES
 from schemas.table import DEFAULT_TABLE_NAME
 
 DEFAULT_MODEL = "BAAI/AltCLIP"
 TOWERS = ("image", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+VECTOR_DTYPES = tuple(VECTOR_VALUE_TYPES)  # float32, float16
 DEFAULT_TEMPLATE = "a photo of a {}"  # CLIP's zero-shot prompt
 PROGRESS_MODES = ("auto", "text", "json", "quiet")
 PREPROCESS_MODES = ("exact", "fast")
@@ -40,7 +41,8 @@ class EmbedConfig:
     image_col: str | None = None  # None: "image" or "image_bytes", whichever the manifest has
     caption_col: str | None = None  # None: "caption" when the manifest has it
     batch_size: int = 64
-    dtype: str = "auto"
+    dtype: str = "auto"  # what the towers compute in
+    vector_dtype: str = DEFAULT_VECTOR_DTYPE  # what the vectors are stored as: float32 | float16
     # Actors per tower: N, or (MIN, MAX) for a pool Ray Data grows and shrinks with the work;
     # None: one per GPU, or one on CPU.
     concurrency: int | tuple[int, int] | None = None
@@ -68,6 +70,9 @@ class EmbedConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        if self.vector_dtype not in VECTOR_DTYPES:
+            raise ConfigError(f"--vector-dtype {self.vector_dtype}: choose one of "
+                              f"{', '.join(VECTOR_DTYPES)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
         sizes = (self.concurrency if isinstance(self.concurrency, tuple)

@@ -17,15 +17,29 @@ from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
 from pipeline.progress import report_progress
 from pipeline.timing import add_stage_record
-from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_ERROR, IMAGE_SHA256, TEXT_EMBEDDING, TEXT_ERROR, error
+from schemas.embeddings import (
+    DEFAULT_VECTOR_DTYPE,
+    IMAGE_EMBEDDING,
+    IMAGE_ERROR,
+    IMAGE_SHA256,
+    TEXT_EMBEDDING,
+    TEXT_ERROR,
+    error,
+    vector_type,
+)
 
 
-def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int) -> pa.FixedSizeListArray:
-    """`fixed_size_list<float32>[D]` with the given rows filled and every other row null.
+def vector_column(vectors: np.ndarray, rows: list[int], num_rows: int, dim: int,
+                  vector_dtype: str = DEFAULT_VECTOR_DTYPE) -> pa.FixedSizeListArray:
+    """`fixed_size_list<float32 | float16>[D]` with the given rows filled (unit vectors, in
+    float32) and every other row null.
 
     A plain fixed-size list, not Ray's tensor extension type, which LanceDB does not take.
+    Rounded to float16 here, in the tower's actor, when the vectors are stored so: half the
+    bytes then cross the object store to the writer.
     """
-    full = np.zeros((num_rows, dim), dtype=np.float32)
+    arrow_type = vector_type(dim, vector_dtype)
+    full = np.zeros((num_rows, dim), dtype=arrow_type.value_type.to_pandas_dtype())
     full[rows] = vectors
     is_null = np.ones(num_rows, dtype=bool)
     is_null[rows] = False
@@ -69,8 +83,12 @@ def accelerator_stats(device: torch.device) -> dict:
 class _TowerActor:
     kind: str
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
+                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
         self.progress = progress  # the last actor of the plan tells the job's RowCounter
+        # The towers compute in `dtype`; their vectors are normalised in float32, then stored
+        # as `vector_dtype` (queries keep float32).
+        self.vector_dtype = vector_dtype
         self.device = pick_device()
         if self.device.type == "cpu" and num_threads:
             # Leave the other cores to the decode and tokenize tasks.
@@ -132,8 +150,9 @@ class ImageEmbedder(_TowerActor):
 
     kind = "image"
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
-        super().__init__(model, dtype, num_threads, progress)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
+                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+        super().__init__(model, dtype, num_threads, progress, vector_dtype)
         self.height, self.width = model.preprocessing.output_hw()
         self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
@@ -186,7 +205,7 @@ class ImageEmbedder(_TowerActor):
         while len(self.recent) > IMAGE_CACHE_ENTRIES:
             self.recent.popitem(last=False)
         out = with_errors(batch.drop_columns([PIXELS]), IMAGE_ERROR, errors).append_column(
-            IMAGE_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim)
+            IMAGE_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim, self.vector_dtype)
         )
         return self._finish(out, started, images_reused=len(rows) - len(new))
 
@@ -204,8 +223,9 @@ class TextEmbedder(_TowerActor):
 
     kind = "text"
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
-        super().__init__(model, dtype, num_threads, progress)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
+                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+        super().__init__(model, dtype, num_threads, progress, vector_dtype)
         self.pad_token_id = model.pad_token_id
         self.vocab_size = self.tower.vocab_size
         self.group_rows = TEXT_GROUP_ROWS.get(self.device.type, 64)
@@ -240,7 +260,8 @@ class TextEmbedder(_TowerActor):
                         vectors.append(F.normalize(vector.float(), dim=-1).cpu().numpy())
         stacked = np.stack(vectors) if vectors else np.zeros((0, self.dim), dtype=np.float32)
         out = with_errors(batch.drop_columns([INPUT_IDS]), TEXT_ERROR, errors).append_column(
-            TEXT_EMBEDDING, vector_column(stacked, done, batch.num_rows, self.dim)  # back in row order
+            TEXT_EMBEDDING,  # back in row order
+            vector_column(stacked, done, batch.num_rows, self.dim, self.vector_dtype)
         )
         return self._finish(out, started)
 
@@ -251,9 +272,10 @@ class TowersEmbedder:
     tower needs two to three times the text tower's compute, so the text actor would idle while
     the image actor, on half the cores, held the job back."""
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None):
-        self.image = ImageEmbedder(model, dtype, num_threads)
-        self.text = TextEmbedder(model, dtype, num_threads)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
+                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+        self.image = ImageEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype)
+        self.text = TextEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype)
         self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -207,7 +207,8 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
         ds = ds.map_batches(
             actor,
             fn_constructor_kwargs={"model": model, "dtype": dtype, "num_threads": placement.torch_threads,
-                                   "progress": counter if last else None},
+                                   "progress": counter if last else None,
+                                   "vector_dtype": config.vector_dtype},
             **actor_args,
         )
     return ds

@@ -7,9 +7,11 @@ import json
 
 from pipeline import __version__
 from pipeline.model import ModelSpec
+from schemas.embeddings import DEFAULT_VECTOR_DTYPE
 
 
-def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str = "exact") -> dict:
+def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str = "exact",
+               vector_dtype: str = DEFAULT_VECTOR_DTYPE) -> dict:
     """What produced the vectors; two outputs with equal provenance are comparable.
 
     In JSON's own types, so it compares equal to a copy read back from a footer.
@@ -18,7 +20,8 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str 
         "model": model.ref,
         "revision": model.revision,
         "dim": model.dim,
-        "dtype": dtype,
+        "dtype": dtype,  # what the towers computed in
+        "vector_dtype": vector_dtype,  # what the vectors are stored as (the schema follows it)
         "towers": list(towers),
         # Pixels follow transformers' PIL image processor, bit for bit.
         "preprocessing": {"reference": "CLIPImageProcessorPil", "mode": mode,
@@ -29,4 +32,5 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str 
 
 
 # Provenance that changes the vectors: an output mixes runs only where these agree.
-COMPARED_PROVENANCE = ("model", "revision", "dim", "dtype", "towers", "preprocessing", "max_tokens")
+COMPARED_PROVENANCE = ("model", "revision", "dim", "dtype", "vector_dtype", "towers", "preprocessing",
+                       "max_tokens")

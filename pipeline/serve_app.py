@@ -50,7 +50,7 @@ from schemas.embeddings import (
     contract_column_names,
 )
 from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE
-from schemas.table import SEARCH_COLUMNS
+from schemas.table import SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 DEFAULT_K = 24
@@ -404,8 +404,11 @@ class Searcher:
         shown = [ID, CAPTION, IMAGE, WIDTH, HEIGHT, *metadata]
         names = set(self._fresh_table().schema.names)
         started = time.perf_counter()
+        # With an ANN index, refining re-ranks by the exact distance: the index's own is a
+        # quantized squared L2, not the cosine a score is made from.
         rows = (self._fresh_table().search(vector, vector_column_name=column)
-                .distance_type("cosine").where(where, prefilter=True)
+                .distance_type("cosine").nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR)
+                .where(where, prefilter=True)
                 .select([c for c in shown if c in names] + ["_distance"]).limit(k).to_list())
         hits = [self._hit(row, metadata) for row in rows]
         return {"hits": hits, "count": len(hits), "k": k, "against": against,

@@ -22,7 +22,8 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     if db_uri:
         # A Lance dataset is an Arrow dataset: DuckDB scans it lazily, pushing down
         # projections and filters.
-        con.register(table_name, open_table(db_uri, table_name, storage_options).to_lance())
+        con.register(table_name, readable_by_duckdb(open_table(db_uri, table_name, storage_options)
+                                                    .to_lance()))
         visible.append(f"{table_name} (the table in {db_uri})")
     if outputs:
         shards = list_shards(outputs, storage_options)
@@ -30,8 +31,8 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
             raise ConfigError(f"--parquet {outputs} holds no part-*.parquet files")
         fs, _ = storage.filesystem(shards[0], storage_options)
         paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-        con.register("outputs", pads.dataset(paths, format="parquet",
-                                              filesystem=storage.arrow_filesystem(fs)))
+        con.register("outputs", readable_by_duckdb(pads.dataset(
+            paths, format="parquet", filesystem=storage.arrow_filesystem(fs))))
         visible.append(f"outputs (the Parquet under {outputs})")
     try:
         result = con.sql(query).to_arrow_table()
@@ -41,6 +42,70 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     except duckdb.Error as exc:
         raise ConfigError(f"SQL: {str(exc).splitlines()[0]}") from None
     return result.rename_columns(unique_names(result.column_names))
+
+
+def readable_by_duckdb(dataset: pads.Dataset) -> pads.Dataset:
+    """The dataset as DuckDB can read it, still lazily: half floats (vectors of
+    `--vector-dtype float16`), which DuckDB cannot read at all ("Unsupported Internal Arrow Type
+    e"), shown as float32, so vectors of either type are `FLOAT[D]` to DuckDB; and a filter on
+    a vector column (`WHERE image_embedding IS NOT NULL`), which a Lance dataset refuses ("No
+    match for FieldRef"), evaluated on the batches instead of pushed down."""
+    schema = pa.schema([f.with_type(_without_half_floats(f.type)) for f in dataset.schema],
+                       metadata=dataset.schema.metadata)
+    return _ScanForDuckDB(dataset, schema)
+
+
+def _without_half_floats(arrow_type: pa.DataType) -> pa.DataType:
+    if pa.types.is_float16(arrow_type):
+        return pa.float32()
+    if pa.types.is_fixed_size_list(arrow_type):
+        return pa.list_(_without_half_floats(arrow_type.value_type), arrow_type.list_size)
+    if pa.types.is_list(arrow_type):
+        return pa.list_(_without_half_floats(arrow_type.value_type))
+    if pa.types.is_large_list(arrow_type):
+        return pa.large_list(_without_half_floats(arrow_type.value_type))
+    return arrow_type
+
+
+class _ScanForDuckDB(pads.Dataset):
+    """A dataset scanned through the one beneath it, batch by batch (see readable_by_duckdb).
+
+    DuckDB asks a registered dataset for its schema, then for a scanner of the columns and rows
+    a query needs, once per scan: a query that reads it twice (a self-join, a UNION) gets two
+    scans, which a one-shot RecordBatchReader could not give. Projections and filters go down
+    to the dataset beneath; nothing is read whole into memory.
+    """
+
+    def __init__(self, dataset: pads.Dataset, schema: pa.Schema):
+        # Not the base's constructor, which no subclass calls (lance.LanceDataset neither).
+        self._dataset = dataset
+        self._schema = schema
+        self._lists = [f.name for f in dataset.schema if pa.types.is_fixed_size_list(f.type)
+                       or pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    def scanner(self, columns: list[str] | None = None, filter=None, **options) -> pads.Scanner:
+        names = list(columns) if columns is not None else self._schema.names
+        wanted = pa.schema([self._schema.field(name) for name in names])
+        # The columns the filter may name (a name inside a string literal only adds a column
+        # to the read); one of them a list: the filter is evaluated here, on those columns.
+        named = [name for name in self._dataset.schema.names
+                 if filter is not None and name in str(filter)]
+        here = any(name in self._lists for name in named)
+        read = names + [name for name in named if name not in names] if here else names
+        batches = self._dataset.scanner(columns=read, filter=None if here else filter,
+                                        **options).to_reader()
+
+        def widened():
+            for batch in batches:
+                if here:
+                    batch = batch.filter(filter).select(names)
+                yield batch.cast(wanted)
+
+        return pads.Scanner.from_batches(widened(), schema=wanted)
 
 
 def unique_names(names: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.writer import list_shards
-from schemas.embeddings import VECTOR_COLUMNS, provenance_of
+from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
 from schemas.table import (
     ANN_INDEX_MIN_ROWS,
     FULL_TEXT_COLUMN,
@@ -49,6 +49,28 @@ def table_provenance(table) -> dict | None:
     return provenance_of(table.schema)
 
 
+def check_vector_dtype(table, vector_dtype: str, brought_by: str = "--vector-dtype") -> None:
+    """Refuse vectors of one `--vector-dtype` for a table of the other (`brought_by`: the option,
+    or "outputs" for outputs being loaded).
+
+    LanceDB would take them, cast to the table's type without a word (both ways, measured), so
+    a run asked for float16 would go on storing float32, and the rows it writes to --out would
+    differ from the table's. Refused rather than cast: the type was asked for by name, and
+    changing a table's type is a decision about the whole table, never a side effect of an
+    upsert.
+    """
+    held = vector_dtype_of(table.schema)
+    if held == vector_dtype:
+        return
+    if brought_by == "outputs":
+        raise ConfigError(f"table '{table.name}' holds {held} vectors, the outputs {vector_dtype} "
+                          "ones (a table holds one vector type): load them into another table "
+                          "with --table NAME")
+    raise ConfigError(f"{brought_by} {vector_dtype}: table '{table.name}' holds {held} vectors (a "
+                      f"table holds one vector type): rerun with {brought_by} {held}, or embed "
+                      "into another table with --table NAME")
+
+
 def ensure_table(db_uri: str, name: str, schema: pa.Schema, storage_options: dict | None = None) -> dict:
     """The table as it is, or created empty with the outputs' schema (a manifest without rows)."""
     db = connect(db_uri, storage_options)
@@ -74,6 +96,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
                 f"table '{name}' holds vectors of {_model_of(existing)}, the outputs are from "
                 f"{_model_of(incoming)}: load them into another table with --table NAME"
             )
+        check_vector_dtype(table, vector_dtype_of(dataset.schema), "outputs")
         # Vectors of failed rows are null: keep the row ("null"), never drop it.
         result = (
             table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
@@ -120,6 +143,7 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
         table = db.create_table(name, data=rows, mode="overwrite", on_bad_vectors="null")
     else:
         table = db.open_table(name)
+        check_vector_dtype(table, vector_dtype_of(rows.schema))
         if rows.num_rows:
             (table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
              .execute(rows, on_bad_vectors="null"))

@@ -16,6 +16,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.timing import merge_figures, pop_figures
 from schemas.manifest import ID, IMAGE
 from schemas.embeddings import (
@@ -26,6 +27,7 @@ from schemas.embeddings import (
     TEXT_ERROR,
     error_kind,
     provenance_of,
+    vector_type,
 )
 
 SHARD_PREFIX = "part-"
@@ -149,6 +151,18 @@ def read_output_provenance(out: str, storage_options: dict | None = None) -> dic
     fs, path = storage.filesystem(shards[0], storage_options)
     with fs.open(path, "rb") as f:
         return provenance_of(pq.read_schema(f))
+
+
+def check_output_vector_dtype(out: str, vector_dtype: str, storage_options: dict | None = None) -> None:
+    """Refuse to add vectors of one `--vector-dtype` to an output holding the other: the shards of
+    one output are read as one dataset, of one type."""
+    previous = read_output_provenance(out, storage_options)
+    if previous is not None and previous["vector_dtype"] != vector_dtype:
+        held = previous["vector_dtype"]
+        raise ConfigError(
+            f"--vector-dtype {vector_dtype}: --out {out} holds {held} vectors; rerun with "
+            f"--vector-dtype {held}, choose another --out, or pass --overwrite to replace them"
+        )
 
 
 def outputs_dataset(out: str, storage_options: dict | None = None) -> pads.Dataset | None:
@@ -277,7 +291,7 @@ def _totals_from_rows(parquet: pq.ParquetFile) -> dict:
         for column in vectors:  # a fixed-size list column is one leaf: its nulls are rows without one
             vectors[column] += group.num_rows - group.column(leaves[column]).statistics.null_count
     columns = parquet.read(columns=[ID, IMAGE_ERROR, TEXT_ERROR])
-    placeholder = pa.nulls(columns.num_rows, pa.list_(pa.float32(), 1))
+    placeholder = pa.nulls(columns.num_rows, vector_type(1))
     totals = shard_totals(columns.append_column(IMAGE_EMBEDDING, placeholder)
                           .append_column(TEXT_EMBEDDING, placeholder))
     return {**totals, "image_ok": vectors[IMAGE_EMBEDDING], "text_ok": vectors[TEXT_EMBEDDING]}

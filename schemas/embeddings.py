@@ -47,21 +47,44 @@ ERROR_KINDS = (
 TRANSIENT_ERROR_KINDS = ("timeout", "read_error", "worker_crash")
 
 
-def vector_type(dim: int) -> pa.DataType:
-    return pa.list_(pa.float32(), dim)
+# The stored vectors' value type (`--vector-dtype`), whatever the towers computed in (they are
+# normalised in float32, then rounded). float16 halves the vectors' bytes (20,000 rows of two
+# 768-d vectors: shards 58.2 -> 29.0 MB, table data 123 -> 62 MB); each vector's cosine to its
+# float32 value stays above 0.99999997, and exact search's recall@10 against float32 is 0.999
+# (random and CLIP-like vectors; the ANN index's recall is unchanged). Provenance records it as
+# `vector_dtype`; an output or a table holds one type only.
+VECTOR_VALUE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+DEFAULT_VECTOR_DTYPE = "float32"
+
+
+def vector_type(dim: int, vector_dtype: str = DEFAULT_VECTOR_DTYPE) -> pa.DataType:
+    return pa.list_(VECTOR_VALUE_TYPES[vector_dtype], dim)
+
+
+def vector_dtype_of(schema: pa.Schema) -> str:
+    """The `--vector-dtype` of a schema's vector columns (float32 where it has none)."""
+    for name in VECTOR_COLUMNS:
+        if name in schema.names:
+            value_type = schema.field(name).type.value_type
+            return next((k for k, v in VECTOR_VALUE_TYPES.items() if v == value_type), str(value_type))
+    return DEFAULT_VECTOR_DTYPE
 
 
 def embeddings_schema(
     dim: int, metadata_fields: list[pa.Field], provenance: dict | None = None
 ) -> pa.Schema:
-    """The output schema: contract columns around the manifest's own metadata columns."""
+    """The output schema: contract columns around the manifest's own metadata columns.
+
+    The vectors are of the provenance's `vector_dtype` (float32 without one): the footer and the
+    columns cannot disagree."""
+    vector_dtype = (provenance or {}).get("vector_dtype", DEFAULT_VECTOR_DTYPE)
     fields = [
         pa.field(ID, pa.string(), nullable=False),
         pa.field(IMAGE, pa.string()),
         pa.field(CAPTION, pa.string()),
         *metadata_fields,
-        pa.field(IMAGE_EMBEDDING, vector_type(dim)),
-        pa.field(TEXT_EMBEDDING, vector_type(dim)),
+        pa.field(IMAGE_EMBEDDING, vector_type(dim, vector_dtype)),
+        pa.field(TEXT_EMBEDDING, vector_type(dim, vector_dtype)),
         pa.field(IMAGE_SHA256, pa.string()),
         pa.field(CAPTION_SHA256, pa.string()),
         pa.field(WIDTH, pa.int32()),
@@ -86,8 +109,12 @@ def is_reserved(name: str) -> bool:
 
 
 def provenance_of(schema: pa.Schema) -> dict | None:
+    """The provenance in a schema's metadata (an output's footer, a table's schema). Outputs and
+    tables made before `vector_dtype` was recorded say it through their columns' type."""
     raw = (schema.metadata or {}).get(PROVENANCE_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    return {"vector_dtype": vector_dtype_of(schema), **json.loads(raw)}
 
 
 def error(kind: str, message: str) -> str:

@@ -424,3 +424,37 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, "PNG")
     return buf.getvalue()
+
+
+def test_scores_are_cosines_on_a_table_with_an_ann_index(corpus, tmp_path):
+    """From ANN_INDEX_MIN_ROWS rows the table has an IVF_HNSW_SQ index, whose own distances are
+    quantized squared L2: each score must still be the cosine of the two vectors."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.serve_app import Filters
+    from pipeline.table import index_table
+    from schemas.table import ANN_INDEX_MIN_ROWS
+
+    source = lancedb.connect(str(corpus / "db")).open_table("embeddings").to_arrow()
+    rng = np.random.default_rng(0)
+    copies = -(-ANN_INDEX_MIN_ROWS // source.num_rows)
+    tiled = pa.concat_tables([source] * copies)
+    vectors = np.asarray(tiled.column("image_embedding").combine_chunks().values.to_numpy(
+        zero_copy_only=False), dtype=np.float32).reshape(tiled.num_rows, -1)
+    vectors = vectors + rng.normal(0, 0.05, vectors.shape).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    tiled = tiled.set_column(tiled.schema.get_field_index("id"), "id",
+                             pa.array([f"r{i}" for i in range(tiled.num_rows)]))
+    tiled = tiled.set_column(tiled.schema.get_field_index("image_embedding"),
+                             tiled.schema.field("image_embedding"), column.cast(
+                                 tiled.schema.field("image_embedding").type))
+    table = lancedb.connect(str(tmp_path / "db")).create_table("embeddings", data=tiled)
+    assert index_table(table)  # an ANN index was built
+    searcher = Searcher(str(tmp_path / "db"), "embeddings")
+    hits = searcher.search(vectors[7], 10, "image", Filters({}))["hits"]
+    by_id = {f"r{i}": i for i in range(len(vectors))}
+    assert hits[0]["id"] == "r7"
+    for hit in hits:
+        assert abs(hit["score"] - float(vectors[by_id[hit["id"]]] @ vectors[7])) < 1e-4, hit
