@@ -1,0 +1,96 @@
+"""A stand-in for the tower actors that costs nothing, for benchmarks of what runs around them.
+
+It is switched on by the Ray runtime environment that `runtime_env()` returns, and by nothing
+else: a benchmark starts Ray with it before it runs the job, and then every Ray worker of that
+job runs `replace_towers` when it starts. `altclip embed` starts Ray without a runtime
+environment and has no option to give one, so its jobs always run the real towers; the `bench`
+package is not installed with the project, so a cluster without this checkout cannot import it
+either.
+
+In a worker, `ImageEmbedder` and `TextEmbedder` (and so `TowersEmbedder`, which builds one of
+each) keep their names and their place in the plan, but load no model: each row with pixels
+(with token ids) gets a random unit vector of the model's dimension, each row without gets a
+null, and the stage records and progress reports are made as the real towers make them. Each
+actor also appends the rows it handled to a file under the folder named by `STANDIN_ENV`, so
+that a benchmark can count the rows that went through the towers, published or not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STANDIN_ENV = "ALTCLIP_BENCH_STANDIN_TOWERS"  # the folder the stand-in counts rows in
+HOOK = "bench.standin.replace_towers"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def runtime_env(count_dir: str) -> dict:
+    """The runtime environment to start Ray with (`ray.init(runtime_env=...)`) for stand-in towers."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return {"worker_process_setup_hook": HOOK, "env_vars": {STANDIN_ENV: count_dir, "PYTHONPATH": path}}
+
+
+def rows_through_towers(count_dir: str) -> dict[str, int]:
+    """Rows each stand-in tower (image, text) handled, summed over every actor that ever ran,
+    killed ones included."""
+    totals = {"image": 0, "text": 0}
+    for name in os.listdir(count_dir):
+        with open(os.path.join(count_dir, name)) as f:
+            totals[name.split("-", 1)[0]] += sum(int(line) for line in f if line.strip())
+    return totals
+
+
+def _count(kind: str, rows: int) -> None:
+    # One small append per batch: lines are written whole, so a killed actor loses none it wrote.
+    with open(os.path.join(os.environ[STANDIN_ENV], f"{kind}-{os.getpid()}.rows"), "a") as f:
+        f.write(f"{rows}\n")
+
+
+def _unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def replace_towers() -> None:
+    """Ray's worker_process_setup_hook: swap the towers' model work for the stand-in's, in this
+    worker only, and only when the job's runtime environment names the stand-in's folder."""
+    if not os.environ.get(STANDIN_ENV):
+        return
+    from pipeline import embedders
+    from pipeline.images import PIXELS
+    from pipeline.progress import report_progress
+    from pipeline.text import INPUT_IDS
+    from pipeline.timing import add_stage_record
+    from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
+
+    def __init__(self, model, dtype, num_threads=None, progress=None, **storage):
+        # `storage`: how the real tower stores its vectors (vector_column's options), if any.
+        self.progress, self.dim, self.storage = progress, model.dim, storage
+        self.rng = np.random.default_rng()
+
+    def embed(self, batch: pa.Table, inputs: str, output: str, present) -> pa.Table:
+        started = time.perf_counter()
+        rows = np.flatnonzero(present(batch.column(inputs)))
+        vectors = embedders.vector_column(_unit_vectors(self.rng, len(rows), self.dim), rows,
+                                          batch.num_rows, self.dim, **self.storage)
+        out = batch.drop_columns([inputs]).append_column(output, vectors)
+        out = add_stage_record(out, f"{self.kind}_tower", time.perf_counter() - started)
+        report_progress(self.progress, out)
+        _count(self.kind, batch.num_rows)
+        return out
+
+    def has_pixels(column) -> np.ndarray:
+        return pc.is_valid(column).to_numpy(zero_copy_only=False)
+
+    def has_tokens(column) -> np.ndarray:
+        return pc.fill_null(pc.greater(pc.list_value_length(column), 0), False).to_numpy(zero_copy_only=False)
+
+    embedders.ImageEmbedder.__init__ = __init__
+    embedders.ImageEmbedder.__call__ = lambda self, batch: embed(self, batch, PIXELS, IMAGE_EMBEDDING, has_pixels)
+    embedders.TextEmbedder.__init__ = __init__
+    embedders.TextEmbedder.__call__ = lambda self, batch: embed(self, batch, INPUT_IDS, TEXT_EMBEDDING, has_tokens)
