@@ -135,7 +135,7 @@ def test_a_finished_job_rerun_does_no_model_work(corpus, tiny_model, uninterrupt
     assert len(read_output(out)) == ROWS
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("fraction", [0.1, 0.9])  # early and late in the run
 def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted, tmp_path, fraction):
     out = tmp_path / "out"
     args = ["embed", str(corpus), "--out", str(out), "--model", tiny_model, "--dtype", "float32",
