@@ -226,7 +226,7 @@ def measure_phases(params: dict) -> dict:
 def _summary_figures(summary: dict) -> dict:
     keys = ("rows_in", "rows_out", "rows_already_done", "rows_embedded", "duplicate_rows_removed",
             "image_ok", "text_ok", "errors_by_kind", "seconds_total", "table")
-    return {k: summary.get(k) for k in keys}
+    return {k: summary[k] for k in keys if k in summary}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def run_phases(rows: int, args, model_dir: str, workdir: str, log) -> dict:
             shutil.rmtree(size_dir, ignore_errors=True)
 
 
-def run_e2e(args, model_dir: str, workdir: str, log) -> dict:
+def run_e2e(args, model_dir: str, workdir: str, log, save) -> dict:
     from bench import standin
 
     rows = args.e2e_rows
@@ -500,10 +500,12 @@ def run_e2e(args, model_dir: str, workdir: str, log) -> dict:
                 "standin": standin_on, "count_dir": count_dir}
 
     runs = {}
+    partial = {"rows": rows, "rows_per_shard": rps, "manifest": manifest, "runs": runs}
     log(f"end to end, {rows} rows, stand-in towers ...")
     p = params("standin", "e2e-whole", True)
     runs["standin"] = run_child("e2e", p, os.path.join(workdir, "e2e-standin"))
     runs["standin"]["rows_through_towers"] = standin.rows_through_towers(p["count_dir"])
+    save(partial)
 
     log("end to end, stand-in towers, killed when half the rows are published ...")
     p = params("killed", "e2e-resume", True)
@@ -516,10 +518,12 @@ def run_e2e(args, model_dir: str, workdir: str, log) -> dict:
                   shards_half_written=len(glob.glob(os.path.join(p["out"], f".{SHARD_PREFIX}*.tmp"))),
                   rows_through_towers=standin.rows_through_towers(p["count_dir"]))
     runs["killed"] = killed
+    save(partial)
     log("end to end, stand-in towers, resuming it ...")
     p = params("resumed", "e2e-resume", True)
     runs["resumed"] = run_child("e2e", p, os.path.join(workdir, "e2e-resumed"))
     runs["resumed"]["rows_through_towers"] = standin.rows_through_towers(p["count_dir"])
+    save(partial)
     if not args.no_real:
         log("end to end, the tiny model ...")
         runs["real"] = run_child("e2e", params("real", "e2e-real", False), os.path.join(workdir, "e2e-real"))
@@ -536,7 +540,7 @@ def run_e2e(args, model_dir: str, workdir: str, log) -> dict:
         "duplicate_rows_removed": runs["resumed"]["summary"]["duplicate_rows_removed"],
         "rows_out": runs["resumed"]["summary"]["rows_out"],
     }
-    return {"rows": rows, "rows_per_shard": rps, "manifest": manifest, "runs": runs, "resume": resume}
+    return {**partial, "resume": resume}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
             report["scaling"] = _scaling(report)
             _save(report, args.json)  # so far: a later size that fails leaves these
         if args.e2e_rows:
-            report["e2e"] = run_e2e(args, model_dir, workdir, log)
+            report["e2e"] = run_e2e(args, model_dir, workdir, log,
+                                    lambda partial: _save({**report, "e2e": partial}, args.json))
     finally:
         if args.keep:
             log(f"work folder kept: {workdir}")
