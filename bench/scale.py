@@ -709,7 +709,8 @@ def _text(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.scale",
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--rows", type=int, nargs="*", default=[200_000, 1_000_000],
                         help="manifest sizes of the phases run (none: skip it)")
     parser.add_argument("--dim", type=int, default=768, help="vector dimension of the outputs")
