@@ -11,6 +11,7 @@ figure.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -219,3 +220,13 @@ def run_measured(command: list[str], log_path: str, *, interval: float = 0.2,
     with open(log_path, errors="replace") as f:
         text = f.read()
     return Finished(proc.returncode, wall, tree, text)
+
+
+def run_worker(workers: dict, kind: str, params_path: str, result_path: str) -> None:
+    """A benchmark's child: `workers[kind]` on the JSON parameters at `params_path`, its result
+    written as JSON to `result_path` for the parent to read."""
+    with open(params_path) as f:
+        params = json.load(f)
+    result = workers[kind](params)
+    with open(result_path, "w") as f:
+        json.dump(result, f)

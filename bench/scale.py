@@ -47,7 +47,7 @@ import threading
 import time
 
 from bench import corpus
-from bench.proctree import MIB, TreeSampler, descendants, exit_on_sigterm
+from bench.proctree import MIB, TreeSampler, descendants, exit_on_sigterm, run_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST_METADATA = "lang"  # the synthetic manifest's one metadata column
@@ -260,14 +260,6 @@ def measure_e2e(params: dict) -> dict:
 
 
 WORKERS = {"phases": measure_phases, "e2e": measure_e2e}
-
-
-def _worker(kind: str, params_path: str, result_path: str) -> None:
-    with open(params_path) as f:
-        params = json.load(f)
-    result = WORKERS[kind](params)
-    with open(result_path, "w") as f:
-        json.dump(result, f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +723,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.params, args.result)
+        run_worker(WORKERS, args.worker, args.params, args.result)
         return
     if any(r < 2 for r in args.rows) or args.dim < 1 or args.rows_per_shard < 1 or args.e2e_rows < 0:
         parser.error("--rows (at least 2), --dim and --rows-per-shard must be positive")

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from bench import corpus
-from bench.proctree import MIB, exit_on_sigterm, own_peak_rss, run_measured
+from bench.proctree import MIB, exit_on_sigterm, own_peak_rss, run_measured, run_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = ("float32", "bfloat16", "float16")
@@ -177,14 +177,6 @@ def measure_ceiling(params: dict) -> dict:
 
 
 WORKERS = {"naive": measure_naive, "ceiling": measure_ceiling}
-
-
-def _worker(kind: str, params_path: str, result_path: str) -> None:
-    with open(params_path) as f:
-        params = json.load(f)
-    result = WORKERS[kind](params)
-    with open(result_path, "w") as f:
-        json.dump(result, f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.params, args.result)
+        run_worker(WORKERS, args.worker, args.params, args.result)
         return
     if args.rows < 1 or args.batch_size < 1:
         parser.error("--rows and --batch-size must be positive")
