@@ -15,7 +15,8 @@ from jobs.load import run_load
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
 from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
-from pipeline.manifest import open_manifest, scan_ids, select_rows
+from pipeline.ids import scan_ids, select_rows
+from pipeline.manifest import open_manifest
 from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifest_rows, plan_placement
 from pipeline.progress import ProgressLog, RowCounter

@@ -22,7 +22,8 @@ from pipeline import storage, table as tables
 from pipeline.changes import ChangePlan, plan_changes
 from pipeline.config import ReembedConfig
 from pipeline.images import hash_images
-from pipeline.manifest import open_manifest, scan_ids
+from pipeline.ids import scan_ids
+from pipeline.manifest import open_manifest
 from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import (
     configure_ray_data,

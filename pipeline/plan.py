@@ -14,7 +14,8 @@ from pipeline.embedders import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline import storage
 from pipeline.fetch import FetchPolicy, job_schemes
 from pipeline.images import preprocess_images
-from pipeline.manifest import Manifest, read_manifest, select_rows, to_contract_columns
+from pipeline.ids import select_rows
+from pipeline.manifest import Manifest, read_manifest, to_contract_columns
 from pipeline.webdataset import ShardPlan
 from pipeline.model import ModelSpec
 from pipeline.text import tokenize_captions

@@ -111,7 +111,7 @@ def index_shard(f, read: tuple[str, ...] = ()) -> ShardIndex:
 
 def sample_table(samples: list[Sample], shard: str) -> pa.Table:
     """Samples as rows: key, image bytes and the URI of their member, and the caption and
-    metadata members' bytes (manifest.flatten_webdataset makes columns of those)."""
+    metadata members' bytes (formats.flatten_webdataset makes columns of those)."""
     images = [s.first(*IMAGE_SUFFIXES) for s in samples]
 
     def data(suffix: str) -> pa.Array:

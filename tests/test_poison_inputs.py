@@ -247,7 +247,7 @@ def test_unreadable_manifest_lines_are_named(tiny_model, tmp_path):
 
 
 def test_ids_of_every_arrow_type_are_one_text_each(tiny_model, ray_session, tmp_path):
-    from pipeline.manifest import id_text
+    from pipeline.formats import id_text
 
     columns = {
         "int8": pa.array([1, -2, None], pa.int8()), "uint64": pa.array([2**64 - 1, 0, 1], pa.uint64()),
