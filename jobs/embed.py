@@ -22,6 +22,7 @@ from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifes
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.table import ensure_table
+from pipeline.summary import summarize, write_summary
 from pipeline.writer import (
     ParquetShardSink,
     check_output_vector_dtype,
@@ -35,8 +36,6 @@ from pipeline.writer import (
     remove_duplicate_rows,
     remove_outputs,
     remove_unpublished,
-    summarize,
-    write_summary,
 )
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, TRANSIENT_ERROR_KINDS, embeddings_schema
 from schemas.manifest import ID

@@ -15,7 +15,8 @@ from PIL import Image
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.fetch import FetchPolicy, read_bytes
-from pipeline.writer import SUMMARY_NAME, list_shards
+from pipeline.summary import SUMMARY_NAME
+from pipeline.writer import list_shards
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from schemas.manifest import CAPTION, ID, IMAGE
 
