@@ -9,14 +9,13 @@ import io
 import json
 
 import numpy as np
-import pyarrow.dataset as pads
 from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.fetch import FetchPolicy, read_bytes
 from pipeline.summary import SUMMARY_NAME
-from pipeline.writer import list_shards
+from pipeline.writer import outputs_dataset
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from schemas.manifest import CAPTION, ID, IMAGE
 
@@ -76,12 +75,10 @@ def _thumbnail(uri: str | None, storage_options: dict | None) -> str | None:
 
 
 def _contact_sheet(out: str, storage_options: dict | None, samples: int) -> str:
-    shards = list_shards(out, storage_options)
-    fs, _ = storage.filesystem(shards[0], storage_options)
-    paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-    table = pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs)).to_table(
-        columns=[ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING])
-    rows = table.to_pylist()
+    dataset = outputs_dataset(out, storage_options)
+    if dataset is None:  # a run of an empty manifest
+        return "<p>No rows with both kinds of vectors to show.</p>"
+    rows = dataset.to_table(columns=[ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING]).to_pylist()
     texts = [r for r in rows if r[TEXT_EMBEDDING] is not None]
     # Only images the job embedded: what it refused (a local file from a remote manifest, a
     # private URL) is not read here either.

@@ -7,10 +7,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.table import open_table
-from pipeline.writer import list_shards
+from pipeline.writer import outputs_dataset
 
 
 def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None,
@@ -26,13 +25,10 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
                                                     .to_lance()))
         visible.append(f"{table_name} (the table in {db_uri})")
     if outputs:
-        shards = list_shards(outputs, storage_options)
-        if not shards:
+        dataset = outputs_dataset(outputs, storage_options)
+        if dataset is None:
             raise ConfigError(f"--parquet {outputs} holds no part-*.parquet files")
-        fs, _ = storage.filesystem(shards[0], storage_options)
-        paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-        con.register("outputs", readable_by_duckdb(pads.dataset(
-            paths, format="parquet", filesystem=storage.arrow_filesystem(fs))))
+        con.register("outputs", readable_by_duckdb(dataset))
         visible.append(f"outputs (the Parquet under {outputs})")
     try:
         result = con.sql(query).to_arrow_table()
