@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.options import parse_storage_options, print_rows, run_job, storage_option, table_name
+from pipeline.recall import index_recall
 from pipeline.table import index_table, open_table, restore_version, table_versions
 
 
@@ -27,15 +28,25 @@ def table_versions_command(db, table_name, storage_options):
 @table_group.command("index")
 @click.argument("db")
 @table_name
+@click.option("--recall-queries", default=100, type=click.IntRange(min=0), show_default=True,
+              help="Rows whose vectors query the new ANN index and an exact scan, to measure "
+                   "recall@10 (0: do not measure).")
 @storage_option
-def table_index_command(db, table_name, storage_options):
+def table_index_command(db, table_name, recall_queries, storage_options):
     """Rebuild the table's indexes in DB.
 
-    Full-text on captions; an ANN index per vector column once it holds enough vectors."""
-    built = run_job(index_table, run_job(open_table, db, table_name, parse_storage_options(storage_options)))
+    Full-text on captions; an ANN index per vector column once it holds enough vectors, with
+    its recall@10 against exact search on a sample of the table's own vectors."""
+    table = run_job(open_table, db, table_name, parse_storage_options(storage_options))
+    built = run_job(index_table, table)
     for column, info in built.items():
         click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
                    f"{info['vectors']} vectors")
+        if recall_queries:
+            measured = run_job(index_recall, table, column, recall_queries)
+            click.echo(f"  recall@{measured['k']} {measured['recall']} against exact search on "
+                       f"{measured['queries']} sampled rows (p50 {measured['ann_p50_ms']} ms, "
+                       f"exact {measured['exact_p50_ms']} ms)")
     if not built:
         click.echo("full-text index rebuilt; too few vectors for an ANN index: search is exact")
 

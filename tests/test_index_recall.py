@@ -1,0 +1,73 @@
+"""`altclip table index` reports what the ANN index costs: recall@10 against exact search."""
+
+from __future__ import annotations
+
+import re
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.recall import index_recall
+from pipeline.table import index_table
+from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
+from tests.conftest import altclip
+
+ROWS, DIM = 6000, 32
+
+
+def _table(folder, vectors: np.ndarray):
+    vector_type = pa.list_(pa.float32(), DIM)
+    rows = pa.table({
+        "id": [f"row-{i:05d}" for i in range(len(vectors))],
+        "caption": [f"caption {i}" for i in range(len(vectors))],
+        IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), DIM),
+        TEXT_EMBEDDING: pa.nulls(len(vectors), vector_type),
+    })
+    return lancedb.connect(str(folder)).create_table("embeddings", data=rows, on_bad_vectors="null")
+
+
+def _unit(rng, n: int) -> np.ndarray:
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def uniform_table(tmp_path_factory):
+    table = _table(tmp_path_factory.mktemp("recall"), _unit(np.random.default_rng(1), ROWS))
+    index_table(table, rows_per_partition=500)  # 12 partitions: probing one of them must miss
+    return table
+
+
+def test_table_index_prints_the_recall_it_measured(tmp_path):
+    _table(tmp_path, _unit(np.random.default_rng(0), ROWS))
+    result = altclip("table", "index", tmp_path, "--recall-queries", "20")
+    assert f"{IMAGE_EMBEDDING}: IVF_HNSW_SQ, cosine, 1 partitions over {ROWS} vectors" in result.stdout
+    measured = re.search(r"recall@10 ([0-9.]+) against exact search on (\d+) sampled rows", result.stdout)
+    assert measured, result.stdout
+    assert 0.5 <= float(measured.group(1)) <= 1.0 and measured.group(2) == "20"
+    quiet = altclip("table", "index", tmp_path, "--recall-queries", "0")
+    assert "recall@" not in quiet.stdout
+
+
+def test_recall_tells_a_starved_search_from_a_thorough_one(uniform_table):
+    # Uniform random vectors have no neighbourhoods: one partition of twelve holds few of a
+    # query's true neighbours, all twelve hold them all.
+    starved = index_recall(uniform_table, IMAGE_EMBEDDING, queries=30, nprobes=1, refine_factor=1)
+    thorough = index_recall(uniform_table, IMAGE_EMBEDDING, queries=30, nprobes=12, refine_factor=50)
+    assert starved["queries"] == thorough["queries"] == 30
+    assert starved["recall"] < 0.6
+    assert thorough["recall"] >= 0.95
+
+
+def test_recall_leaves_the_querying_row_out(uniform_table):
+    measured = index_recall(uniform_table, IMAGE_EMBEDDING, queries=5, k=1, nprobes=12, refine_factor=50)
+    # With its own row counted, k=1 would always be that row, found by both searches: 1.0 for
+    # any index. Left out, it is the nearest other row, which a thorough search also finds.
+    assert measured["queries"] == 5 and measured["recall"] >= 0.8
+
+
+def test_no_vectors_no_figure(tmp_path):
+    table = _table(tmp_path, np.zeros((0, DIM), np.float32))
+    assert index_recall(table, IMAGE_EMBEDDING, queries=10)["recall"] is None
