@@ -21,10 +21,10 @@ from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifest_rows, plan_placement
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.provenance import COMPARED_PROVENANCE, provenance
-from pipeline.table import ensure_table
+from pipeline.sink import ParquetShardSink
 from pipeline.summary import summarize, write_summary
+from pipeline.table import ensure_table
 from pipeline.writer import (
-    ParquetShardSink,
     check_output_vector_dtype,
     errors_by_kind,
     failed_ids,

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import ConfigError
-from pipeline.table import open_table
+from pipeline.lance_io import open_dataset
 from pipeline.writer import outputs_dataset
 
 
@@ -21,8 +21,7 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     if db_uri:
         # A Lance dataset is an Arrow dataset: DuckDB scans it lazily, pushing down
         # projections and filters.
-        con.register(table_name, readable_by_duckdb(open_table(db_uri, table_name, storage_options)
-                                                    .to_lance()))
+        con.register(table_name, readable_by_duckdb(open_dataset(db_uri, table_name, storage_options)))
         visible.append(f"{table_name} (the table in {db_uri})")
     if outputs:
         dataset = outputs_dataset(outputs, storage_options)

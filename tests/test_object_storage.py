@@ -74,6 +74,8 @@ def test_everything_in_s3_equals_the_local_run(s3, tiny_model, local_run, tmp_pa
         "search", "s3://tables/db", "--image", "s3://corpus/run/images/rgba.png", "--k", "2", "--json"
     ).stdout.splitlines()]
     assert hits[0]["image"].endswith("images/rgba.png") and hits[0]["score"] > 0.9999
+    counted = altclip("sql", "s3://tables/db", "SELECT count(*) AS n FROM embeddings", "--json")
+    assert json.loads(counted.stdout) == {"n": len(expected)}
 
 
 def test_webdataset_shards_in_s3(s3, tiny_model, local_run):
