@@ -20,6 +20,8 @@ COMMANDS = {
     "demo": ("jobs.demo", "demo_command", "Embed, load and search a small multilingual sample."),
     "embed": ("jobs.embed", "embed_command", "Embed a manifest's images and captions."),
     "load": ("jobs.load", "load_command", "Load the outputs of `embed` into a table."),
+    "export": ("jobs.export", "export_command",
+               "Write a run's outputs in clip-retrieval's layout (embedding-reader, autofaiss)."),
     "make-test-model": ("jobs.make_test_model", "make_test_model_command",
                         "Save a tiny random-weight AltCLIP to OUT_DIR (for tests)."),
     "reembed": ("jobs.reembed", "reembed_command", "Update a table from its manifest, embedding what changed."),
