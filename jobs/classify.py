@@ -18,9 +18,9 @@ from pipeline.classify import (
     label_vectors,
     read_labels,
 )
-from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig, ConfigError
-from pipeline.model import resolve_model
-from pipeline.table import connect, open_table, record_run, table_provenance
+from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig
+from pipeline.query import open_query_table
+from pipeline.table import connect, record_run
 from schemas.embeddings import IMAGE_EMBEDDING
 from schemas.manifest import ID
 from schemas.table import KEY
@@ -32,12 +32,9 @@ _NEW_COLUMNS = pa.schema([pa.field(LABEL, pa.string()), pa.field(LABEL_SCORE, pa
 
 def run_classify(config: ClassifyConfig) -> dict:
     labels = read_labels(list(config.labels), list(config.templates))  # checked before any loading
-    table = open_table(config.db, config.table_name, config.storage_options)
-    origin = table_provenance(table) or {}
-    if config.model is None and "model" not in origin:
-        raise ConfigError("the table does not record its model: name it with --model")
-    model = resolve_model(config.model or origin["model"], config.storage_options)
-    classes = label_vectors(model, origin.get("dtype", "float32"), labels)
+    opened = open_query_table(config.db, config.table_name, config.model, config.storage_options)
+    table = opened.table
+    classes = label_vectors(opened, labels)
     query = (table.search().where(f"{IMAGE_EMBEDDING} IS NOT NULL").select([ID, IMAGE_EMBEDDING])
              .limit(None))
     parts = [classify_batch(pa.Table.from_batches([b]), classes, labels.names, config.top_k)

@@ -18,9 +18,10 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
               quiet: bool = False) -> None:
     """Load the table's model, then serve until interrupted."""
     from pipeline.serve_app import Searcher, make_server
+    from pipeline.serve_http import listen
 
     try:  # listen first: a port in use fails at once, not after the model has loaded
-        server = make_server(None, host, port, quiet=quiet)
+        sock = listen(host, port)
     except OSError as exc:
         raise ConfigError(f"--host {host} --port {port}: cannot listen there "
                           f"({exc.strerror or exc})") from None
@@ -28,15 +29,17 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
         searcher = Searcher(db, table_name, model=model, storage_options=storage_options,
                             allow_private_urls=allow_private_urls)
     except BaseException:
-        server.server_close()
+        sock.close()
         raise
-    server.RequestHandlerClass.searcher = searcher  # requests wait in the backlog until now
+    # Connections made while the model loaded wait in the socket's backlog until now.
+    server = make_server(searcher, host, port, quiet=quiet, sock=sock)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
     print(f"serving table '{table_name}' ({searcher.model.label}, {searcher.dtype}) on "
           f"http://{shown}:{bound_port}/  (API spec: /openapi.json; Ctrl-C stops)",
           file=sys.stderr, flush=True)
-    # SIGTERM (what Kubernetes, systemd and `kill` send) stops it as Ctrl-C does.
+    # SIGTERM (what Kubernetes, systemd and `kill` send) stops it as Ctrl-C does: uvicorn
+    # finishes the requests in flight, then raises the signal again for this handler.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()

@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError
-from pipeline.model import ModelSpec
-from pipeline.search import embed_texts
+from pipeline.query import QueryTable
 from schemas.embeddings import IMAGE_EMBEDDING
 from schemas.manifest import ID
 
@@ -44,10 +43,10 @@ def read_labels(label_files: list[str], templates: list[str]) -> LabelSet:
     return LabelSet(names=columns[0], prompts=prompts)
 
 
-def label_vectors(model: ModelSpec, dtype: str, labels: LabelSet) -> np.ndarray:
+def label_vectors(opened: QueryTable, labels: LabelSet) -> np.ndarray:
     """(classes, D): each class's prompt vectors averaged, then normalised (computed once)."""
     flat = [p for prompts in labels.prompts for p in prompts]
-    vectors = embed_texts(model, dtype, flat)
+    vectors = opened.embed_texts(flat)
     per_class = vectors.reshape(len(labels.names), -1, vectors.shape[1]).mean(axis=1)
     return per_class / np.linalg.norm(per_class, axis=1, keepdims=True)
 

@@ -1,4 +1,5 @@
-"""`altclip serve`: the JSON API, and the page end to end in headless Chromium."""
+"""`altclip serve`: the JSON API, its answers to malformed HTTP, and the page end to end in
+headless Chromium."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.serve import serve_command
-from pipeline.serve_app import Searcher, make_server
+from pipeline.filters import Filters
+from pipeline.searcher import Searcher, ServeError
+from pipeline.serve_app import MAX_JSON_BYTES, MAX_UPLOAD_BYTES, make_server
 from tests.conftest import _free_port, altclip
 from tests.corpus import write_corpus
 
@@ -174,9 +177,11 @@ def test_a_quote_in_a_filter_value_is_a_literal(server, value):
     ({"filter.rank": "abc"}, "not a valid int64"),
     ({"min.lang": "a"}, "numeric columns only"),
     ({"filter.caption_truncated": "maybe"}, "not a valid bool"),
-    ({"k": "0"}, "between 1 and"),
-    ({"k": "many"}, "not an integer"),
-    ({"against": "audio"}, "choose image or text"),
+    ({"k": "0"}, "k: '0' must be at least 1"),
+    ({"k": "201"}, "k: '201' must be at most 200"),
+    ({"k": "many"}, "k: 'many' is not an integer"),
+    ({"text": "x" * 4001}, "text: at most 4000 characters"),
+    ({"against": "audio"}, "against: 'audio'; choose image or text"),
     ({"text": ""}, "non-empty"),
 ])
 def test_bad_values_are_a_400_that_says_why(server, params, message):
@@ -234,8 +239,6 @@ def test_similar_uses_the_rows_own_vector(server, rows):
 def test_an_upload_over_the_limit_is_refused_unread(server):
     import http.client
 
-    from pipeline.serve_app import MAX_UPLOAD_BYTES
-
     host, port = urllib.parse.urlsplit(server).netloc.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.putrequest("POST", "/api/search/image")
@@ -251,8 +254,139 @@ def test_requests_for_another_host_are_refused(server):
     # Served on loopback: a page on another origin that rebinds its name to 127.0.0.1 gets nothing.
     status, body = get_json(f"{server}/api/info", headers={"Host": "attacker.example:80"})
     assert status == 403
-    assert http(f"{server}/nope")[0] == 404
+    status, body = get_json(f"{server}/api/info", headers={"Host": "localhost:1@evil.com"})
+    assert status == 400 and "is not a host" in body["error"]
+    status, body = get_json(f"{server}/nope")
+    assert status == 404 and body["error"] == "no such path: /nope"
+    status, body = get_json(f"{server}/api/info", method="DELETE")
+    assert status == 405 and "DELETE is not allowed" in body["error"]
     assert http(f"{server}/static/..%2F..%2Fserve_app.py")[0] == 404
+
+
+def test_every_answer_has_the_security_headers_and_a_failure_names_only_its_type(server):
+    status, headers, _ = http(f"{server}/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    for path in ("/", "/api/info", "/nope"):
+        headers = http(server + path)[1]
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        assert headers["Referrer-Policy"] == "no-referrer"
+
+    class Broken:  # a storage failure deep inside, with a signed URL in its message
+        def info(self):
+            raise OSError("GET s3://bucket/x?X-Amz-Signature=SECRET failed")
+
+    httpd = make_server(Broken(), "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        status, body = get_json(f"http://127.0.0.1:{httpd.server_address[1]}/api/info")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert status == 500 and body == {"error": "internal error (OSError)"}
+
+
+# ------------------------------------------------------------------------- HTTP on the wire
+
+
+def exchange(server: str, data: bytes) -> tuple[list[tuple[int, dict, bytes]], bool]:
+    """Write `data` on one connection; read what comes back until the server closes it or
+    stays silent for 5 s. Returns the responses parsed from it and whether it closed."""
+    host, port = urllib.parse.urlsplit(server).netloc.split(":")
+    received, closed = b"", False
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                received += chunk
+            closed = True
+        except socket.timeout:
+            pass
+        except (BrokenPipeError, ConnectionResetError):  # closed before it read all of `data`
+            closed = True
+    return parse_responses(received), closed
+
+
+def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
+    """HTTP/1.1 responses one after the other: framed by Content-Length, chunked, or by the
+    connection's end."""
+    responses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            body, data = rest[:n], rest[n:]
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size, _, rest = rest.partition(b"\r\n")
+                n = int(size, 16)
+                body, rest = body + rest[:n], rest[n + 2:]
+                if n == 0:
+                    break
+            data = rest
+        else:
+            body, data = rest, b""
+        responses.append((status, headers, body))
+    return responses
+
+
+def _request(method: str, path: str, headers: dict | None = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+# A request hidden in a body: if it were ever parsed as a request, its answer (the columns)
+# would come back on the connection.
+SMUGGLED = _request("GET", "/api/columns")
+LAST = _request("GET", "/api/info", {"Connection": "close"})
+
+
+def test_a_get_with_a_body_is_refused_and_its_body_never_read_as_a_request(server):
+    responses, closed = exchange(server, _request("GET", "/api/info", {
+        "Content-Length": len(SMUGGLED)}, SMUGGLED) + LAST)
+    assert [r[0] for r in responses] == [400] and closed
+    assert "takes no body" in json.loads(responses[0][2])["error"]
+
+
+@pytest.mark.parametrize("framing", [
+    {"Content-Length": ["5", "40"]},  # two lengths: which one ends the body is a guess
+    {"Transfer-Encoding": "chunked", "Content-Length": "3"},
+    {"Content-Length": "-1"},
+    {"Transfer-Encoding": "gzip, chunked"},
+])
+def test_ambiguous_framing_is_a_400_and_closes_the_connection(server, framing):
+    body = b'5\r\n{"tex\r\n0\r\n\r\n' + SMUGGLED
+    lines = [f"{k}: {v}" for k, values in framing.items()
+             for v in (values if isinstance(values, list) else [values])]
+    data = ("\r\n".join(["POST /api/search HTTP/1.1", "Host: 127.0.0.1",
+                           "Content-Type: application/json", *lines]) + "\r\n\r\n").encode()
+    responses, closed = exchange(server, data + body + LAST)
+    # One answer, the refusal, then the connection ends: nothing after it is read as a request
+    # (and a length of -1 holds nothing open).
+    assert [r[0] for r in responses] == [400] and closed, responses
+
+
+def test_a_chunked_body_is_read_as_one_and_the_connection_goes_on(server):
+    query = json.dumps({"text": "una foto de un gato", "k": 2}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (query[:7], query[7:]))
+    chunked += b"0\r\n\r\n"
+    responses, closed = exchange(server, _request("POST", "/api/search", {
+        "Content-Type": "application/json", "Transfer-Encoding": "chunked"}, chunked) + LAST)
+    assert [r[0] for r in responses] == [200, 200] and closed
+    assert json.loads(responses[0][2])["count"] == 2
+    assert json.loads(responses[1][2])["table"] == "embeddings"  # the next request, answered
+
+    # A chunked body has no length to refuse up front: it is counted as it comes.
+    too_big = b"x" * (MAX_JSON_BYTES + 1)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(too_big), too_big)
+    responses, closed = exchange(server, _request("POST", "/api/search", {
+        "Content-Type": "application/json", "Transfer-Encoding": "chunked"}, chunked))
+    assert [r[0] for r in responses] == [413] and closed
 
 
 def _as_at_a_terminal():
@@ -261,10 +395,11 @@ def _as_at_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_the_serve_command(corpus, tmp_path, stop):
-    """`altclip serve` as a user starts it: a process that answers, and stops on Ctrl-C (SIGINT)
-    or SIGTERM (what Kubernetes and systemd send)."""
+@pytest.mark.parametrize("stop, quiet", [(signal.SIGINT, False), (signal.SIGTERM, True)])
+def test_the_serve_command(corpus, tmp_path, stop, quiet):
+    """`altclip serve` as a user starts it: a process that answers, logs each request without
+    its query (unless --quiet), and stops on Ctrl-C (SIGINT) or SIGTERM (what Kubernetes and
+    systemd send)."""
     result = CliRunner().invoke(serve_command, [str(tmp_path / "nothing-here")])
     assert result.exit_code == 1 and "no database there" in result.output
     assert not (tmp_path / "nothing-here").exists()  # reading commands create nothing
@@ -281,7 +416,7 @@ def test_the_serve_command(corpus, tmp_path, stop):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "jobs.serve", str(corpus / "db"), "--port",
-                                str(port), "--quiet"], cwd=REPO, env=env,
+                                str(port), *(["--quiet"] if quiet else [])], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=_as_at_a_terminal)
     try:
@@ -295,11 +430,17 @@ def test_the_serve_command(corpus, tmp_path, stop):
                 assert time.monotonic() < deadline, "the server did not answer in 120 s"
                 time.sleep(0.5)
         assert status == 200 and body["table"] == "embeddings" and body["dim"] > 0
+        status, _ = get_json(search_url(f"http://127.0.0.1:{port}", text="private words", k=1))
+        assert status == 200
     finally:
         process.send_signal(stop)
         output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
     assert f"on http://127.0.0.1:{port}/" in output
+    # A query is the user's own text: the log has the path, never the query string.
+    assert "private" not in output and "text=" not in output
+    logged = [line for line in output.splitlines() if line.startswith(("GET ", "POST "))]
+    assert logged == ([] if quiet else ["GET /api/info 200", "GET /api/search 200"]), output
 
 
 # -------------------------------------------------------------------------------- the browser
@@ -405,8 +546,6 @@ def test_rows_the_job_did_not_read_have_no_thumbnail(tiny_model, ray_session, tm
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.serve_app import ServeError
-
     (tmp_path / "ok.png").write_bytes(_png_bytes())
     manifest = pa.table({"id": ["ok", "private"], "caption": ["a", "b"],
                          "image": ["ok.png", "http://127.0.0.1:9/secret.png"]})
@@ -432,7 +571,6 @@ def test_scores_are_cosines_on_a_table_with_an_ann_index(corpus, tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.serve_app import Filters
     from pipeline.table import index_table
     from schemas.table import ANN_INDEX_MIN_ROWS
 

@@ -20,7 +20,8 @@ from jobs.reembed import run_reembed
 from pipeline.config import ClassifyConfig, ConfigError, EmbedConfig, ReembedConfig, SearchConfig
 from pipeline.report import render_report
 from pipeline.search import search
-from pipeline.serve_app import Searcher, make_server
+from pipeline.searcher import Searcher
+from pipeline.serve_app import make_server
 from pipeline.sql import run_sql
 from pipeline.table import load_outputs
 from pipeline.writer import list_shards, read_output_provenance

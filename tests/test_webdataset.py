@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.fetch import FetchPolicy, ImageError, read_bytes
-from pipeline.serve_app import Searcher
+from pipeline.searcher import Searcher
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images, tar_of, webdataset_members, webdataset_shard
 

@@ -1,0 +1,292 @@
+"""What `altclip serve` answers with: one table kept fresh, its model's towers warm, searches by
+vector with typed filters, row lookups, and thumbnails read server-side.
+
+Thumbnails are read with the server's storage options and re-encoded as JPEG, so the browser
+never sees a storage URI, a credential or a signed URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.filters import Column, Filters, sql_equals
+from pipeline.query import open_query_table
+from pipeline.thumbnails import ThumbnailCache, render_thumbnail
+from schemas.embeddings import (
+    CAPTION_TRUNCATED,
+    HEIGHT,
+    IMAGE_ERROR,
+    IMAGE_SHA256,
+    VECTOR_COLUMNS,
+    WIDTH,
+    contract_column_names,
+)
+from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
+from schemas.table import SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+
+MAX_TEXT_CHARS = 4000
+# An uploaded query image may have at most this many pixels (a 40 MP photo), read from its header
+# before it is decoded: a 160 KB PNG of 13000x13000 would otherwise cost 0.8 GB and seconds.
+MAX_UPLOAD_PIXELS = 40_000_000
+# A string column with at most this many distinct values is offered as a choice of values.
+MAX_LISTED_VALUES = 50
+# How often an open table looks for versions written since (a nightly reembed, a load).
+REFRESH_SECONDS = 10.0
+FILTERABLE_CONTRACT_COLUMNS = (WIDTH, HEIGHT, CAPTION_TRUNCATED)
+
+
+class ServeError(Exception):
+    """An answer other than 200 (a missing row, an unreadable image), with its message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Searcher:
+    """One table, its model (both towers loaded once), and what the API answers with.
+
+    Values a user sent that cannot be used raise ConfigError (a 400); rows and images that are
+    not there or cannot be read raise ServeError with its status."""
+
+    def __init__(self, db: str, table_name: str, model: str | None = None,
+                 storage_options: dict | None = None, allow_private_urls: bool = False,
+                 log=None):
+        self.db, self.table_name = db, table_name
+        self.storage_options = dict(storage_options or {})
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.query = open_query_table(db, table_name, model, self.storage_options, self.log)
+        self.query.load_towers()
+        self.model, self.dtype, self.table = self.query.model, self.query.dtype, self.query.table
+        self.policy = FetchPolicy(self.storage_options, allow_local_paths=True,
+                                  allow_private_urls=allow_private_urls)
+        self._table_lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._view: TableView | None = None
+        self._columns: tuple[int, list[dict]] | None = None
+        self._thumbnails = ThumbnailCache()
+
+    # table state
+
+    def view(self) -> TableView:
+        """The table at its latest version at most REFRESH_SECONDS old, with that version's
+        columns: read once per version, not per request (each read is a round trip through
+        LanceDB's event loop)."""
+        with self._table_lock:
+            if time.monotonic() - self._checked > REFRESH_SECONDS:
+                try:
+                    self.table.checkout_latest()
+                except Exception as exc:  # keep serving the version we have
+                    self.log(f"warning: could not look for a newer table version "
+                             f"({storage.describe(exc)})")
+                self._checked = time.monotonic()
+                self._view = None
+            if self._view is None:
+                self._view = TableView.of(self.table)
+            return self._view
+
+    def columns(self) -> list[dict]:
+        """Filterable columns with their types; values of small string columns, ranges of numbers."""
+        view = self.view()
+        cached = self._columns
+        if cached and cached[0] == view.version:
+            return cached[1]
+        columns = list(view.filterable.values())
+        stats = _column_stats(view.table, columns)
+        described = [{"name": c.name, "type": str(c.type), "kind": c.kind, "filter": c.family,
+                      **stats.get(c.name, {})} for c in columns]
+        self._columns = (view.version, described)
+        return described
+
+    def info(self) -> dict:
+        view = self.view()
+        return {"table": self.table_name, "rows": view.table.count_rows(), "version": view.version,
+                "model": storage.redact(self.model.label), "dtype": self.dtype, "dim": self.model.dim,
+                "against": sorted(SEARCH_COLUMNS)}
+
+    # queries
+
+    def embed_text(self, text: str) -> np.ndarray:
+        if not text or not text.strip():
+            raise ConfigError("text: give a non-empty query")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ConfigError(f"text: at most {MAX_TEXT_CHARS} characters")
+        return self.query.embed_text(text)
+
+    def embed_image(self, data: bytes) -> np.ndarray:
+        """An uploaded image through the embed job's own decode and preprocessing."""
+        if not data:
+            raise ConfigError("image: the upload is empty")
+        return self.query.embed_image(data, self.policy, max_pixels=MAX_UPLOAD_PIXELS)
+
+    def row_vector(self, row_id: str, against: str) -> np.ndarray:
+        column = SEARCH_COLUMNS[against]
+        rows = (self.view().table.search().where(sql_equals(ID, [row_id]))
+                .select([column]).limit(1).to_list())
+        if not rows:
+            raise ServeError(404, f"no row with id {row_id!r}")
+        if rows[0][column] is None:
+            raise ServeError(404, f"row {row_id!r} has no {column}")
+        return np.asarray(rows[0][column], dtype=np.float32)
+
+    def search(self, vector: np.ndarray, k: int, against: str, filters: Filters) -> dict:
+        column = SEARCH_COLUMNS[against]
+        view = self.view()
+        user_where = filters.where(view.filterable)
+        where = f"{column} IS NOT NULL" + (f" AND {user_where}" if user_where else "")
+        shown = [ID, CAPTION, IMAGE, WIDTH, HEIGHT, *view.metadata]
+        started = time.perf_counter()
+        # With an ANN index, refining re-ranks by the exact distance: the index's own is a
+        # quantized squared L2, not the cosine a score is made from.
+        rows = (view.table.search(vector, vector_column_name=column)
+                .distance_type("cosine").nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR)
+                .where(where, prefilter=True)
+                .select([c for c in shown if c in view.names] + ["_distance"]).limit(k).to_list())
+        hits = [_hit(row, view.metadata) for row in rows]
+        return {"hits": hits, "count": len(hits), "k": k, "against": against,
+                "where": user_where, "search_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+    # thumbnails
+
+    def thumbnail(self, row_id: str, size: int) -> tuple[bytes, str]:
+        """JPEG bytes of the row's image, fitted in size x size, and an ETag."""
+        view = self.view()
+        # A row's image changes only with the table's version: a thumbnail made at this version
+        # is answered without looking the row up again.
+        key = (view.version, row_id, size)
+        cached = self._thumbnails.get(key)
+        if cached is not None:
+            return cached
+        rows = (view.table.search().where(sql_equals(ID, [row_id]))
+                .select([IMAGE, IMAGE_SHA256, IMAGE_ERROR]).limit(1).to_list())
+        if not rows:
+            raise ServeError(404, f"no row with id {row_id!r}")
+        uri, sha, failed = rows[0][IMAGE], rows[0].get(IMAGE_SHA256), rows[0].get(IMAGE_ERROR)
+        if failed:
+            # What the embed job could not or would not read (a local file named by a remote
+            # manifest, a private URL, a damaged file) the server does not read either.
+            raise ServeError(404, f"row {row_id!r} has no image ({failed.split(':', 1)[0]})")
+        if not uri:
+            raise ServeError(404, f"row {row_id!r} has no image URI (its image was inline)")
+        try:
+            data = read_bytes(uri, self.policy)
+            jpeg = render_thumbnail(data, size)
+        except ImageError as exc:
+            kind = str(exc).split(":", 1)[0]
+            status = 404 if kind == "not_found" else 502
+            raise ServeError(status, f"row {row_id!r}: cannot read its image ({kind})") from None
+        digest = sha or hashlib.sha256(data).hexdigest()
+        entry = (jpeg, f'"{digest[:20]}-{size}"')
+        self._thumbnails.put(key, entry)
+        return entry
+
+
+@dataclass(frozen=True)
+class TableView:
+    """One version of the table and what requests need of its schema."""
+
+    table: object
+    version: int
+    names: frozenset  # every column
+    metadata: list  # the manifest's own columns, shown with each hit
+    filterable: dict  # name -> Column: metadata and FILTERABLE_CONTRACT_COLUMNS of scalar types
+
+    @classmethod
+    def of(cls, table) -> "TableView":
+        hidden = set(VECTOR_COLUMNS) | {IMAGE_BYTES}
+        contract = contract_column_names()
+        schema = table.schema
+        columns = [Column(f.name, f.type, "contract" if f.name in contract else "metadata")
+                   for f in schema if f.name not in hidden]
+        return cls(table=table, version=table.version, names=frozenset(schema.names),
+                   metadata=[c.name for c in columns if c.kind == "metadata"],
+                   filterable={c.name: c for c in columns
+                               if c.family and "`" not in c.name
+                               and (c.kind == "metadata" or c.name in FILTERABLE_CONTRACT_COLUMNS)})
+
+
+def _column_stats(table, columns: list[Column]) -> dict[str, dict]:
+    """One pass over the filterable columns: distinct values (few) or min/max (numbers)."""
+    wanted = [c for c in columns if c.family in ("string", "integer", "number")]
+    if not wanted:
+        return {}
+    distinct = {c.name: set() for c in wanted if c.family == "string"}
+    bounds: dict[str, list] = {}
+    nulls = {c.name: 0 for c in wanted}
+    for batch in table.search().select([c.name for c in wanted]).limit(None).to_batches():
+        for column in wanted:
+            array = batch.column(column.name)
+            nulls[column.name] += array.null_count
+            if column.name in distinct:
+                seen = distinct[column.name]
+                if seen is not None:
+                    seen.update(v for v in pc.unique(array).to_pylist() if v is not None)
+                    if len(seen) > MAX_LISTED_VALUES:
+                        distinct[column.name] = None
+            else:
+                lo_hi = pc.min_max(array).as_py()
+                if lo_hi["min"] is not None:
+                    old = bounds.get(column.name)
+                    bounds[column.name] = [lo_hi["min"], lo_hi["max"]] if old is None else [
+                        min(old[0], lo_hi["min"]), max(old[1], lo_hi["max"])]
+    stats = {}
+    for column in wanted:
+        entry = {}
+        if column.name in distinct:
+            values = distinct[column.name]
+            entry["values"] = sorted(values) if values is not None else None
+        elif column.name in bounds:
+            lo, hi = bounds[column.name]
+            entry["min"], entry["max"] = _json_number(lo), _json_number(hi)
+        if nulls[column.name]:
+            entry["nulls"] = nulls[column.name]
+        stats[column.name] = entry
+    return stats
+
+
+def _hit(row: dict, metadata: list[str]) -> dict:
+    image = row.get(IMAGE)
+    return {
+        "id": row[ID],
+        "score": round(1.0 - float(row["_distance"]), 6),
+        "caption": row.get(CAPTION),
+        # The stored URI, redacted, as information only: the browser loads `thumbnail`.
+        "image": storage.redact(image) if image else None,
+        "width": row.get(WIDTH),
+        "height": row.get(HEIGHT),
+        "thumbnail": "/api/thumbnail/" + urllib.parse.quote(row[ID], safe=""),
+        "metadata": {name: _json_value(row.get(name)) for name in metadata},
+    }
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_value(value):
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, (bytes, bytearray)):
+        return None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return str(value)  # dates, timestamps, decimals
