@@ -11,6 +11,7 @@ import pyarrow.dataset as pads
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.lance_io import create_table
 from pipeline.writer import list_shards
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
 from schemas.table import (
@@ -104,8 +105,8 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         )
         inserted, updated = result.num_inserted_rows, result.num_updated_rows
     else:
-        table = db.create_table(name, data=dataset.scanner().to_reader(), on_bad_vectors="null")
-        inserted, updated = table.count_rows(), 0
+        inserted, updated = create_table(db_uri, name, shards, dataset.schema, storage_options), 0
+        table = db.open_table(name)
     index_table(table)
     # The record outlives the command: a relative folder would mean nothing from elsewhere.
     where = os.path.abspath(out) if storage.is_local(out) and "://" not in out else storage.redact(out)
