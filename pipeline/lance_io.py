@@ -1,5 +1,5 @@
 """Tables at the Lance level, without LanceDB's client (whose import alone takes seconds):
-where a table lives, opening it to read, and writing a new one fragment by fragment.
+where a table lives, and writing a new one fragment by fragment.
 
 A new table is written as Lance fragments, a group of Parquet shards at a time, published in
 one commit; the driver holds fragment metadata (a few hundred bytes each), never rows. Where a
@@ -28,31 +28,6 @@ WRITE_CPUS = 0.5
 def table_uri(db_uri: str, name: str) -> str:
     """Where LanceDB keeps table `name` of the database at `db_uri`."""
     return f"{db_uri.rstrip('/')}/{name}.lance"
-
-
-def open_dataset(db_uri: str, name: str, storage_options: dict | None = None):
-    """Table `name` of the database at `db_uri` as a Lance dataset, to read."""
-    import lance
-
-    try:
-        return lance.dataset(table_uri(db_uri, name),
-                             storage_options=storage.lance_storage_options(db_uri, storage_options))
-    except (ValueError, OSError, RuntimeError):
-        # Not there: LanceDB's listing says what is (no database, or which tables it holds).
-        from pipeline.table import open_table
-
-        return open_table(db_uri, name, storage_options).to_lance()
-
-
-def table_exists(db_uri: str, name: str, storage_options: dict | None = None) -> bool:
-    import lance
-
-    try:
-        lance.dataset(table_uri(db_uri, name),
-                      storage_options=storage.lance_storage_options(db_uri, storage_options))
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
 
 
 def create_table(db_uri: str, name: str, shards: list[str], schema: pa.Schema,

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import ConfigError
-from pipeline.lance_io import open_dataset
+from pipeline.table import open_dataset
 from pipeline.writer import outputs_dataset
 
 
