@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 
@@ -15,6 +16,7 @@ from jobs.load import run_load
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
 from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
+from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
 from pipeline.ids import scan_ids, select_rows
 from pipeline.manifest import open_manifest
 from pipeline.model import resolve_dtype, resolve_model
@@ -195,12 +197,30 @@ def run_embed(config: EmbedConfig) -> dict:
 @click.option("--retry-kind", "retry_kind", multiple=True, metavar="KIND",
               help="Also retry rows with this error kind (repeatable), e.g. decode_error after "
                    "a Pillow upgrade; implies --retry-errors.")
+@click.option("--plan", is_flag=True,
+              help="Embed nothing, write nothing: time each stage on rows sampled from the manifest, "
+                   "where the run would run them, and print what the run would take (rows, "
+                   "bottleneck, wall time, device-hours, output, table and index bytes).")
+@click.option("--plan-rows", default=DEFAULT_SAMPLE_ROWS, type=int,
+              help="With --plan: rows timed, spread over the manifest.")
+@click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as one JSON object.")
 @job_options
-def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, **options):
+def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, plan, plan_rows, as_json, **options):
     """Embed a manifest's images and captions.
 
     Writes Parquet shards to OUT and, with --db, loads them into a table. MANIFEST: Parquet, CSV
     or JSON Lines (a file, folder or quoted glob), or WebDataset shards."""
+    if as_json and not plan:
+        raise click.UsageError("--json prints the plan as JSON: use it with --plan (a run's own "
+                               "figures are in OUT/summary.json)")
+    if plan and (retry_errors or retry_kind):
+        raise click.UsageError("--plan projects a run over the whole manifest; --retry-errors and "
+                               "--retry-kind mend OUT: choose one")
+    if plan:
+        config = embed_config(manifest, out, db, **options)
+        projected = run_job(estimate_run, config, plan_rows)
+        click.echo(json.dumps(projected) if as_json else plan_text(projected))
+        return
     if quiet:
         options["progress"] = "quiet"
     if retry_errors or retry_kind:
@@ -243,6 +263,65 @@ def print_summary(summary: dict) -> None:
     if "table" in summary:
         t = summary["table"]
         click.echo(f"table: {t['uri']} '{t['name']}' ({t['rows']} rows, version {t['version']})", err=True)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            break
+        n /= 1000
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+_COUNTED_BY = {"parquet_metadata": "from the Parquet footers", "count_pass": "in a pass over the files"}
+
+
+def plan_text(plan: dict) -> str:
+    """The plan as a short table for a person; `--json` gives every figure."""
+    cluster, workers, startup = plan["cluster"], plan["workers"], plan["startup_seconds"]
+    device = plan["device"].upper()
+    holds = "both towers" if workers["towers_per_actor"] > 1 else "one tower"
+    lines = [
+        f"plan: {plan['rows']:,} rows (counted {_COUNTED_BY[plan['rows_counted_by']]}); "
+        f"{plan['sample_rows']} rows spread over the manifest timed (towers on "
+        f"{plan['towers_timed_on']}, {plan['dtype']}, batch {plan['batch_size']})",
+        f"cluster: {cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs, {cluster['nodes']} node(s); the run "
+        f"would start {workers['cpu_tasks']} fetch/decode/tokenize task(s) at a time and "
+        f"{workers['tower_actors']} tower actor(s), each with {holds}",
+        "",
+        f"{'stage':<13}{'rows/s/worker':>15}{'workers':>9}{'rows/s':>10}",
+    ]
+    for name, stage in plan["stages"].items():
+        lines.append(f"{name:<13}{stage['rows_per_second_per_worker']:>15.1f}{stage['workers']:>9}"
+                     f"{stage['rows_per_second']:>10.1f}")
+    cause = ("its workers are the slowest" if plan["bottleneck_cause"] == "workers"
+             else "the towers and the CPU tasks take turns on the same cores, and it takes the most time")
+    lines += [
+        "",
+        f"rate: {plan['rows_per_second']:.1f} rows/s ({plan['rows_per_second_per_device']:.2f} per "
+        f"{device}); bottleneck: {plan['bottleneck']} ({cause})",
+        f"wall: {_duration(plan['wall_seconds'])} at this cluster's size, with {startup['total']:.1f} s "
+        f"of start-up (Ray {startup['ray']:.1f}, id scan {startup['id_scan']:.1f}, tower worker "
+        f"{startup['tower_worker']:.1f}, model load {startup['model_load']:.1f}, manifest read "
+        f"{startup['read_start']:.1f}, CPU task start {startup['cpu_task_start']:.1f}, first batch "
+        f"{startup['first_batch']:.1f}); "
+        f"{plan['device_hours']:.3g} {device}-hours on {plan['devices']:g} {device}s",
+        f"output: {_bytes(plan['output_bytes']['float32'])} (with --vector-dtype float16: "
+        f"{_bytes(plan['output_bytes']['float16'])}); table: {_bytes(plan['table_bytes']['float32'])} "
+        f"({_bytes(plan['table_bytes']['float16'])}); ANN indexes: {_bytes(plan['ann_index_bytes'])}",
+    ]
+    if plan["sample_errors"]:
+        errors = ", ".join(f"{k} {v}" for k, v in plan["sample_errors"].items())
+        lines.append(f"errors in the sample: {errors}")
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def scan_ids(manifest: Manifest) -> IdScan:
     if manifest.format == "webdataset":
         per_file, scattered = _shard_ids(manifest)
     else:
-        per_file = [_file_ids(manifest, fs, path) for path in manifest.files]
+        per_file = [file_ids(manifest, fs, path) for path in manifest.files]
     ids = pa.concat_arrays(per_file) if per_file else pa.array([], pa.string())
     valid = pc.fill_null(pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), "")), False)
     good = ids.filter(valid)
@@ -82,7 +82,7 @@ def scan_ids(manifest: Manifest) -> IdScan:
                        for path, skipped, keys in zip(manifest.files, _per_file(laters, sizes), scattered))
     elif firsts:
         # The first row of each repeated id, read again whole from its file.
-        parts = [_file_rows(manifest, fs, path).take(local)
+        parts = [file_rows(manifest, fs, path).take(local)
                  for path, local in zip(manifest.files, _per_file(firsts, sizes)) if local]
         first_rows = pa.concat_tables(parts, promote_options="default")
     return IdScan(
@@ -141,7 +141,7 @@ def _one_shard_ids(manifest: Manifest, path: str) -> tuple[pa.Array, frozenset[s
     return id_text(rows.column(manifest.id_col)), index.scattered
 
 
-def _file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
+def file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
     """One file's ids as text, in order."""
     shown = storage.unstrip(fs, path)
     try:
@@ -175,7 +175,7 @@ def _file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
     return id_text(parse_json_file(data, manifest).column(manifest.id_col))
 
 
-def _file_rows(manifest: Manifest, fs, path: str) -> pa.Table:
+def file_rows(manifest: Manifest, fs, path: str) -> pa.Table:
     """One file's rows as read_manifest yields them."""
     with fs.open(path, "rb") as f:
         if manifest.format == "parquet":
