@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
+from pipeline.writer import shards_dataset
 from schemas.embeddings import VECTOR_COLUMNS
 
 # Shards per task: enough to fill a fragment, few enough that a cluster's tasks share the work.
@@ -54,13 +55,9 @@ def create_table(db_uri: str, name: str, shards: list[str], schema: pa.Schema,
 def _write_fragments(uri: str, shards: list[str], schema: pa.Schema,
                      storage_options: dict | None) -> tuple[list[str], int]:
     """One group of shards -> fragments under the table (not yet part of it), as JSON."""
-    import pyarrow.dataset as pads
     from lance.fragment import write_fragments
 
-    fs, _ = storage.filesystem(shards[0], storage_options)
-    paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-    dataset = pads.dataset(paths, format="parquet", schema=schema,
-                           filesystem=storage.arrow_filesystem(fs))
+    dataset = shards_dataset(shards, storage_options, schema)
     rows = dataset.count_rows()
     batches = (_without_nan_vectors(batch) for batch in dataset.to_batches())
     fragments = write_fragments(pa.RecordBatchReader.from_batches(schema, batches), uri, schema=schema,

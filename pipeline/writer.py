@@ -124,11 +124,15 @@ def check_output_vector_dtype(out: str, vector_dtype: str, storage_options: dict
 def outputs_dataset(out: str, storage_options: dict | None = None) -> pads.Dataset | None:
     """The published shards under OUT as one Arrow dataset (None: there are none)."""
     shards = list_shards(out, storage_options)
-    if not shards:
-        return None
+    return shards_dataset(shards, storage_options) if shards else None
+
+
+def shards_dataset(shards: list[str], storage_options: dict | None = None,
+                   schema: pa.Schema | None = None) -> pads.Dataset:
+    """Some shards (URIs, as list_shards gives them) as one Arrow dataset."""
     fs, _ = storage.filesystem(shards[0], storage_options)
     paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-    return pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs))
+    return pads.dataset(paths, format="parquet", schema=schema, filesystem=storage.arrow_filesystem(fs))
 
 
 def read_ids(out: str, storage_options: dict | None = None) -> pa.Array:
