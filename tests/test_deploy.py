@@ -3,9 +3,11 @@
 - Core kinds (ServiceAccount, Role, RoleBinding, ConfigMap, CronJob) and every Ray pod template are
   validated, strictly (unknown fields rejected), against the Kubernetes schemas that
   `kubernetes-validate` ships in its wheel.
-- KubeRay's RayCluster and RayJob have no schema package: they are validated against a subset of
-  KubeRay's `ray.io/v1` types written out below, and the fields the embed job relies on are checked
-  one by one (GPU placement, replicas, image, credentials from a Secret).
+- KubeRay's RayCluster, RayJob and RayService have no schema package: they are validated against a
+  subset of KubeRay's `ray.io/v1` types written out below, and the fields the jobs and the app rely
+  on are checked one by one (GPU placement, replicas, image, credentials from a Secret).
+- The RayService's Serve config is validated by Ray Serve's own schema, its import path imported and
+  its args checked by the app's builder; no Serve starts.
 - Every `python -m jobs.X ...` entrypoint is parsed by the project's own click command, which
   rejects unknown options and missing arguments; no job runs.
 
@@ -15,6 +17,7 @@ No cluster, docker or network: the tests refuse any socket connection.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import re
 import shlex
@@ -30,7 +33,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-MANIFESTS = ("raycluster.yaml", "rayjob-embed.yaml", "cronjob-reembed.yaml")
+MANIFESTS = ("raycluster.yaml", "rayjob-embed.yaml", "cronjob-reembed.yaml", "rayservice.yaml")
 IMAGE = "altclip-pipeline:latest"
 SECRET = "altclip-s3"
 # The oldest Kubernetes checked: 1.27 (CronJob.spec.timeZone is GA there), or the oldest that
@@ -77,11 +80,13 @@ def ray_resources() -> dict[str, dict]:
         "raycluster.yaml": one("raycluster.yaml", "RayCluster"),
         "rayjob-embed.yaml": one("rayjob-embed.yaml", "RayJob"),
         "cronjob-reembed.yaml ConfigMap": reembed_rayjob(),
+        "rayservice.yaml": one("rayservice.yaml", "RayService"),
     }
 
 
 def cluster_spec(resource: dict) -> dict:
-    return resource["spec"]["rayClusterSpec"] if resource["kind"] == "RayJob" else resource["spec"]
+    key = {"RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}.get(resource["kind"])
+    return resource["spec"][key] if key else resource["spec"]
 
 
 def groups(spec: dict) -> list[tuple[str, dict]]:
@@ -109,7 +114,8 @@ CLUSTERS = {name: cluster_spec(r) for name, r in RAY.items()}
 
 
 # ---------------------------------------------------------------- KubeRay ray.io/v1 (a subset)
-# Written from KubeRay's Go types (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go),
+# Written from KubeRay's Go types (ray-operator/apis/ray/v1/raycluster_types.go, rayjob_types.go,
+# rayservice_types.go),
 # fields present since KubeRay 1.1. additionalProperties: false everywhere, so that a misspelt
 # field fails here; the API server would prune it without a word. Pod templates are `object` here:
 # test_ray_pod_templates_validate checks them against Kubernetes' PodTemplateSpec.
@@ -153,13 +159,19 @@ _RAYJOB_SPEC = _obj({
     "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
     "shutdownAfterJobFinishes": _BOOL, "suspend": _BOOL,
 })
+_RAYSERVICE_SPEC = _obj({
+    # A Ray Serve config as a YAML string: test_rayservice_serve_config validates what it holds.
+    "serveConfigV2": _STR, "rayClusterConfig": _CLUSTER_SPEC, "serveService": _ANY,
+    "serviceUnhealthySecondThreshold": _INT, "deploymentUnhealthySecondThreshold": _INT,
+}, required=["serveConfigV2", "rayClusterConfig"])
 _METADATA = {"type": "object", "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}],
              "properties": {"labels": _STR_MAP, "annotations": _STR_MAP}}
 KUBERAY_SCHEMAS = {
     kind: _obj({"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
                 "metadata": _METADATA, "spec": spec},
                required=["apiVersion", "kind", "metadata", "spec"])
-    for kind, spec in (("RayCluster", _CLUSTER_SPEC), ("RayJob", _RAYJOB_SPEC))
+    for kind, spec in (("RayCluster", _CLUSTER_SPEC), ("RayJob", _RAYJOB_SPEC),
+                       ("RayService", _RAYSERVICE_SPEC))
 }
 
 
@@ -183,7 +195,7 @@ def validate_pod_template(template: dict, version: str) -> None:
 def test_every_manifest_is_checked():
     assert sorted(p.name for p in DEPLOY.glob("*.y*ml")) == sorted(MANIFESTS)
     kinds = {d["kind"] for name in MANIFESTS for d in load(name)}
-    assert kinds == CORE_KINDS | {"RayCluster", "RayJob"}
+    assert kinds == CORE_KINDS | {"RayCluster", "RayJob", "RayService"}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -238,6 +250,11 @@ def test_validators_reject_mistakes():
     with pytest.raises(jsonschema.ValidationError, match="is not of type 'string'"):
         validate_kuberay(job)
 
+    service = copy.deepcopy(RAY["rayservice.yaml"])
+    service["spec"]["serveConfig"] = service["spec"].pop("serveConfigV2")
+    with pytest.raises(jsonschema.ValidationError, match="serveConfig"):
+        validate_kuberay(service)
+
 
 # ---------------------------------------------------------------- the Ray clusters
 
@@ -273,7 +290,8 @@ def test_ray_cluster_groups(name):
         assert float(g["rayStartParams"].get("num-gpus", "0")) == gpus, g["groupName"]
         (gpu_groups if gpus else cpu_groups).append(g)
     assert gpu_groups, "no worker group requests nvidia.com/gpu"
-    assert cpu_groups, "no CPU worker group for decode and preprocessing"
+    if RAY[name]["kind"] != "RayService":  # the app's replicas do their own decoding
+        assert cpu_groups, "no CPU worker group for decode and preprocessing"
     # The job sizes its actors from the GPUs present at start and refuses --num-gpus without any.
     assert all(g["minReplicas"] >= 1 for g in gpu_groups)
 
@@ -366,6 +384,48 @@ def test_embed_rayjob_entrypoint():
     assert params["out"] == "s3://embeddings/run1"
     assert params["db"] == "s3://tables/db"
     assert params["model"] == "s3://models/altclip/"
+
+
+def serve_config() -> dict:
+    """The RayService's Serve config, as Ray Serve's own schema reads it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    text = RAY["rayservice.yaml"]["spec"]["serveConfigV2"]
+    return ServeDeploySchema.model_validate(yaml.safe_load(text)).model_dump(exclude_unset=True)
+
+
+def test_rayservice_serve_config():
+    """The Serve config is one Serve takes; its app imports, its builder takes its args, and
+    the cluster has room for the most replicas the app scales to."""
+    from pipeline import serve_ray
+    from pipeline.config import ConfigError
+
+    config = serve_config()
+    (application,) = config["applications"]
+    assert application["route_prefix"] == "/"  # the page's paths are absolute
+    module, _, attribute = application["import_path"].partition(":")
+    assert getattr(importlib.import_module(module), attribute) is serve_ray.app
+    options = serve_ray.parse_options(application["args"])
+    # The table the RayJob writes.
+    job = parse_entrypoint(RAY["rayjob-embed.yaml"]["spec"]["entrypoint"])[1]
+    assert (options.db, options.table) == (job["db"], job["table_name"])
+    placed = serve_ray.deployment_options(options)
+    gpus = placed["ray_actor_options"]["num_gpus"]
+    low, high = options.replica_range()
+    assert gpus == 1 and placed["autoscaling_config"]["max_replicas"] == high > low >= 1
+
+    spec = CLUSTERS["rayservice.yaml"]
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if float(g["rayStartParams"]["num-gpus"])]
+    assert sum(g["maxReplicas"] * float(g["rayStartParams"]["num-gpus"]) for g in gpu_groups) >= high * gpus
+    # Every node's HTTP proxy listens on the port the Service routes to (named `serve`).
+    port = config["http_options"]["port"]
+    assert config["http_options"]["host"] == "0.0.0.0"
+    for group, g in groups(spec):
+        ports = {p["name"]: p["containerPort"] for c in containers(g) for p in c.get("ports", [])}
+        assert ports.get("serve") == port, group
+
+    with pytest.raises(ConfigError, match="replicas '0'"):
+        serve_ray.parse_options({**application["args"], "replicas": "0"})
 
 
 def test_parser_rejects_bad_entrypoints():
