@@ -17,6 +17,7 @@ from jobs.options import CONTEXT
 # name -> (module, command, summary)
 COMMANDS = {
     "classify": ("jobs.classify", "classify_command", "Zero-shot labels for every image of a table in DB."),
+    "dedup": ("jobs.dedup", "dedup_command", "Mark near-duplicate images or captions in a table in DB."),
     "demo": ("jobs.demo", "demo_command", "Embed, load and search a small multilingual sample."),
     "embed": ("jobs.embed", "embed_command", "Embed a manifest's images and captions."),
     "load": ("jobs.load", "load_command", "Load the outputs of `embed` into a table."),

@@ -22,6 +22,12 @@ from schemas.table import (
     ROWS_PER_PARTITION,
 )
 
+# The columns `altclip dedup` marks near-duplicates with, per side (pipeline/dedup.py): the id of
+# the kept row a row duplicates, the cosine to it, and whether the row was checked. Named here
+# because an upsert must clear them (see `_with_dedup_cleared`).
+DEDUP_COLUMNS = {"image": ("dup_of", "dup_score", "dup_checked"),
+                 "text": ("caption_dup_of", "caption_dup_score", "caption_dup_checked")}
+
 
 def connect(db_uri: str, storage_options: dict | None = None):
     # Imported here, not with the module: LanceDB's runtime warns at every fork after it loads,
@@ -113,7 +119,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         # Vectors of failed rows are null: keep the row ("null"), never drop it.
         result = (
             table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
-            .execute(dataset.scanner().to_reader(), on_bad_vectors="null")
+            .execute(_with_dedup_cleared(table, dataset.scanner().to_reader()), on_bad_vectors="null")
         )
         inserted, updated = result.num_inserted_rows, result.num_updated_rows
     else:
@@ -126,6 +132,22 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
                                          "inserted": inserted, "updated": updated})
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": inserted,
             "updated": updated, "version": table.version}
+
+
+def _with_dedup_cleared(table, rows: pa.Table | pa.RecordBatchReader):
+    """Upserted rows with null near-duplicate marks, so that the next `altclip dedup` checks them
+    again: an upsert leaves the columns it does not carry as they were, and marks made from the
+    old vectors would stay (a changed image still named a duplicate of another)."""
+    cleared = [f for f in table.schema
+               if f.name in {c for side in DEDUP_COLUMNS.values() for c in side}
+               and f.name not in rows.schema.names]
+    if not cleared:
+        return rows
+    schema = pa.schema(list(rows.schema) + cleared, metadata=rows.schema.metadata)
+    batches = rows.to_batches() if isinstance(rows, pa.Table) else rows
+    return pa.RecordBatchReader.from_batches(schema, (
+        pa.RecordBatch.from_arrays(batch.columns + [pa.nulls(batch.num_rows, f.type) for f in cleared],
+                                   schema=schema) for batch in batches))
 
 
 def open_table_if_exists(db_uri: str, name: str, storage_options: dict | None = None):
@@ -159,7 +181,7 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
         check_vector_dtype(table, vector_dtype_of(rows.schema))
         if rows.num_rows:
             (table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
-             .execute(rows, on_bad_vectors="null"))
+             .execute(_with_dedup_cleared(table, rows), on_bad_vectors="null"))
         ids = deleted.to_pylist() if deleted is not None else []
         for start in range(0, len(ids), 1000):
             table.delete(in_filter(KEY, ids[start:start + 1000]))

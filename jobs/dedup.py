@@ -1,0 +1,42 @@
+"""The dedup job: mark near-duplicate images or captions of a table, in the table itself."""
+
+from __future__ import annotations
+
+import click
+
+from jobs.options import parse_storage_options, run_job, storage_option, table_name
+from pipeline.dedup import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig, dedup_table
+
+
+@click.command("dedup")
+@click.argument("db")
+@click.option("--against", type=click.Choice(["image", "text"]), default="image",
+              help="Which vectors: images (marks dup_of, dup_score, dup_checked) or captions "
+                   "(caption_dup_of, caption_dup_score, caption_dup_checked).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_THRESHOLD,
+              help="Cosine at or above which a row is a near-duplicate of a kept row.")
+@click.option("--keep", type=click.Choice(KEEP_POLICIES), default="first",
+              help="Which row of a group is kept: first (smallest id), largest (most pixels), "
+                   "longest (longest caption); ties go to the smallest id.")
+@click.option("--full", is_flag=True,
+              help="Re-cluster every row and apply --keep across the table again (default: check "
+                   "only rows new or changed since the last run).")
+@table_name
+@storage_option
+def dedup_command(db, against, threshold, keep, full, table_name, storage_options):
+    """Mark near-duplicate images or captions in a table in DB.
+
+    Each row of a group of near-duplicates but one gets dup_of (the kept row's id) and dup_score
+    (its cosine to it); `search --where "dup_of IS NULL"` then returns one row per group."""
+    config = run_job(lambda: DedupConfig(
+        db=db, table_name=table_name, against=against, threshold=threshold, keep=keep, full=full,
+        storage_options=parse_storage_options(storage_options)))
+    result = run_job(dedup_table, config)
+    if not result["changed"]:
+        reason = ("the table has no rows" if result["mode"] == "full"
+                  else f"no {against} vector is new or changed since the last run")
+        click.echo(f"nothing to check: {reason} (table version {result['version']})")
+        return
+    click.echo(f"checked {result['rows_checked']} {against} vectors ({result['mode']}): "
+               f"{result['duplicates']} near-duplicates marked in {result['groups']} groups; "
+               f"table version {result['version']}")
