@@ -19,6 +19,7 @@ import ray
 
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
 from pipeline import storage, table as tables
+from pipeline.filters import sql_equals
 from pipeline.changes import ChangePlan, plan_changes
 from pipeline.config import ReembedConfig
 from pipeline.images import hash_images
@@ -138,10 +139,10 @@ def _kept_from_table(table, current: pa.Table, plan: ChangePlan) -> tuple[dict, 
     hashes = current.filter(pc.is_in(current.column(ID), value_set=wanted)).column(IMAGE_SHA256)
     hashes = pc.unique(hashes.combine_chunks().drop_null()).to_pylist()
     if hashes:
-        where = f"{IMAGE_EMBEDDING} IS NOT NULL AND {tables.in_filter(IMAGE_SHA256, hashes)}"
+        where = f"{IMAGE_EMBEDDING} IS NOT NULL AND {sql_equals(IMAGE_SHA256, hashes)}"
         for r in tables.read_columns(table, [IMAGE_SHA256, *IMAGE_SIDE], where).to_pylist():
             reused.setdefault(r[IMAGE_SHA256], r)
-    where = tables.in_filter(ID, plan.upserted.to_pylist())
+    where = sql_equals(ID, plan.upserted.to_pylist())
     old_rows = {r[ID]: r for r in tables.read_columns(table, [ID, *IMAGE_SIDE, *TEXT_SIDE], where).to_pylist()}
     return reused, old_rows
 

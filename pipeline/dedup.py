@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.config import ConfigError, check_table_name
-from pipeline.table import DEDUP_COLUMNS, connect, in_filter, open_table, record_run
+from pipeline.filters import sql_equals
+from pipeline.table import DEDUP_COLUMNS, connect, open_table, record_run
 from schemas.embeddings import HEIGHT, IMAGE_EMBEDDING, TEXT_EMBEDDING, WIDTH
 from schemas.manifest import CAPTION, ID
 from schemas.table import DEFAULT_TABLE_NAME, KEY, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
@@ -364,7 +365,7 @@ def _incremental_filters(dataset, dup_of: str, checked: str) -> list[str]:
     duplicates = marks.filter(pc.is_valid(marks.column(dup_of)))
     orphans = duplicates.filter(pc.invert(pc.is_in(duplicates.column(dup_of), value_set=kept)))
     ids = orphans.column(ID).to_pylist()
-    return [f"{checked} IS NULL"] + [in_filter(ID, ids[s:s + 1000]) for s in range(0, len(ids), 1000)]
+    return [f"{checked} IS NULL"] + [sql_equals(ID, ids[s:s + 1000]) for s in range(0, len(ids), 1000)]
 
 
 def _valid_batches(dataset, columns: list[str], filters: list[str | None],
@@ -457,7 +458,7 @@ class _PriorSearch:
         targets = pc.unique(found.column(self.dup_of).drop_null()).to_pylist()
         vectors = {}
         if targets:  # the kept rows that near rows duplicate, if still kept
-            where = f"{in_filter(ID, targets)} AND {self.checked} = true AND {self.dup_of} IS NULL"
+            where = f"{sql_equals(ID, targets)} AND {self.checked} = true AND {self.dup_of} IS NULL"
             rows = self.table.search().where(where).select([ID, self.vector]).limit(None).to_arrow()
             vectors = dict(zip(rows.column(ID).to_pylist(),
                                _unit_vectors(rows.column(self.vector).combine_chunks())))

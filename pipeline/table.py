@@ -11,6 +11,7 @@ import pyarrow.dataset as pads
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.filters import sql_equals
 from pipeline.lance_io import create_table, table_uri
 from pipeline.writer import list_shards
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
@@ -163,11 +164,6 @@ def read_columns(table, columns: list[str], where: str | None = None) -> pa.Tabl
     return query.select(columns).limit(None).to_arrow()
 
 
-def in_filter(column: str, values: list[str]) -> str:
-    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in values)
-    return f"{column} IN ({quoted})"
-
-
 def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | None, replace: bool,
                   storage_options: dict | None, record: dict) -> dict:
     """Upsert `rows` by id and delete the `deleted` ids (or replace the whole table), re-index,
@@ -184,7 +180,7 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
              .execute(_with_dedup_cleared(table, rows), on_bad_vectors="null"))
         ids = deleted.to_pylist() if deleted is not None else []
         for start in range(0, len(ids), 1000):
-            table.delete(in_filter(KEY, ids[start:start + 1000]))
+            table.delete(sql_equals(KEY, ids[start:start + 1000]))
         removed = len(ids)
     if replace or rows.num_rows or removed:
         index_table(table)
