@@ -83,8 +83,8 @@ def run_job(job, *args):
         outage = outage_in(exc)
         if outage is None:
             raise
-        raise StoreOutage(f"{outage}; what was written so far is kept: rerun the same command "
-                          "when the store is back, it resumes") from None
+        raise StoreOutage(f"{outage}; rerun the same command when the store is back (a job "
+                          "keeps what it wrote and resumes)") from None
 
 
 class ManifestCommand(click.Command):

@@ -10,7 +10,7 @@ import threading
 
 import click
 
-from jobs.options import CONTEXT, parse_storage_options, storage_option, table_name
+from jobs.options import CONTEXT, parse_storage_options, run_job, storage_option, table_name
 from pipeline.config import ConfigError
 from schemas.table import DEFAULT_TABLE_NAME
 
@@ -147,7 +147,8 @@ def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, qu
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if given and not use_ray:
         raise click.UsageError(f"--{given[0].replace('_', '-')} applies with --ray only")
-    try:
+
+    def start() -> None:
         if use_ray:
             from pipeline.serve_http import LOOPBACK_NAMES, is_loopback
             from pipeline.serve_ray import parse_options
@@ -164,8 +165,9 @@ def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, qu
         else:
             run_serve(db, host, port, table_name, model, parse_storage_options(storage_options),
                       allow_private_urls, quiet)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+
+    # Bad configuration exits 1 with its message, an unreachable store 75 (as every job).
+    run_job(start)
 
 
 if __name__ == "__main__":

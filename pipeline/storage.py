@@ -179,9 +179,12 @@ def is_unavailable(exc: BaseException) -> bool:
         return "Connection" in name or "Timeout" in name or name == "HTTPClientError"
     if module in ("aiohttp", "fsspec"):  # gcsfs and adlfs speak aiohttp
         return "Connect" in name or "Timeout" in name or "Disconnected" in name
-    return False
+    # Lance and LanceDB (Rust's object_store) raise ValueError/OSError with the cause in the text.
+    return any(sign in str(exc) for sign in _LANCE_UNAVAILABLE)
 
 
+_LANCE_UNAVAILABLE = ("tcp connect error", "Connection refused", "dns error", "operation timed out",
+                      "connection reset", "HttpError { kind: Timeout")
 _UNAVAILABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNREFUSED,
                        errno.ECONNRESET, errno.EREMOTEIO}
 

@@ -35,7 +35,13 @@ def connect(db_uri: str, storage_options: dict | None = None):
     # and an embed job starts Ray (forking its processes) before it ever touches a table.
     import lancedb
 
-    return lancedb.connect(db_uri, storage_options=storage.lance_storage_options(db_uri, storage_options))
+    try:
+        return lancedb.connect(db_uri, storage_options=storage.lance_storage_options(db_uri, storage_options))
+    except Exception as exc:  # an unreachable store: said in one line (exit 75), not a traceback
+        if not storage.is_unavailable(exc):
+            raise
+        raise storage.StorageUnavailable(
+            f"{storage.redact(db_uri)}: storage unavailable ({storage.describe(exc)[:200]})") from None
 
 
 def open_table(db_uri: str, name: str, storage_options: dict | None = None):

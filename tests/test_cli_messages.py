@@ -195,3 +195,18 @@ def test_ray_that_does_not_start_in_time_is_tried_again_then_named(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kwargs: (_ for _ in ()).throw(ValueError("bad address")))
     with pytest.raises(ValueError, match="bad address"):  # a wrong setting is not retried
         plan.ensure_ray()
+
+
+@pytest.mark.parametrize("command", [["sql", "s3://tables/db", "SELECT 1 AS n FROM embeddings"],
+                                     ["serve", "s3://tables/db", "--port", "0"],
+                                     ["table", "versions", "s3://tables/db"]])
+def test_a_database_on_an_unreachable_store_is_one_line_and_exit_75(command, monkeypatch):
+    # Nothing listens on port 1 of loopback: every connection is refused at once.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    result = altclip(*command, expect_exit=75)
+    assert "s3://tables/db: storage unavailable (" in result.stderr
+    assert "rerun the same command when the store is back" in result.stderr
+    assert "Traceback" not in result.stderr and "testing-secret" not in result.stderr
