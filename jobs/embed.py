@@ -13,7 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from jobs.load import run_load
-from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
+from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job_options,
+                          results_on_stdout, run_job)
 from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
@@ -218,8 +219,9 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, plan, plan
                                "--retry-kind mend OUT: choose one")
     if plan:
         config = embed_config(manifest, out, db, **options)
-        projected = run_job(estimate_run, config, plan_rows)
-        click.echo(json.dumps(projected) if as_json else plan_text(projected))
+        with results_on_stdout() as results:
+            projected = run_job(estimate_run, config, plan_rows)
+        click.echo(json.dumps(projected) if as_json else plan_text(projected), file=results)
         return
     if quiet:
         options["progress"] = "quiet"

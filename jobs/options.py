@@ -3,6 +3,7 @@ rows are printed."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -62,6 +63,19 @@ def renamed(now: str):
                                    "--db DB on embed, reembed and load, the first argument "
                                    "elsewhere; --table NAME names the table in it)", ctx)
     return refuse
+
+
+@contextlib.contextmanager
+def results_on_stdout():
+    """Yields the stream a command's results go to; until then, whatever else is printed to
+    stdout goes to stderr. Ray prints its processes' log lines ("(raylet) WARNING: ...") to
+    the driver's stdout: results read by a program (`--json`) must stand alone there."""
+    results = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield results
+    finally:
+        sys.stdout = results
 
 
 class StoreOutage(click.ClickException):

@@ -156,3 +156,18 @@ def test_workers_and_sizes():
     assert output_bytes(25_000, bytes_per_row=100.0, bytes_per_shard=500, rows_per_shard=10_000) == 2_501_500
     vectors = {"image_embedding": 4_999, "text_embedding": 10_000}  # the first below the index's threshold
     assert index_bytes(vectors, dim=768) == 10_000 * (768 + ANN_INDEX_BYTES_PER_VECTOR)
+
+
+def test_json_stands_alone_on_stdout_whatever_ray_prints(manifest, tmp_path, monkeypatch):
+    import sys
+
+    import jobs.embed
+
+    def noisy_estimate(config, rows):  # as Ray's log monitor prints its processes' lines
+        print("(raylet) WARNING: 8 PYTHON worker processes have been started on node ...", file=sys.stdout)
+        return {"rows": 3}
+
+    monkeypatch.setattr(jobs.embed, "estimate_run", noisy_estimate)
+    result = altclip("embed", manifest, "--out", tmp_path / "out", "--plan", "--json")
+    assert json.loads(result.stdout) == {"rows": 3}
+    assert "(raylet) WARNING" in result.stderr
