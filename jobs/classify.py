@@ -51,7 +51,11 @@ def run_classify(config: ClassifyConfig) -> dict:
     if missing:
         table.add_columns(pa.schema(missing))  # null until this run fills them in
     if result is not None:
-        table.merge_insert(KEY).when_matched_update_all().execute(result)
+        # Only the label columns are rewritten, beside the others: a whole-row upsert would move
+        # every labelled row out of the vector index until it is rebuilt.
+        (table.to_lance().merge_insert(KEY).when_matched_update_all().write_mode("rewrite_columns")
+         .execute(result))
+        table.checkout_latest()
     record_run(connect(config.db, config.storage_options), config.table_name, table.version,
                {"job": "classify", "labels": len(labels.names), "rows": rows})
     return {"rows": rows, "labels": len(labels.names), "version": table.version}

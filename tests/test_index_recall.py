@@ -1,7 +1,9 @@
-"""`altclip table index` reports what the ANN index costs: recall@10 against exact search."""
+"""The vector index: what it costs (`altclip table index` reports recall@10 against exact search), and
+commands that add columns leave every row in it."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import lancedb
@@ -71,3 +73,27 @@ def test_recall_leaves_the_querying_row_out(uniform_table):
 def test_no_vectors_no_figure(tmp_path):
     table = _table(tmp_path, np.zeros((0, DIM), np.float32))
     assert index_recall(table, IMAGE_EMBEDDING, queries=10)["recall"] is None
+
+
+def test_classify_keeps_every_row_in_the_vector_index(tmp_path, tiny_model):
+    from schemas.embeddings import PROVENANCE_KEY
+
+    dim = 64  # the tiny model's projection
+    vectors = np.random.default_rng(2).standard_normal((ROWS, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = pa.table({
+        "id": [f"row-{i:05d}" for i in range(ROWS)],
+        "caption": [f"caption {i}" for i in range(ROWS)],
+        IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        TEXT_EMBEDDING: pa.nulls(ROWS, pa.list_(pa.float32(), dim)),
+    })
+    provenance = json.dumps({"model": tiny_model, "dim": dim, "dtype": "float32"})
+    rows = rows.replace_schema_metadata({PROVENANCE_KEY: provenance})
+    table = lancedb.connect(str(tmp_path)).create_table("embeddings", data=rows, on_bad_vectors="null")
+    index_table(table)
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    altclip("classify", tmp_path, "--labels", tmp_path / "labels.txt")
+    table.checkout_latest()
+    assert table.count_rows("label IS NOT NULL") == ROWS
+    index = next(i for i in table.list_indices() if list(i.columns) == [IMAGE_EMBEDDING])
+    assert table.index_stats(index.name).num_unindexed_rows == 0
