@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from pipeline.images import CRASH_TEST_VARIABLE
-from tests.corpus import crash_image
+from tests.corpus import crash_image, write_corpus
 
 
 SECRET_ACCESS_KEY = "SECRET-do-not-print-7f3a9c"
@@ -73,6 +73,15 @@ def altclip(*args: str, expect_exit: int | None = 0):
             f"stdout: {result.stdout}\nstderr: {result.stderr}"
         )
     return result
+
+
+def embedded_corpus(tmp_path_factory, name: str, tiny_model: str):
+    """A new folder holding the standard corpus embedded by the tiny model: FOLDER/out, and the
+    table in FOLDER/db."""
+    folder = tmp_path_factory.mktemp(name)
+    altclip("embed", write_corpus(folder), "--out", folder / "out", "--model", tiny_model, "--db",
+            folder / "db", "--dtype", "float32")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,12 @@ import json
 import lancedb
 import pytest
 
-from tests.conftest import altclip, read_output
-from tests.corpus import write_corpus
+from tests.conftest import altclip, embedded_corpus, read_output
 
 
 @pytest.fixture(scope="module")
 def db(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("search")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
-            folder / "db", "--dtype", "float32")
-    return folder
+    return embedded_corpus(tmp_path_factory, "search", tiny_model)
 
 
 def _hits(result) -> list[dict]:

@@ -28,8 +28,7 @@ from jobs.serve import serve_command
 from pipeline.filters import Filters
 from pipeline.searcher import Searcher, ServeError
 from pipeline.serve_app import MAX_JSON_BYTES, MAX_UPLOAD_BYTES, make_server
-from tests.conftest import _free_port, altclip
-from tests.corpus import write_corpus
+from tests.conftest import _free_port, altclip, embedded_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,11 +38,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="module")
 def corpus(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
-            folder / "db", "--dtype", "float32")
-    return folder
+    return embedded_corpus(tmp_path_factory, "serve", tiny_model)
 
 
 @pytest.fixture(scope="module")

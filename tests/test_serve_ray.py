@@ -24,8 +24,7 @@ from pipeline.config import ConfigError
 from pipeline.query import open_query_table
 from pipeline.searcher import Searcher
 from pipeline.serve_app import make_server
-from tests.conftest import _free_port, altclip
-from tests.corpus import write_corpus
+from tests.conftest import _free_port, embedded_corpus
 from tests.test_serve import get_json, http, image_row, search_url
 
 # Fixed at two replicas; a quarter CPU each, so that both fit beside the session's other work on
@@ -36,11 +35,7 @@ REPLICA_ARGS = {"replicas": "2", "num_cpus": "0.25", "batch_wait_ms": "200",
 
 @pytest.fixture(scope="module")
 def corpus(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve-ray")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
-            folder / "db", "--dtype", "float32")
-    return folder
+    return embedded_corpus(tmp_path_factory, "serve-ray", tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +252,7 @@ def test_the_serve_command_with_ray(corpus, ray_session, tmp_path):
         serve.delete(serve_ray.APP_NAME)  # as `serve delete altclip` does
         thread.join(60)
     assert not thread.is_alive() and not done, (done, log.getvalue())
-    assert f"serving table 'embeddings' (" in log.getvalue()
+    assert "serving table 'embeddings' (" in log.getvalue()
     assert f"on http://127.0.0.1:{port}/" in log.getvalue()
     assert "replicas: 1, 0.25 CPUs and 0 GPUs each, on cpu" in log.getvalue()
     assert not serve.status().applications and not serve.status().proxies  # Serve shut down

@@ -12,17 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import altclip, read_output
-from tests.corpus import odd_images, write_corpus
+from tests.conftest import altclip, embedded_corpus, read_output
+from tests.corpus import odd_images
 
 
 @pytest.fixture(scope="module")
 def db(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sql")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db",
-            folder / "db", "--dtype", "float32")
-    return folder
+    return embedded_corpus(tmp_path_factory, "sql", tiny_model)
 
 
 def test_sql_over_the_table_and_the_outputs(db):
