@@ -7,13 +7,12 @@ import os
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.filters import sql_equals
 from pipeline.lance_io import create_table, table_uri
-from pipeline.writer import list_shards
+from pipeline.writer import list_shards, shards_dataset
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
 from schemas.table import (
     ANN_INDEX_MIN_ROWS,
@@ -110,9 +109,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
     shards = list_shards(out, storage_options)
     if not shards:
         raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): run `altclip embed` first")
-    fs, _ = storage.filesystem(shards[0], storage_options)
-    paths = [storage.filesystem(s, storage_options)[1] for s in shards]
-    dataset = pads.dataset(paths, format="parquet", filesystem=storage.arrow_filesystem(fs))
+    dataset = shards_dataset(shards, storage_options)
     db = connect(db_uri, storage_options)
     if name in db.table_names():
         table = db.open_table(name)
