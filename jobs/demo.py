@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from jobs.embed import run_embed
-from jobs.options import run_job
+from jobs.options import in_cli_terms, run_job
 from jobs.search import run_search
 from pipeline.config import DEFAULT_MODEL, ConfigError, EmbedConfig, SearchConfig
 from pipeline.model import resolve_model
@@ -83,7 +83,7 @@ def _pick_model(workdir: str, model: str | None) -> str:
         tiny = os.path.join(workdir, "tiny-random-model")
         banner = "!" * 78
         click.echo(
-            f"{banner}\n{exc}\n"
+            f"{banner}\n{in_cli_terms(exc)}\n"
             f"The demo goes on with a TINY MODEL OF RANDOM WEIGHTS saved to {tiny}.\n"
             "It shows the pipeline working end to end; its vectors and search results are\n"
             f"MEANINGLESS. Pass --model with a real AltCLIP folder for real results.\n{banner}",

@@ -119,7 +119,7 @@ def run_embed(config: EmbedConfig) -> dict:
     # Everything that can be wrong with the options fails here, before a model starts.
     manifest = open_manifest(config)
     model = resolve_model(config.model, config.storage_options)
-    storage.check_writable(config.out, config.storage_options, "--out")
+    storage.check_writable(config.out, config.storage_options)
     ensure_ray(config.address)
     progress_mode = _progress_mode(config)
     configure_ray_data(progress_bars=progress_mode == "bars")
@@ -195,7 +195,7 @@ def run_embed(config: EmbedConfig) -> dict:
 @click.option("--retry-errors", is_flag=True,
               help=f"Embed again only the rows of OUT whose error may be transient "
                    f"({', '.join(TRANSIENT_ERROR_KINDS)}), replacing them in place.")
-@click.option("--retry-kind", "retry_kind", multiple=True, metavar="KIND",
+@click.option("--retry-kind", "retry_kinds", multiple=True, metavar="KIND",
               help="Also retry rows with this error kind (repeatable), e.g. decode_error after "
                    "a Pillow upgrade; implies --retry-errors.")
 @click.option("--plan", is_flag=True,
@@ -206,7 +206,7 @@ def run_embed(config: EmbedConfig) -> dict:
               help="With --plan: rows timed, spread over the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as one JSON object.")
 @job_options
-def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, plan, plan_rows, as_json, **options):
+def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, plan_rows, as_json, **options):
     """Embed a manifest's images and captions.
 
     Writes Parquet shards to OUT and, with --db, loads them into a table. MANIFEST: Parquet, CSV
@@ -214,7 +214,7 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, plan, plan
     if as_json and not plan:
         raise click.UsageError("--json prints the plan as JSON: use it with --plan (a run's own "
                                "figures are in OUT/summary.json)")
-    if plan and (retry_errors or retry_kind):
+    if plan and (retry_errors or retry_kinds):
         raise click.UsageError("--plan projects a run over the whole manifest; --retry-errors and "
                                "--retry-kind mend OUT: choose one")
     if plan:
@@ -225,8 +225,8 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kind, plan, plan
         return
     if quiet:
         options["progress"] = "quiet"
-    if retry_errors or retry_kind:
-        kinds = (*(TRANSIENT_ERROR_KINDS if retry_errors else ()), *retry_kind)
+    if retry_errors or retry_kinds:
+        kinds = (*(TRANSIENT_ERROR_KINDS if retry_errors else ()), *retry_kinds)
         options["retry_kinds"] = tuple(dict.fromkeys(kinds))
     config = embed_config(manifest, out, db, **options)
     summary = run_job(run_embed, config)

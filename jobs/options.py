@@ -92,13 +92,29 @@ def run_job(job, *args):
                    "to resume", err=True)
         sys.exit(130)  # 128 + SIGINT, as a shell reports it
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(in_cli_terms(exc)) from None
     except Exception as exc:
         outage = outage_in(exc)
         if outage is None:
             raise
         raise StoreOutage(f"{outage}; rerun the same command when the store is back (a job "
                           "keeps what it wrote and resumes)") from None
+
+
+def in_cli_terms(error: ConfigError) -> str:
+    """A library message in the words of the running command: each setting it names (`out`,
+    `vector_dtype`) becomes what sets it on the command line (--out on embed, OUT on load,
+    --vector-dtype). A setting that is not one of this command's (embed's `towers`, named by
+    dedup) takes its option's usual spelling, --towers."""
+    ctx = click.get_current_context(silent=True)
+    spelled = {}
+    for param in ctx.command.params if ctx is not None else ():
+        if isinstance(param, click.Argument):
+            spelled[param.name] = param.human_readable_name
+        elif param.opts:
+            spelled[param.name] = param.opts[0]
+            spelled.setdefault(param.opts[0].lstrip("-").replace("-", "_"), param.opts[0])
+    return error.naming_settings(lambda setting: spelled.get(setting, "--" + setting.replace("_", "-")))
 
 
 class ManifestCommand(click.Command):

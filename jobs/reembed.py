@@ -158,7 +158,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     manifest = open_manifest(e)
     model = resolve_model(e.model, e.storage_options)
     if e.out:
-        storage.check_writable(e.out, e.storage_options, "--out")
+        storage.check_writable(e.out, e.storage_options)
     ensure_ray(e.address)
     configure_ray_data(progress_bars=sys.stderr.isatty())
     placement = plan_placement(e)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.query import QueryTable
 from schemas.embeddings import IMAGE_EMBEDDING
 from schemas.manifest import ID
@@ -30,15 +30,15 @@ def read_labels(label_files: list[str], templates: list[str]) -> LabelSet:
             with open(path, encoding="utf-8") as f:
                 columns.append([line.strip() for line in f if line.strip()])
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--labels {path}: cannot read it ({exc.strerror or exc})") from None
+            raise ConfigError(f"{named('labels')} {path}: cannot read it ({exc.strerror or exc})") from None
     if not columns or not columns[0]:
-        raise ConfigError(f"--labels {label_files[0] if label_files else ''}: no labels in it")
+        raise ConfigError(f"{named('labels')} {label_files[0] if label_files else ''}: no labels in it")
     if any(len(c) != len(columns[0]) for c in columns):
-        raise ConfigError("--labels: the files name the same classes line by line, so they need "
+        raise ConfigError(f"{named('labels')}: the files name the same classes line by line, so they need "
                           f"the same number of lines (got {[len(c) for c in columns]})")
     for template in templates:
         if "{}" not in template:
-            raise ConfigError(f"--template {template!r}: put {{}} where the label goes")
+            raise ConfigError(f"{named('templates')} {template!r}: put {{}} where the label goes")
     prompts = [[t.format(c[i]) for c in columns for t in templates] for i in range(len(columns[0]))]
     return LabelSet(names=columns[0], prompts=prompts)
 

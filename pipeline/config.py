@@ -18,15 +18,36 @@ PREPROCESS_MODES = ("exact", "fast")
 
 
 class ConfigError(ValueError):
-    """Bad configuration: raised before any work, with a message that says what to change."""
+    """Bad configuration: raised before any work, with a message that says what to change.
+
+    A message speaks of values, and of settings by the names a caller of the library passes:
+    the config field or argument, marked with `named`. Printed, each reads `vector_dtype`; the
+    CLI shows each as the flag that sets it instead (jobs/options.run_job)."""
+
+    def __str__(self) -> str:
+        return self.naming_settings(lambda setting: f"`{setting}`")
+
+    def naming_settings(self, spell) -> str:
+        """The message, each setting it names written as `spell(setting)`."""
+        return _NAMED.sub(lambda match: spell(match.group(1)), str(self.args[0]) if self.args else "")
+
+
+# A setting inside a message: marked with a character no value a user gives holds, so that a
+# value quoting a column (`caption` in a filter) is never taken for one.
+_MARK = "\x1f"
+_NAMED = re.compile(f"{_MARK}([a-z_][a-z0-9_]*){_MARK}")
+
+
+def named(setting: str) -> str:
+    """`setting` (a config field or argument: "vector_dtype") as a ConfigError message names it."""
+    return f"{_MARK}{setting}{_MARK}"
 
 
 def check_table_name(name: str) -> None:
     """LanceDB's rule for table names; a path or URI here is a database given as a table."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
-        raise ConfigError(f"--table {name}: a table name is letters, digits, _, - and . "
-                          "(the database folder or URI is given with --db DB, or as DB "
-                          "first argument of reading commands)")
+        raise ConfigError(f"{named('table_name')} {name}: a table name is letters, digits, _, - and . "
+                          f"(the database folder or URI is given as {named('db')})")
 
 
 @dataclass(frozen=True)
@@ -66,32 +87,32 @@ class EmbedConfig:
         unknown = [t for t in self.towers if t not in TOWERS]
         if unknown or not self.towers:
             raise ConfigError(
-                f"--towers {','.join(self.towers) or '(empty)'}: choose one or both of image,text"
+                f"{named('towers')} {','.join(self.towers) or '(empty)'}: choose one or both of image,text"
             )
         if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+            raise ConfigError(f"{named('dtype')} {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.vector_dtype not in VECTOR_DTYPES:
-            raise ConfigError(f"--vector-dtype {self.vector_dtype}: choose one of "
+            raise ConfigError(f"{named('vector_dtype')} {self.vector_dtype}: choose one of "
                               f"{', '.join(VECTOR_DTYPES)}")
         if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+            raise ConfigError(f"{named('batch_size')} {self.batch_size}: must be at least 1")
         sizes = (self.concurrency if isinstance(self.concurrency, tuple)
                  else () if self.concurrency is None else (self.concurrency,))
         if any(n < 1 for n in sizes) or (len(sizes) == 2 and sizes[0] > sizes[1]):
-            raise ConfigError(f"--concurrency {self.concurrency}: N, or MIN,MAX with 1 <= MIN <= MAX")
+            raise ConfigError(f"{named('concurrency')} {self.concurrency}: N, or MIN,MAX with 1 <= MIN <= MAX")
         if self.num_gpus is not None and self.num_gpus < 0:
-            raise ConfigError(f"--num-gpus {self.num_gpus}: must be 0 or more")
+            raise ConfigError(f"{named('num_gpus')} {self.num_gpus}: must be 0 or more")
         if self.preprocess not in PREPROCESS_MODES:
-            raise ConfigError(f"--preprocess {self.preprocess}: choose exact or fast")
+            raise ConfigError(f"{named('preprocess')} {self.preprocess}: choose exact or fast")
         if self.progress not in PROGRESS_MODES:
-            raise ConfigError(f"--log-format {self.progress}: choose one of {', '.join(PROGRESS_MODES)}")
+            raise ConfigError(f"{named('progress')} {self.progress}: choose one of {', '.join(PROGRESS_MODES)}")
         if self.rows_per_shard < 1:
-            raise ConfigError(f"--rows-per-shard {self.rows_per_shard}: must be at least 1")
+            raise ConfigError(f"{named('rows_per_shard')} {self.rows_per_shard}: must be at least 1")
         if self.storage_patience_s < 0:
-            raise ConfigError(f"--storage-patience {self.storage_patience_s}: seconds, 0 or more")
+            raise ConfigError(f"{named('storage_patience_s')} {self.storage_patience_s}: seconds, 0 or more")
         for kind in self.retry_kinds:
             if kind not in ERROR_KINDS:
-                raise ConfigError(f"--retry-kind {kind}: choose among {', '.join(ERROR_KINDS)}")
+                raise ConfigError(f"{named('retry_kinds')} {kind}: choose among {', '.join(ERROR_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -123,17 +144,17 @@ class SearchConfig:
 
     def __post_init__(self):
         check_table_name(self.table_name)
-        for option, value in (("--nprobes", self.nprobes), ("--refine-factor", self.refine_factor)):
+        for option, value in (("nprobes", self.nprobes), ("refine_factor", self.refine_factor)):
             if value is not None and value < 1:
-                raise ConfigError(f"{option} {value}: must be at least 1")
+                raise ConfigError(f"{named(option)} {value}: must be at least 1")
         if sum(q is not None for q in (self.text, self.image, self.vector)) != 1:
-            raise ConfigError("give exactly one query: --text TEXT, --image PATH or --vector FILE")
+            raise ConfigError(f"give exactly one query: {named('text')}, {named('image')} or {named('vector')}")
         if self.hybrid and self.text is None:
-            raise ConfigError("--hybrid combines a vector and a full-text search: it needs --text")
+            raise ConfigError(f"{named('hybrid')} combines a vector and a full-text search: it needs {named('text')}")
         if self.against not in (None, "image", "text"):
-            raise ConfigError(f"--against {self.against}: choose image or text")
+            raise ConfigError(f"{named('against')} {self.against}: choose image or text")
         if self.k < 1:
-            raise ConfigError(f"--k {self.k}: must be at least 1")
+            raise ConfigError(f"{named('k')} {self.k}: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -159,6 +180,6 @@ class ClassifyConfig:
     def __post_init__(self):
         check_table_name(self.table_name)
         if not self.labels:
-            raise ConfigError("give the labels: --labels FILE (one label per line)")
+            raise ConfigError(f"give the labels: {named('labels')}, files of one label per line")
         if self.top_k < 1:
-            raise ConfigError(f"--top-k {self.top_k}: must be at least 1")
+            raise ConfigError(f"{named('top_k')} {self.top_k}: must be at least 1")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.config import ConfigError, check_table_name
+from pipeline.config import ConfigError, check_table_name, named
 from pipeline.filters import sql_equals
 from pipeline.table import DEDUP_COLUMNS, connect, open_table, record_run
 from schemas.embeddings import HEIGHT, IMAGE_EMBEDDING, TEXT_EMBEDDING, WIDTH
@@ -118,7 +118,7 @@ def dedup_table(config: DedupConfig) -> dict:
     if not len(rows.ids):
         if full and table.count_rows():
             raise ConfigError(f"table '{config.table_name}' holds no {config.against} vectors: "
-                              f"embed them with --towers {config.against}")
+                              f"embed them with {named('towers')} {config.against}")
         return {**counts, "version": table.version, "changed": False}
     clusters = Clusters.train(rows.sample, len(rows.ids))
     rows.sample = None  # the comparisons hold their own vectors

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import TOWERS, ConfigError, EmbedConfig
+from pipeline.config import TOWERS, ConfigError, EmbedConfig, named
 from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.images import preprocess_images
 from pipeline.manifest import Manifest, open_manifest
@@ -332,7 +332,7 @@ def _time_sample(batches: list[pa.Table], config: EmbedConfig, model, dtype: str
         except ray.exceptions.GetTimeoutError:
             raise ConfigError(f"no tower actor could start in {ACTOR_START_TIMEOUT_S} s (it asks "
                               f"{placement.num_gpus:g} GPUs, {placement.num_cpus:g} CPUs): check "
-                              "--num-gpus and the cluster's free resources") from None
+                              f"{named('num_gpus')} and the cluster's free resources") from None
         actor_start = time.perf_counter() - starting
         embedded, tower_times = ray.get(timer.time.remote(ready))
     finally:
@@ -347,7 +347,7 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
     Writes nothing (OUT is not even created) and does not start the run's Ray Data plan; loads
     the towers once, to time them."""
     if sample_rows < 1:
-        raise ConfigError(f"--plan-rows {sample_rows}: must be at least 1")
+        raise ConfigError(f"{named('plan_rows')} {sample_rows}: must be at least 1")
     started = time.perf_counter()
     manifest = open_manifest(config)
     model = resolve_model(config.model, config.storage_options)

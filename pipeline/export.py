@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.writer import ERROR_EXAMPLES, output_totals, outputs_dataset
 from schemas.embeddings import (
     HEIGHT,
@@ -55,8 +55,8 @@ def export_embedding_reader(out: str, dest: str, sides: tuple[str, ...] | None =
     started = time.perf_counter()
     dataset = outputs_dataset(out, storage_options)
     if dataset is None:
-        raise ConfigError(f"{storage.redact(out)} holds no embeddings (no part-*.parquet): run "
-                          "`altclip embed` first")
+        raise ConfigError(f"{storage.redact(out)} holds no embeddings (no part-*.parquet): embed "
+                          "into it first")
     sides = _sides(out, output_totals(out, storage_options), sides)
     fs, root = storage.filesystem(dest, storage_options)
     root = root.rstrip("/")
@@ -140,15 +140,15 @@ def _prepare_destination(dest: str, fs, root: str, sides: tuple[str, ...], overw
                          storage_options: dict | None) -> None:
     """Refuse a DEST that holds anything unless overwriting; then the layout's folders are
     removed (only they: other files in DEST are the user's) and those of `sides` made again."""
-    storage.check_writable(dest, storage_options, "DEST")
+    storage.check_writable(dest, storage_options, "dest")
     try:
         held = sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(root, detail=False))
     except FileNotFoundError:
         held = []
     if held and not overwrite:
         shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-        raise ConfigError(f"DEST {storage.redact(dest)} is not empty (it holds {shown}): choose "
-                          f"another DEST, or pass --overwrite to replace its "
+        raise ConfigError(f"{named('dest')} {storage.redact(dest)} is not empty (it holds {shown}): choose "
+                          f"another {named('dest')}, or pass {named('overwrite')} to replace its "
                           f"{', '.join(f'{s[2]}/' for s in SIDES.values())} and {METADATA_FOLDER}/")
     for folder in [side[2] for side in SIDES.values()] + [METADATA_FOLDER]:
         if fs.exists(f"{root}/{folder}"):

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage, webdataset
-from pipeline.config import ConfigError, EmbedConfig
+from pipeline.config import ConfigError, EmbedConfig, named
 from pipeline.formats import (csv_options, csv_schema, flatten_webdataset, id_text, is_binary,
                               json_schema, metadata_values, parse_json_lines, value_text,
                               webdataset_schema)
@@ -143,37 +143,37 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
     names = schema.names
     listing = ", ".join(names)
 
-    def require(option: str, column: str) -> str:
+    def require(setting: str, column: str) -> str:
         if column not in names:
             raise ConfigError(
-                f"{option} {column}: the manifest has no such column (its columns: {listing})"
+                f"{named(setting)} {column}: the manifest has no such column (its columns: {listing})"
             )
         return column
 
     if config.id_col not in names:
         raise ConfigError(
             f"the manifest has no '{config.id_col}' column (its columns: {listing}); "
-            "name the column that identifies each row with --id-col"
+            f"name the column that identifies each row with {named('id_col')}"
         )
     if config.image_col is not None:
-        image_col = require("--image-col", config.image_col)
+        image_col = require("image_col", config.image_col)
     else:
         image_col = next((c for c in (IMAGE, IMAGE_BYTES) if c in names), None)
     if image_col is None and "image" in config.towers:
         raise ConfigError(
             f"the manifest has no '{IMAGE}' or '{IMAGE_BYTES}' column (its columns: {listing}); "
-            "name it with --image-col, or embed captions only with --towers text"
+            f"name it with {named('image_col')}, or embed captions only with {named('towers')} text"
         )
     # CSV reads every column as bytes (see csv_options): its image column holds references.
     image_is_bytes = image_col is not None and fmt != "csv" and is_binary(schema.field(image_col).type)
     if config.caption_col is not None:
-        caption_col = require("--caption-col", config.caption_col)
+        caption_col = require("caption_col", config.caption_col)
     else:
         caption_col = CAPTION if CAPTION in names else None
     if caption_col is None and "text" in config.towers:
         raise ConfigError(
             f"the manifest has no '{CAPTION}' column (its columns: {listing}); "
-            "name it with --caption-col, or embed images only with --towers image"
+            f"name it with {named('caption_col')}, or embed images only with {named('towers')} image"
         )
 
     used = {config.id_col, image_col, caption_col}

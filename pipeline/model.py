@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.images import ImagePreprocessing
 
 _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin")
@@ -54,7 +54,7 @@ def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
         ref = os.path.abspath(ref)
         revision = _fingerprint(ref)
     elif os.path.exists(ref) or ref.startswith((".", "/")):
-        raise ConfigError(f"--model {ref}: not a folder; name a folder saved with save_pretrained")
+        raise ConfigError(f"{named('model')} {ref}: not a folder; name a folder saved with save_pretrained")
     else:
         revision = os.path.basename(_download(ref, None).rstrip("/"))
     local_dir = _local_dir(ref, revision, tuple(sorted(storage_options.items())))
@@ -66,7 +66,7 @@ def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
         tokenizer = AutoTokenizer.from_pretrained(local_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"--model {ref}: not a complete AltCLIP folder ({exc}); save model and processor "
+            f"{named('model')} {ref}: not a complete AltCLIP folder ({exc}); save model and processor "
             "there with save_pretrained"
         ) from exc
     text = config.text_config
@@ -123,9 +123,9 @@ def _remote_fingerprint(uri: str, storage_options: dict) -> str:
     try:
         files = fs.find(path.rstrip("/"), detail=True)
     except Exception as exc:  # unreachable endpoint, missing bucket, access denied
-        raise ConfigError(f"--model {storage.redact(uri)}: cannot list it ({storage.describe(exc)})") from None
+        raise ConfigError(f"{named('model')} {storage.redact(uri)}: cannot list it ({storage.describe(exc)})") from None
     if not files:
-        raise ConfigError(f"--model {storage.redact(uri)}: no files there; save the model there "
+        raise ConfigError(f"{named('model')} {storage.redact(uri)}: no files there; save the model there "
                           "with save_pretrained and copy the folder up")
     digest = hashlib.sha256(uri.encode())
     for name, info in sorted(files.items()):
@@ -145,8 +145,8 @@ def _download(repo_id: str, revision: str | None) -> str:
                                           allow_patterns=["*.json", "*.model", "*.bin"])
     except Exception as exc:  # offline, unknown repo, no permission: all mean the same here
         raise ConfigError(
-            f"--model {repo_id}: not a local folder, and it could not be fetched from the hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); pass --model with a folder "
+            f"{named('model')} {repo_id}: not a local folder, and it could not be fetched from the hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); give {named('model')} as a folder "
             "saved by save_pretrained"
         ) from exc
     return local_dir

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from pipeline.config import TOWERS, ConfigError, EmbedConfig
+from pipeline.config import TOWERS, ConfigError, EmbedConfig, named
 from pipeline.embedders import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline import storage
 from pipeline.fetch import FetchPolicy, job_schemes
@@ -57,8 +57,8 @@ def ensure_ray(address: str | None = None) -> None:
             where = "on this machine" if address == "local" else f"at {address}"
             raise ConfigError(
                 f"Ray did not start {where}, twice: {exc}. The machine may be overloaded or short "
-                "of memory; free some, or start Ray first (`ray start --head`) and pass "
-                "--address auto") from None
+                "of memory; free some, or start Ray first (ray start --head) and give "
+                f"{named('address')} auto") from None
 
 
 def _start_timed_out(exc: Exception) -> bool:
@@ -91,7 +91,7 @@ def plan_placement(config: EmbedConfig) -> Placement:
         num_gpus = config.num_gpus
         if num_gpus > 0 and gpus == 0:
             raise ConfigError(
-                f"--num-gpus {num_gpus}: the Ray cluster has no GPUs; pass --num-gpus 0 to run on CPUs"
+                f"{named('num_gpus')} {num_gpus}: the Ray cluster has no GPUs; give {named('num_gpus')} 0 to run on CPUs"
             )
     else:
         # Both towers share each GPU unless told otherwise.

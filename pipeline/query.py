@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.fetch import FetchPolicy
 from pipeline.images import MAX_IMAGE_PIXELS, preprocess_images
@@ -112,13 +112,13 @@ def open_query_table(db: str, name: str, model: str | None = None,
     table = open_table(db, name, storage_options)
     origin = table_provenance(table) or {}
     if model is None and "model" not in origin:
-        raise ConfigError("the table does not record its model: name it with --model")
+        raise ConfigError(f"the table does not record its model: name it with {named('model')}")
     spec = resolve_model(model or origin["model"], storage_options)
     if origin.get("revision") not in (None, spec.revision):
         log(f"warning: the table was built with {origin['model']}@{origin['revision']}, "
             f"queries use {spec.label}: scores may not be comparable")
     if spec.dim != origin.get("dim", spec.dim):
-        raise ConfigError(f"--model {spec.ref} makes {spec.dim}-d vectors, the table holds "
+        raise ConfigError(f"{named('model')} {spec.ref} makes {spec.dim}-d vectors, the table holds "
                           f"{origin['dim']}-d ones")
     return QueryTable(table=table, model=spec, dtype=origin.get("dtype", UNRECORDED_DTYPE),
                       preprocess_mode=(origin.get("preprocessing") or {}).get("mode", "exact"))

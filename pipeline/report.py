@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.fetch import FetchPolicy, read_bytes
 from pipeline.summary import SUMMARY_NAME
 from pipeline.writer import outputs_dataset
@@ -28,7 +28,7 @@ def read_summary(out: str, storage_options: dict | None = None) -> dict:
         with fs.open(f"{path.rstrip('/')}/{SUMMARY_NAME}") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{out} has no {SUMMARY_NAME}: is it the --out of an embed run?") from None
+        raise ConfigError(f"{out} has no {SUMMARY_NAME}: is it the {named('out')} of an embed run?") from None
 
 
 def _throughput_svg(timeline: dict[str, list], width: int = 720, height: int = 260) -> str:

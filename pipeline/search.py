@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.config import ConfigError, SearchConfig
+from pipeline.config import ConfigError, SearchConfig, named
 from pipeline.fetch import FetchPolicy
 from pipeline.query import open_query_table
 from pipeline.table import full_text_index, full_text_index_is_current, full_text_query
@@ -55,7 +55,7 @@ def search(config: SearchConfig) -> list[dict]:
     except Exception as exc:  # LanceDB reports a bad filter as a generic error
         if not config.where:
             raise
-        raise ConfigError(f"--where {config.where!r}: {exc}") from exc
+        raise ConfigError(f"{named('where')} {config.where!r}: {exc}") from exc
     return [_hit(row) for row in rows]
 
 

@@ -17,7 +17,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.model import pick_device
 from pipeline.searcher import Searcher
 from pipeline.serve_app import make_app
@@ -72,7 +72,7 @@ class ServeOptions(BaseModel):
             return parts[0], parts[0]
         if len(parts) == 2 and 0 <= parts[0] <= parts[1] and parts[1] >= 1:
             return parts[0], parts[1]
-        raise ConfigError(f"replicas {self.replicas!r}: give N (at least 1), or MIN,MAX with "
+        raise ConfigError(f"{named('replicas')} {self.replicas!r}: give N (at least 1), or MIN,MAX with "
                           "0 <= MIN <= MAX and MAX at least 1")
 
     def host_names(self) -> set[str] | None:

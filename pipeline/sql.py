@@ -7,7 +7,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.table import open_dataset
 from pipeline.writer import outputs_dataset
 
@@ -26,7 +26,7 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     if outputs:
         dataset = outputs_dataset(outputs, storage_options)
         if dataset is None:
-            raise ConfigError(f"--parquet {outputs} holds no part-*.parquet files")
+            raise ConfigError(f"{named('parquet')} {outputs} holds no part-*.parquet files")
         con.register("outputs", readable_by_duckdb(dataset))
         visible.append(f"outputs (the Parquet under {outputs})")
     try:

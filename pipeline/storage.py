@@ -12,7 +12,7 @@ import uuid
 import fsspec
 import pyarrow.fs as pafs
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _S3_SCHEMES = ("s3", "s3a")
@@ -137,8 +137,9 @@ def describe(exc: BaseException) -> str:
     return redact_text(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
-def check_writable(uri: str, storage_options: dict | None = None, option: str = "--out") -> None:
-    """Fail before any work when `uri` cannot be written: missing bucket, no access, no endpoint."""
+def check_writable(uri: str, storage_options: dict | None = None, setting: str = "out") -> None:
+    """Fail before any work when `uri` (the value of `setting`) cannot be written: missing
+    bucket, no access, no endpoint."""
     fs, path = filesystem(uri, storage_options)
     try:
         if _is_local_fs(fs):
@@ -149,12 +150,12 @@ def check_writable(uri: str, storage_options: dict | None = None, option: str = 
         fs.rm_file(probe)
     except FileNotFoundError:
         bucket = path.split("/", 1)[0]
-        raise ConfigError(f"{option} {redact(uri)}: bucket '{bucket}' does not exist") from None
+        raise ConfigError(f"{named(setting)} {redact(uri)}: bucket '{bucket}' does not exist") from None
     except PermissionError as exc:
-        raise ConfigError(f"{option} {redact(uri)}: access denied, check the credentials "
+        raise ConfigError(f"{named(setting)} {redact(uri)}: access denied, check the credentials "
                           f"({describe(exc)})") from None
     except Exception as exc:  # every backend raises its own kinds
-        raise ConfigError(f"{option} {redact(uri)}: cannot write there ({describe(exc)})") from None
+        raise ConfigError(f"{named(setting)} {redact(uri)}: cannot write there ({describe(exc)})") from None
 
 
 # How long a job waits out an unreachable or overloaded store before it stops (and can be

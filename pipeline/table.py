@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.filters import sql_equals
 from pipeline.lance_io import create_table, table_uri
 from pipeline.writer import list_shards, shards_dataset
@@ -48,12 +48,12 @@ def open_table(db_uri: str, name: str, storage_options: dict | None = None):
     new empty folder."""
     if storage.is_local(db_uri) and not os.path.isdir(storage.filesystem(db_uri)[1]):
         raise ConfigError(f"{db_uri}: no database there (a LanceDB database is a folder made by "
-                          "`altclip embed ... --db DB` or `altclip load OUT --db DB`)")
+                          f"an embed run given {named('db')}, or a load)")
     db = connect(db_uri, storage_options)
     if name not in db.table_names():
         raise ConfigError(
             f"{db_uri} has no table '{name}' (tables: {', '.join(db.table_names()) or 'none'}); "
-            "load embeddings with `altclip load OUT --db DB` or name another with --table NAME"
+            f"load embeddings into it first, or name another with {named('table_name')}"
         )
     return db.open_table(name)
 
@@ -74,8 +74,8 @@ def table_provenance(table) -> dict | None:
     return provenance_of(table.schema)
 
 
-def check_vector_dtype(table, vector_dtype: str, brought_by: str = "--vector-dtype") -> None:
-    """Refuse vectors of one `--vector-dtype` for a table of the other (`brought_by`: the option,
+def check_vector_dtype(table, vector_dtype: str, brought_by: str = "vector_dtype") -> None:
+    """Refuse vectors of one `vector_dtype` for a table of the other (`brought_by`: the setting,
     or "outputs" for outputs being loaded).
 
     LanceDB would take them, cast to the table's type without a word (both ways, measured), so
@@ -90,10 +90,10 @@ def check_vector_dtype(table, vector_dtype: str, brought_by: str = "--vector-dty
     if brought_by == "outputs":
         raise ConfigError(f"table '{table.name}' holds {held} vectors, the outputs {vector_dtype} "
                           "ones (a table holds one vector type): load them into another table "
-                          "with --table NAME")
-    raise ConfigError(f"{brought_by} {vector_dtype}: table '{table.name}' holds {held} vectors (a "
-                      f"table holds one vector type): rerun with {brought_by} {held}, or embed "
-                      "into another table with --table NAME")
+                          f"with {named('table_name')}")
+    raise ConfigError(f"{named(brought_by)} {vector_dtype}: table '{table.name}' holds {held} vectors (a "
+                      f"table holds one vector type): rerun with {named(brought_by)} {held}, or embed "
+                      f"into another table with {named('table_name')}")
 
 
 def ensure_table(db_uri: str, name: str, schema: pa.Schema, storage_options: dict | None = None) -> dict:
@@ -108,7 +108,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
     """Upsert every output row into the table by `id` (created on first load), then index it."""
     shards = list_shards(out, storage_options)
     if not shards:
-        raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): run `altclip embed` first")
+        raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): embed into it first")
     dataset = shards_dataset(shards, storage_options)
     db = connect(db_uri, storage_options)
     if name in db.table_names():
@@ -117,7 +117,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         if existing and incoming and _model_of(existing) != _model_of(incoming):
             raise ConfigError(
                 f"table '{name}' holds vectors of {_model_of(existing)}, the outputs are from "
-                f"{_model_of(incoming)}: load them into another table with --table NAME"
+                f"{_model_of(incoming)}: load them into another table with {named('table_name')}"
             )
         check_vector_dtype(table, vector_dtype_of(dataset.schema), "outputs")
         # Vectors of failed rows are null: keep the row ("null"), never drop it.

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, named
 from pipeline.summary import SUMMARY_NAME
 from schemas.manifest import ID, IMAGE
 from schemas.embeddings import (
@@ -116,8 +116,8 @@ def check_output_vector_dtype(out: str, vector_dtype: str, storage_options: dict
     if previous is not None and previous["vector_dtype"] != vector_dtype:
         held = previous["vector_dtype"]
         raise ConfigError(
-            f"--vector-dtype {vector_dtype}: --out {out} holds {held} vectors; rerun with "
-            f"--vector-dtype {held}, choose another --out, or pass --overwrite to replace them"
+            f"{named('vector_dtype')} {vector_dtype}: {named('out')} {out} holds {held} vectors; rerun with "
+            f"{named('vector_dtype')} {held}, choose another {named('out')}, or pass {named('overwrite')} to replace them"
         )
 
 

@@ -157,7 +157,7 @@ def test_lancedb_names_everywhere(db, tmp_path):
     assert "use altclip sql DB QUERY" in result.stderr
     result = altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "o", "--table",
                      tmp_path / "db", expect_exit=1)
-    assert "a table name is letters, digits" in result.stderr and "--db DB" in result.stderr
+    assert "a table name is letters, digits" in result.stderr and "given as --db" in result.stderr
     assert not (tmp_path / "db").exists() and not (tmp_path / "o").exists()
     result = altclip("sql", "SELECT 1", expect_exit=2)
     assert "altclip sql DB QUERY, and/or --parquet OUT" in result.stderr

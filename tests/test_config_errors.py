@@ -64,3 +64,40 @@ def test_search_options_are_checked(tmp_path):
     assert "--nprobes 0: must be at least 1" in result.stderr
     result = altclip("search", tmp_path / "db", "--text", "un gato", "--refine-factor", "-2", expect_exit=1)
     assert "--refine-factor -2: must be at least 1" in result.stderr
+
+
+def test_a_library_error_names_settings_and_the_cli_their_flags():
+    """The library's message names what a caller passes (`vector_dtype`); each command shows
+    what sets it there: --out on embed, OUT on load; a value quoting a column stays as it is."""
+    import click
+
+    from jobs.options import in_cli_terms
+    from pipeline.config import ConfigError, EmbedConfig, named
+
+    with pytest.raises(ConfigError) as refused:
+        EmbedConfig(manifest="m.parquet", out="o", vector_dtype="bfloat16", retry_kinds=("flaky",))
+    assert str(refused.value) == "`vector_dtype` bfloat16: choose one of float32, float16"
+
+    error = ConfigError(f"{named('out')} o holds float32 vectors; rerun with "
+                        f"{named('vector_dtype')} float32 (filter: `caption` = 'x')")
+    shown = {}
+
+    @click.command()
+    @click.option("--out")
+    @click.option("--vector-dtype")
+    def embed(out, vector_dtype):
+        shown["embed"] = in_cli_terms(error)
+
+    @click.command()
+    @click.argument("out")
+    def load(out):
+        shown["load"] = in_cli_terms(error)
+
+    embed.main(["--out", "o"], standalone_mode=False)
+    load.main(["o"], standalone_mode=False)
+    assert shown == {
+        "embed": "--out o holds float32 vectors; rerun with --vector-dtype float32 (filter: `caption` = 'x')",
+        "load": "OUT o holds float32 vectors; rerun with --vector-dtype float32 (filter: `caption` = 'x')",
+    }
+    assert str(error) == ("`out` o holds float32 vectors; rerun with `vector_dtype` float32 "
+                          "(filter: `caption` = 'x')")

@@ -424,7 +424,7 @@ def test_rayservice_serve_config():
         ports = {p["name"]: p["containerPort"] for c in containers(g) for p in c.get("ports", [])}
         assert ports.get("serve") == port, group
 
-    with pytest.raises(ConfigError, match="replicas '0'"):
+    with pytest.raises(ConfigError, match="`replicas` '0'"):
         serve_ray.parse_options({**application["args"], "replicas": "0"})
 
 

@@ -239,8 +239,8 @@ def test_generated_outputs_export_every_complete_row_once_in_order(tmp_path, see
 
 def test_what_cannot_be_exported_is_refused_before_writing(tmp_path):
     dest = tmp_path / "dest"
-    with pytest.raises(ConfigError, match="holds no embeddings \\(no part-\\*.parquet\\): run "
-                                          "`altclip embed` first"):
+    with pytest.raises(ConfigError, match="holds no embeddings \\(no part-\\*.parquet\\): embed "
+                                          "into it first"):
         export_embedding_reader(str(tmp_path / "nothing"), str(dest))
     failed = tmp_path / "failed"
     _write_output(failed, [[_row("a", 1, image=False, text=False)]], "float32")

@@ -4,6 +4,7 @@ through others (an import inside a function counts: it is a dependency all the s
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,3 +68,85 @@ def test_the_check_sees_imports():
     graph = _graph()
     assert "pipeline.provenance" in graph["jobs.embed"] and "jobs.options" in graph["jobs.cli"]
     assert "pipeline.storage" in graph["pipeline.fetch"]  # `from pipeline import storage`
+
+
+# --- Library errors speak of values; the CLI names the flags ----------------------------------
+
+FLAG = re.compile(r"--[a-z][a-z-]*")
+
+
+def _commands():
+    """Every `altclip` command, the subcommands of a group included."""
+    import click
+
+    from jobs.cli import COMMANDS, main
+
+    ctx = click.Context(main)
+    commands = [main.get_command(ctx, name) for name in COMMANDS]
+    return commands + [sub for group in commands if isinstance(group, click.Group)
+                       for sub in group.commands.values()]
+
+
+def _config_errors() -> list[tuple[str, ast.Call]]:
+    """Every `raise ConfigError(...)` of the library, with where it is."""
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("jobs."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ConfigError" and node.args:
+                found.append((f"{path.relative_to(REPO)}:{node.lineno}", node))
+    return found
+
+
+def _literal_text(node: ast.AST) -> str:
+    """The literal parts of a message (an f-string's constants; a value stands as {})."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(_literal_text(part) if isinstance(part, ast.Constant) else "{}"
+                       for part in node.values)
+    return ""
+
+
+def _named_settings() -> dict[str, str]:
+    """setting -> where, for each `named("setting")` in the library, and the settings given as
+    strings to the helpers that name them (`require("image_col", ...)`, ...)."""
+    found = {}
+    for name, path in _modules().items():
+        if name.startswith("jobs."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "named"
+                    and isinstance(node.args[0], ast.Constant)):
+                found[node.args[0].value] = f"{path.relative_to(REPO)}:{node.lineno}"
+    return found
+
+
+def test_library_errors_name_no_flags():
+    """A library error names settings as their callers pass them (`named("vector_dtype")`); the
+    CLI turns each into its flag (jobs/options.in_cli_terms). A flag written into a library
+    message would read wrong to a caller of the library, and in any command whose flag differs."""
+    flags = {opt for command in _commands() for param in command.params
+             for opt in getattr(param, "opts", ())}
+    assert {"--vector-dtype", "--out", "--table"} <= flags
+    errors = _config_errors()
+    assert len(errors) > 40  # the walk sees them
+    wrong = [f"{where}: {text!r}" for where, node in errors
+             for text in [_literal_text(node.args[0])]
+             if set(FLAG.findall(text)) & flags or "altclip " in text]
+    assert not wrong, wrong
+
+
+def test_every_setting_a_library_error_names_is_an_option_of_a_command():
+    """Each setting named in a message is an option or argument of some `altclip` command, so the
+    CLI has a flag to show for it (a typo in a name would show a flag that does not exist)."""
+    spellings = set()
+    for command in _commands():
+        for param in command.params:
+            spellings.add(param.name)
+            spellings.update(opt.lstrip("-").replace("-", "_") for opt in getattr(param, "opts", ()))
+    named = _named_settings()
+    assert {"vector_dtype", "out", "model", "towers"} <= set(named)  # the walk sees them
+    unknown = {setting: where for setting, where in named.items() if setting not in spellings}
+    assert not unknown, unknown

@@ -202,7 +202,7 @@ def test_app_args_as_serve_run_and_a_rayservice_give_them():
                                                                   "num_gpus": 0}))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"]["num_gpus"] == 0
-    for args, message in (({"db": "d", "replicas": "0"}, "replicas '0': give N"),
+    for args, message in (({"db": "d", "replicas": "0"}, "`replicas` '0': give N"),
                           ({"db": "d", "replicas": "3,2"}, "0 <= MIN <= MAX"),
                           ({"db": "d", "tabel": "x"}, "tabel: Extra inputs are not permitted"),
                           ({"table": "x"}, "db: Field required"),

@@ -183,14 +183,14 @@ def test_report_reads_float16_outputs(twins):
 
 
 def test_one_output_and_one_table_hold_one_vector_type(twins, tiny_model):
-    with pytest.raises(ConfigError, match="--vector-dtype bfloat16: choose one of float32, float16"):
+    with pytest.raises(ConfigError, match="`vector_dtype` bfloat16: choose one of float32, float16"):
         EmbedConfig(manifest="m.parquet", out="out", vector_dtype="bfloat16")
     manifest = str(twins / "manifest.parquet")
     out32 = str(twins / "out-float32")
     shards = list_shards(out32)
     # Resuming float32 outputs as float16 is refused before any work.
-    with pytest.raises(ConfigError, match=r"--vector-dtype float16: --out .* holds float32 vectors; "
-                                          r"rerun with --vector-dtype float32"):
+    with pytest.raises(ConfigError, match=r"`vector_dtype` float16: `out` .* holds float32 vectors; "
+                                          r"rerun with `vector_dtype` float32"):
         run_embed(EmbedConfig(manifest=manifest, out=out32, model=tiny_model, dtype="float32",
                               vector_dtype="float16", progress="quiet"))
     assert list_shards(out32) == shards
@@ -198,8 +198,8 @@ def test_one_output_and_one_table_hold_one_vector_type(twins, tiny_model):
     # A table of one type takes no vectors of the other: not from reembed, not from a load.
     db32 = str(twins / "db-float32")
     version = lancedb.connect(db32).open_table("embeddings").version
-    with pytest.raises(ConfigError, match="--vector-dtype float16: table 'embeddings' holds float32 "
-                                          "vectors .* rerun with --vector-dtype float32"):
+    with pytest.raises(ConfigError, match="`vector_dtype` float16: table 'embeddings' holds float32 "
+                                          "vectors .* rerun with `vector_dtype` float32"):
         run_reembed(ReembedConfig(EmbedConfig(manifest=manifest, out="", db=db32, model=tiny_model,
                                               dtype="float32", vector_dtype="float16")))
     with pytest.raises(ConfigError, match="holds float32 vectors, the outputs float16 ones"):
