@@ -21,8 +21,11 @@ def run_load(config: LoadConfig) -> dict:
 def load_command(outputs, db, table_name, storage_options):
     """Load the outputs of `embed` into a table.
 
-    The Parquet shards in OUTPUTS are upserted by id."""
+    The Parquet shards in OUTPUTS are upserted by id; shards this table already took from
+    OUTPUTS are not loaded again."""
     config = run_job(lambda: LoadConfig(outputs, db, table_name, parse_storage_options(storage_options)))
     result = run_job(run_load, config)
     click.echo(f"table: {result['uri']} '{result['name']}' ({result['rows']} rows: "
-               f"{result['inserted']} inserted, {result['updated']} updated; version {result['version']})")
+               f"{result['inserted']} inserted, {result['updated']} updated; version {result['version']})"
+               + (f"; {result['shards_already_loaded']} shards already loaded"
+                  if result.get("shards_already_loaded") else ""))

@@ -105,14 +105,22 @@ def ensure_table(db_uri: str, name: str, schema: pa.Schema, storage_options: dic
 
 
 def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None = None) -> dict:
-    """Upsert every output row into the table by `id` (created on first load), then index it."""
+    """Upsert the output rows into the table by `id` (created on first load), then index it.
+
+    Only shards this table has not taken from `out` before are upserted (see `_loaded_shards`):
+    a resumed or extended run loads its new rows, not the whole outputs again, and the rows
+    already indexed stay in the index until it is rebuilt."""
     shards = list_shards(out, storage_options)
     if not shards:
         raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): embed into it first")
-    dataset = shards_dataset(shards, storage_options)
+    # The record outlives the command: a relative folder would mean nothing from elsewhere.
+    where = os.path.abspath(out) if storage.is_local(out) and "://" not in out else storage.redact(out)
     db = connect(db_uri, storage_options)
     if name in db.table_names():
         table = db.open_table(name)
+        loaded = _loaded_shards(db, name, table, where)
+        new = [s for s in shards if _shard_name(s) not in loaded]
+        dataset = shards_dataset(new or shards[:1], storage_options)
         existing, incoming = table_provenance(table), provenance_of(dataset.schema)
         if existing and incoming and _model_of(existing) != _model_of(incoming):
             raise ConfigError(
@@ -120,6 +128,9 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
                 f"{_model_of(incoming)}: load them into another table with {named('table_name')}"
             )
         check_vector_dtype(table, vector_dtype_of(dataset.schema), "outputs")
+        if not new:  # nothing new since this table last took these outputs: no new version
+            return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": 0,
+                    "updated": 0, "version": table.version, "shards_already_loaded": len(shards)}
         # Vectors of failed rows are null: keep the row ("null"), never drop it.
         result = (
             table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
@@ -127,15 +138,55 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         )
         inserted, updated = result.num_inserted_rows, result.num_updated_rows
     else:
-        inserted, updated = create_table(db_uri, name, shards, dataset.schema, storage_options), 0
+        new = shards
+        schema = shards_dataset(shards, storage_options).schema
+        inserted, updated = create_table(db_uri, name, shards, schema, storage_options), 0
         table = db.open_table(name)
     index_table(table)
-    # The record outlives the command: a relative folder would mean nothing from elsewhere.
-    where = os.path.abspath(out) if storage.is_local(out) and "://" not in out else storage.redact(out)
-    record_run(db, name, table.version, {"job": "load", "outputs": where,
-                                         "inserted": inserted, "updated": updated})
+    record_run(db, name, table.version, {
+        "job": "load", "outputs": where, "inserted": inserted, "updated": updated,
+        "version_time": _version_time(table), "shards": [_shard_name(s) for s in new]})
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": inserted,
-            "updated": updated, "version": table.version}
+            "updated": updated, "version": table.version,
+            "shards_already_loaded": len(shards) - len(new)}
+
+
+def _loaded_shards(db, name: str, table, where: str) -> set[str]:
+    """The shards of the outputs at `where` whose rows the table holds as loaded, by the runs'
+    records: the shards of the loads of `where` since the last job that wrote rows from
+    anywhere else (a load of other outputs, a reembed), whose rows may have replaced them.
+
+    Shards are never changed once published (a rewrite publishes a new name), so a shard loaded
+    once needs no second load. A record counts only while its version is still the table's,
+    with the same time: a `table restore` to before it drops it (and every later record), and so
+    does a table dropped and made again under the same name. Changes made by other tools than
+    ours are not seen: they are not recorded."""
+    if _runs_name(name) not in db.table_names():
+        return set()
+    runs = db.open_table(_runs_name(name)).to_arrow().sort_by("table_version").to_pylist()
+    versions = {v["version"]: v["timestamp"].isoformat() for v in table.list_versions()}
+    loads: list[tuple[int, dict]] = []  # loads of `where` since rows last came from elsewhere
+    for run in runs:
+        version, details = run["table_version"], json.loads(run["details"])
+        if details.get("job") == "restore":
+            loads = [(v, d) for v, d in loads if v <= details["restored_version"]]
+        elif details.get("job") == "load" and details.get("outputs") == where:
+            loads.append((version, details))
+        elif details.get("job") not in ("classify", "dedup"):  # these write only their own columns
+            loads = []
+    return {shard for version, details in loads
+            if versions.get(version) == details.get("version_time")
+            for shard in details.get("shards", ())}
+
+
+def _shard_name(shard: str) -> str:
+    return shard.rsplit("/", 1)[-1]
+
+
+def _version_time(table) -> str:
+    """When the table's current version was made: with its number, it names that version even
+    after the table is dropped and made again (numbers restart, times do not)."""
+    return {v["version"]: v["timestamp"].isoformat() for v in table.list_versions()}[table.version]
 
 
 def _with_dedup_cleared(table, rows: pa.Table | pa.RecordBatchReader):

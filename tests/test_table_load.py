@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import lancedb
 import numpy as np
@@ -14,8 +15,9 @@ import pytest
 
 from pipeline import lance_io
 from pipeline.lance_io import SHARDS_PER_TASK
-from pipeline.table import load_outputs, table_provenance
-from pipeline.writer import outputs_dataset, write_shard
+from pipeline.table import load_outputs, restore_version, table_provenance
+from pipeline.writer import outputs_dataset, remove_duplicate_rows, write_shard
+from tests.conftest import altclip
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
 
 DIM = 8
@@ -78,11 +80,14 @@ def test_a_first_load_is_written_by_tasks_and_equals_the_outputs(outputs, ray_se
         pc.is_null(expected.column(IMAGE_EMBEDDING))).as_py() > 0
     assert table.count_rows(f"{TEXT_EMBEDDING} IS NOT NULL") == 0
 
+    # Loaded again unchanged: nothing to upsert, no new version, nothing recorded.
+    version = table.version
     again = load_outputs(str(outputs), str(tmp_path / "db"), "embeddings")
-    assert (again["inserted"], again["updated"], again["rows"]) == (0, expected.num_rows, expected.num_rows)
-    assert _rows(table).select(expected.column_names).equals(expected)
+    assert (again["inserted"], again["updated"], again["rows"]) == (0, 0, expected.num_rows)
+    assert again["shards_already_loaded"] == len(list(outputs.glob("part-*.parquet")))
+    assert again["version"] == table.version == version
     runs = lancedb.connect(str(tmp_path / "db")).open_table("embeddings__runs").to_arrow().to_pylist()
-    assert [json.loads(r["details"])["inserted"] for r in runs] == [expected.num_rows, 0]
+    assert [json.loads(r["details"])["inserted"] for r in runs] == [expected.num_rows]
 
 
 def test_without_ray_the_driver_writes_the_same_table(outputs, tmp_path, monkeypatch):
@@ -112,3 +117,83 @@ def test_a_vector_holding_nan_is_loaded_as_null(tmp_path, ray_session):
     assert rows["row-000001"][IMAGE_EMBEDDING] is None and rows["row-000003"][IMAGE_EMBEDDING] is None
     assert all(rows[i][IMAGE_EMBEDDING] == vectors[n] for n, i in enumerate(sorted(rows))
                if vectors[n] is not None and n not in (1, 3))
+
+
+def test_a_later_load_upserts_only_the_shards_the_table_has_not_taken(outputs, tmp_path):
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    shutil.copytree(outputs, out)
+    load_outputs(str(out), db, "embeddings")
+    table = lancedb.connect(db).open_table("embeddings")
+    before = _rows(table)
+    # A resumed run adds rows; a retry publishes new copies of some (older copies removed).
+    rng = np.random.default_rng(11)
+    write_shard(str(out), _shard(rng, 10_000, 25))
+    write_shard(str(out), _shard(rng, 5, 4))  # row-000005..08 again, newer
+    assert remove_duplicate_rows(str(out)) == 4
+    result = load_outputs(str(out), db, "embeddings")
+    # The new rows, the retried rows, and the rest of the one shard the retry rewrote.
+    rewritten = 40 - 4  # the shard of row-000000..39 lost four rows: published again under a new name
+    assert (result["inserted"], result["updated"]) == (25, 4 + rewritten)
+    expected = outputs_dataset(str(out)).to_table().sort_by("id")
+    table = lancedb.connect(db).open_table("embeddings")  # a handle sees the version it opened
+    assert _rows(table).select(expected.column_names).to_pylist() == expected.to_pylist()
+    assert before.num_rows + 25 == expected.num_rows
+
+
+def _a_row_per_id(out) -> dict:
+    return {row["id"]: row for row in outputs_dataset(str(out)).to_table().to_pylist()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_after_any_history_a_load_leaves_the_table_holding_the_outputs_rows(tmp_path, seed):
+    """Random histories of two outputs loaded into one table: runs adding rows, retries
+    replacing rows, loads of either, restores to any earlier version, the table dropped and
+    made again. After each load of X, every row of X is in the table as X holds it, as if
+    every row had been upserted."""
+    rng = np.random.default_rng(seed)
+    db = str(tmp_path / "db")
+    outs = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    for out in outs.values():
+        out.mkdir()
+        write_shard(str(out), _shard(rng, 0, int(rng.integers(5, 30))))
+    for step in range(30):
+        action = rng.choice(["add", "retry", "load", "restore", "drop"], p=[.25, .1, .45, .15, .05])
+        out = outs[rng.choice(["a", "b"])]
+        if action in ("add", "retry"):  # a run or a retry, ending as every run does
+            if action == "add":  # rows new or not, some of the other outputs' ids
+                start, rows = int(rng.integers(0, 400)), int(rng.integers(1, 20))
+            else:  # new copies of rows this outputs holds
+                ids = sorted(_a_row_per_id(out))
+                start, rows = int(ids[int(rng.integers(0, len(ids)))].split("-")[1]), 3
+            write_shard(str(out), _shard(rng, start, rows))
+            remove_duplicate_rows(str(out))
+        elif action == "restore" and os.path.exists(f"{db}/embeddings.lance"):
+            versions = [v["version"] for v in lancedb.connect(db).open_table("embeddings").list_versions()]
+            restore_version(db, "embeddings", int(rng.choice(versions[:-1] or versions)))
+        elif action == "drop" and os.path.exists(f"{db}/embeddings.lance"):
+            lancedb.connect(db).drop_table("embeddings")  # its record of runs stays behind
+        elif action == "load":
+            load_outputs(str(out), db, "embeddings")
+            held = {row["id"]: row for row in lancedb.connect(db).open_table("embeddings")
+                    .to_arrow().to_pylist()}
+            for id_, row in _a_row_per_id(out).items():
+                assert {k: held[id_][k] for k in row} == row, (step, action, id_)
+
+
+def test_altclip_load_says_which_shards_it_had_loaded_before(outputs, tmp_path):
+    altclip("load", outputs, "--db", tmp_path / "db")
+    again = altclip("load", outputs, "--db", tmp_path / "db")
+    shards = len(list(outputs.glob("part-*.parquet")))
+    assert "0 inserted, 0 updated" in again.output
+    assert f"{shards} shards already loaded" in again.output
+
+
+def test_a_restore_to_before_a_load_makes_the_next_load_take_its_shards_again(outputs, tmp_path):
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    shutil.copytree(outputs, out)
+    first = load_outputs(str(out), db, "embeddings")["version"]
+    write_shard(str(out), _shard(np.random.default_rng(5), 10_000, 12))
+    assert load_outputs(str(out), db, "embeddings")["inserted"] == 12
+    restore_version(db, "embeddings", first)  # the 12 rows are gone from the table
+    assert load_outputs(str(out), db, "embeddings")["inserted"] == 12
+    assert lancedb.connect(db).open_table("embeddings").count_rows() == outputs_dataset(str(out)).count_rows()
