@@ -38,7 +38,7 @@ def table_index_command(db, table_name, recall_queries, storage_options):
     Full-text on captions; an ANN index per vector column once it holds enough vectors, with
     its recall@10 against exact search on a sample of the table's own vectors."""
     table = run_job(open_table, db, table_name, parse_storage_options(storage_options))
-    built = run_job(index_table, table)
+    built = run_job(lambda: index_table(table, retrain=True))
     for column, info in built.items():
         click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
                    f"{info['vectors']} vectors")

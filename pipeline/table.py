@@ -22,6 +22,11 @@ from schemas.table import (
     ROWS_PER_PARTITION,
 )
 
+# See index_table: an ANN index takes rows added after it was built as segments of their own,
+# until they are this share of the rows it was trained on, or it has this many segments.
+RETRAIN_SHARE = 0.2
+MAX_INDEX_SEGMENTS = 8
+
 # The columns `altclip dedup` marks near-duplicates with, per side (pipeline/dedup.py): the id of
 # the kept row a row duplicates, the cosine to it, and whether the row was checked. Named here
 # because an upsert must clear them (see `_with_dedup_cleared`).
@@ -359,23 +364,59 @@ def full_text_query(text: str) -> str:
     return f" {text} "
 
 
-def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION) -> dict:
+def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bool = False) -> dict:
     """Full-text index on captions; an ANN index per vector column once exact search gets slow.
 
-    Captions are indexed as character n-grams (see FULL_TEXT_NGRAM_LENGTHS), rebuilt each time,
-    so an older whitespace-split index is replaced by the next load or `table index`.
+    Captions are indexed as character n-grams (see FULL_TEXT_NGRAM_LENGTHS); a table indexed
+    another way (an older whitespace-split index) gets a new index.
     Below ANN_INDEX_MIN_ROWS vectors a search compares every row: exact, and fast at that size.
     Above it, IVF partitions of about 4,096 vectors each (sqrt-like growth keeps both the
     partition scan and the centroid search small), HNSW inside each partition, cosine.
+
+    Rows a load or reembed added since an index was built go into it as they are: a new segment
+    over the partitions it trained, which takes seconds where training takes minutes at scale.
+    Once those rows pass RETRAIN_SHARE of the trained ones, or the segments MAX_INDEX_SEGMENTS,
+    or with `retrain`, the index is built again from all the vectors.
     """
-    table.create_index(FULL_TEXT_COLUMN, config=_full_text_config(), replace=True)
+    fts = full_text_index(table)
+    if fts is not None and full_text_index_is_current(fts) and not retrain:
+        _add_to_index(table, fts.name)
+    else:
+        table.create_index(FULL_TEXT_COLUMN, config=_full_text_config(), replace=True)
     built = {}
     for column in VECTOR_COLUMNS:
         vectors = table.count_rows(f"{column} IS NOT NULL")
         if vectors < ANN_INDEX_MIN_ROWS:
+            continue
+        segments = None if retrain else _ann_segments(table, column)
+        if segments and segments["added"] <= RETRAIN_SHARE * segments["trained"] \
+                and segments["segments"] < MAX_INDEX_SEGMENTS:
+            _add_to_index(table, segments["name"])
+            built[column] = {"vectors": vectors, "partitions": segments["partitions"],
+                             "added": segments["added"]}
             continue
         partitions = max(1, min(4096, vectors // rows_per_partition))
         table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
                            num_partitions=partitions, replace=True)
         built[column] = {"vectors": vectors, "partitions": partitions}
     return built
+
+
+def _ann_segments(table, column: str) -> dict | None:
+    """The ANN index on `column` as segments: the rows it was trained on (its first segment),
+    the rows added since (later segments and rows in none), and its partitions."""
+    for index in table.list_indices():
+        if list(index.columns) == [column] and index.index_type != "FTS":
+            stats = table.to_lance().stats.index_stats(index.name)
+            per_segment = stats["num_indexed_rows_per_delta"]
+            return {"name": index.name, "trained": per_segment[0], "segments": len(per_segment),
+                    "added": sum(per_segment[1:]) + stats["num_unindexed_rows"],
+                    "partitions": stats["segments"][0]["num_partitions"]}
+    return None
+
+
+def _add_to_index(table, name: str) -> None:
+    """The rows an index lacks, indexed as a segment of their own (num_indices_to_merge=0:
+    merging segments rebuilds every partition, and left an IVF index of one partition)."""
+    table.to_lance().optimize.optimize_indices(index_names=[name], num_indices_to_merge=0)
+    table.checkout_latest()  # the change was made through another handle

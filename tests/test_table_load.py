@@ -197,3 +197,53 @@ def test_a_restore_to_before_a_load_makes_the_next_load_take_its_shards_again(ou
     restore_version(db, "embeddings", first)  # the 12 rows are gone from the table
     assert load_outputs(str(out), db, "embeddings")["inserted"] == 12
     assert lancedb.connect(db).open_table("embeddings").count_rows() == outputs_dataset(str(out)).count_rows()
+
+
+def _ann_segments(db: str) -> list[int]:
+    """Rows per segment of the image column's ANN index, and the rows it lacks."""
+    stats = lancedb.connect(db).open_table("embeddings").to_lance().stats.index_stats(
+        f"{IMAGE_EMBEDDING}_idx")
+    return stats["num_indexed_rows_per_delta"] + [stats["num_unindexed_rows"]]
+
+
+def test_rows_a_load_adds_join_the_ann_index_as_a_segment_until_it_is_worth_training_again(tmp_path):
+    from pipeline.table import RETRAIN_SHARE
+
+    rng = np.random.default_rng(2)
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    out.mkdir()
+    write_shard(str(out), _shard(rng, 0, 8_000))
+    load_outputs(str(out), db, "embeddings")
+    trained = _ann_segments(db)
+    assert len(trained) == 2 and trained[-1] == 0  # one segment, every vector in it
+
+    added = write_shard(str(out), _shard(rng, 100_000, 300))
+    load_outputs(str(out), db, "embeddings")
+    segments = _ann_segments(db)
+    assert segments[0] == trained[0] and len(segments) == 3 and segments[-1] == 0
+    # The new rows are found through the index, each its own nearest row.
+    table = lancedb.connect(db).open_table("embeddings")
+    new_rows = pa.parquet.read_table(out / added).filter(pc.is_valid(pa.parquet.read_table(out / added)
+                                                                     .column(IMAGE_EMBEDDING)))
+    for row in new_rows.slice(0, 20).to_pylist():
+        hit = table.search(row[IMAGE_EMBEDDING], vector_column_name=IMAGE_EMBEDDING) \
+            .metric("cosine").nprobes(8).limit(1).to_arrow()
+        assert hit.column("id")[0].as_py() == row["id"]
+
+    # Past RETRAIN_SHARE of the trained rows the index is trained again on all of them.
+    write_shard(str(out), _shard(rng, 200_000, int(RETRAIN_SHARE * 8_000) + 100))
+    load_outputs(str(out), db, "embeddings")
+    assert len(_ann_segments(db)) == 2 and _ann_segments(db)[0] > trained[0]
+
+
+def test_table_index_trains_the_indexes_again(tmp_path):
+    rng = np.random.default_rng(4)
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    out.mkdir()
+    write_shard(str(out), _shard(rng, 0, 7_000))
+    load_outputs(str(out), db, "embeddings")
+    write_shard(str(out), _shard(rng, 100_000, 200))
+    load_outputs(str(out), db, "embeddings")
+    assert len(_ann_segments(db)) == 3
+    altclip("table", "index", db, "--recall-queries", "0")
+    assert len(_ann_segments(db)) == 2
