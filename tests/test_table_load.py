@@ -206,14 +206,20 @@ def _ann_segments(db: str) -> list[int]:
     return stats["num_indexed_rows_per_delta"] + [stats["num_unindexed_rows"]]
 
 
+def _indexed_table(tmp_path, rng, rows: int):
+    """Outputs of `rows` rows loaded into a new table, which trains its ANN index on them."""
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    out.mkdir()
+    write_shard(str(out), _shard(rng, 0, rows))
+    load_outputs(str(out), db, "embeddings")
+    return out, db
+
+
 def test_rows_a_load_adds_join_the_ann_index_as_a_segment_until_it_is_worth_training_again(tmp_path):
     from pipeline.table import RETRAIN_SHARE
 
     rng = np.random.default_rng(2)
-    out, db = tmp_path / "out", str(tmp_path / "db")
-    out.mkdir()
-    write_shard(str(out), _shard(rng, 0, 8_000))
-    load_outputs(str(out), db, "embeddings")
+    out, db = _indexed_table(tmp_path, rng, 8_000)
     trained = _ann_segments(db)
     assert len(trained) == 2 and trained[-1] == 0  # one segment, every vector in it
 
@@ -238,10 +244,7 @@ def test_rows_a_load_adds_join_the_ann_index_as_a_segment_until_it_is_worth_trai
 
 def test_table_index_trains_the_indexes_again(tmp_path):
     rng = np.random.default_rng(4)
-    out, db = tmp_path / "out", str(tmp_path / "db")
-    out.mkdir()
-    write_shard(str(out), _shard(rng, 0, 7_000))
-    load_outputs(str(out), db, "embeddings")
+    out, db = _indexed_table(tmp_path, rng, 7_000)
     write_shard(str(out), _shard(rng, 100_000, 200))
     load_outputs(str(out), db, "embeddings")
     assert len(_ann_segments(db)) == 3
