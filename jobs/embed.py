@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from jobs.load import run_load
+from jobs.load import described_load, run_load
 from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job_options,
                           results_on_stdout, run_job)
 from pipeline import storage
@@ -263,8 +263,7 @@ def print_summary(summary: dict) -> None:
     )
     click.echo(f"summary: {summary['summary_uri']}", err=True)
     if "table" in summary:
-        t = summary["table"]
-        click.echo(f"table: {t['uri']} '{t['name']}' ({t['rows']} rows, version {t['version']})", err=True)
+        click.echo(described_load(summary["table"]), err=True)
 
 
 def _bytes(n: float) -> str:

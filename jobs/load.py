@@ -24,8 +24,12 @@ def load_command(outputs, db, table_name, storage_options):
     The Parquet shards in OUTPUTS are upserted by id; shards this table already took from
     OUTPUTS are not loaded again."""
     config = run_job(lambda: LoadConfig(outputs, db, table_name, parse_storage_options(storage_options)))
-    result = run_job(run_load, config)
-    click.echo(f"table: {result['uri']} '{result['name']}' ({result['rows']} rows: "
-               f"{result['inserted']} inserted, {result['updated']} updated; version {result['version']})"
-               + (f"; {result['shards_already_loaded']} shards already loaded"
-                  if result.get("shards_already_loaded") else ""))
+    click.echo(described_load(run_job(run_load, config)))
+
+
+def described_load(result: dict) -> str:
+    """What a load did to the table, in a line (`load`, `embed --db`)."""
+    already = result.get("shards_already_loaded")
+    return (f"table: {result['uri']} '{result['name']}' ({result['rows']} rows: "
+            f"{result['inserted']} inserted, {result['updated']} updated; version {result['version']})"
+            + (f"; {already} shards already loaded" if already else ""))

@@ -108,16 +108,22 @@ def _same(got: dict, expected: dict):
 
 def test_a_finished_job_rerun_does_no_model_work(corpus, tiny_model, uninterrupted, tmp_path):
     out = tmp_path / "out"
-    args = ["embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32"]
-    altclip(*args)
+    args = ["embed", corpus, "--out", out, "--model", tiny_model, "--db", tmp_path / "db",
+            "--dtype", "float32"]
+    first = altclip(*args)
     # 5 image files under 200 rows, one tower actor: each file went through the tower once.
     assert json.loads((out / "summary.json").read_text())["images_reused"] == ROWS - 5
+    assert f"({ROWS} rows: {ROWS} inserted, 0 updated; version" in first.stderr
+    version = first.stderr.split("; version ")[1].split(")")[0]
     shards = sorted(out.glob("part-*.parquet"))
     result = altclip(*args)
     assert f"nothing to do: all {ROWS} rows are already in the output (no model work)" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_embedded"] == 0 and summary["rows_out"] == ROWS
     assert sorted(out.glob("part-*.parquet")) == shards
+    # Nor table work: the table already holds every shard, and keeps its version.
+    assert (f"({ROWS} rows: 0 inserted, 0 updated; version {version}); {len(shards)} shards already "
+            "loaded") in result.stderr
 
     # A shard published twice (a retried write, a late worker of a killed run): one copy stays.
     twice = out / "part-published-twice.parquet"
