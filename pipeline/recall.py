@@ -32,7 +32,7 @@ def index_recall(table, column: str, queries: int = 100, k: int = 10,
     for own_id, vector in sample_vectors(table, column, queries):
         for exact, ids, ms in ((False, found, ann_ms), (True, truth, exact_ms)):
             query = (table.search(vector, vector_column_name=column).distance_type("cosine")
-                     .where(f"{column} IS NOT NULL", prefilter=True).limit(k + 1).select([ID, "_distance"]))
+                     .limit(k + 1).select([ID, "_distance"]))
             query = query.bypass_vector_index() if exact else query.nprobes(nprobes).refine_factor(refine_factor)
             started = time.perf_counter()
             hits = [row[ID] for row in query.to_list()]

@@ -41,17 +41,27 @@ def search(config: SearchConfig) -> list[dict]:
     if config.hybrid:
         _warn_if_full_text_index_is_old(table, config.db)
     column = SEARCH_COLUMNS[config.against or "image"]
-    where = f"{column} IS NOT NULL" + (f" AND ({config.where})" if config.where else "")
+    user_where = f"({config.where})" if config.where else None
     try:
         if config.hybrid:
             # Reciprocal-rank fusion of the vector ranking and the captions' full-text ranking.
+            # The full-text side finds rows by caption alone: those without this vector are
+            # filtered out.
             query = (table.search(query_type="hybrid", vector_column_name=column)
                      .vector(vector).text(full_text_query(config.text)))
+            where = f"{column} IS NOT NULL" + (f" AND {user_where}" if user_where else "")
         else:
+            # A vector search never returns a row whose vector is null (indexed, unindexed or
+            # exact); filtering them out anyway scanned the whole column on every query (about
+            # 325 ms against 8 ms at 100k rows).
             query = (table.search(vector, vector_column_name=column)
                      .nprobes(config.nprobes or SEARCH_NPROBES)
                      .refine_factor(config.refine_factor or SEARCH_REFINE_FACTOR))
-        rows = query.distance_type("cosine").where(where, prefilter=True).limit(config.k).to_list()
+            where = user_where
+        query = query.distance_type("cosine")
+        if where:
+            query = query.where(where, prefilter=True)
+        rows = query.limit(config.k).to_list()
     except Exception as exc:  # LanceDB reports a bad filter as a generic error
         if not config.where:
             raise

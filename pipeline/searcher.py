@@ -146,15 +146,15 @@ class Searcher:
         column = SEARCH_COLUMNS[against]
         view = self.view()
         user_where = filters.where(view.filterable)
-        where = f"{column} IS NOT NULL" + (f" AND {user_where}" if user_where else "")
         shown = [ID, CAPTION, IMAGE, WIDTH, HEIGHT, *view.metadata]
         started = time.perf_counter()
         # With an ANN index, refining re-ranks by the exact distance: the index's own is a
         # quantized squared L2, not the cosine a score is made from.
-        rows = (view.table.search(vector, vector_column_name=column)
-                .distance_type("cosine").nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR)
-                .where(where, prefilter=True)
-                .select([c for c in shown if c in view.names] + ["_distance"]).limit(k).to_list())
+        query = (view.table.search(vector, vector_column_name=column)
+                 .distance_type("cosine").nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR))
+        if user_where:  # rows without this vector are never hits: no filter of ours (see search.py)
+            query = query.where(user_where, prefilter=True)
+        rows = query.select([c for c in shown if c in view.names] + ["_distance"]).limit(k).to_list()
         hits = [_hit(row, view.metadata) for row in rows]
         return {"hits": hits, "count": len(hits), "k": k, "against": against,
                 "where": user_where, "search_ms": round((time.perf_counter() - started) * 1000, 1)}
