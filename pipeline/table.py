@@ -284,7 +284,9 @@ def table_versions(db_uri: str, name: str, storage_options: dict | None = None) 
 
 
 def _described_run(run: dict) -> str:
-    details = ", ".join(f"{k} {v}" for k, v in run.items() if k != "job")
+    # A load's shard names (for the next load, see _loaded_shards) are listed by their count.
+    details = ", ".join(f"{k} {len(v) if isinstance(v, list) else v}" for k, v in run.items()
+                        if k not in ("job", "version_time"))
     return f"{run.get('job')}: {details}" if details else str(run.get("job"))
 
 

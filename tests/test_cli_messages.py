@@ -91,7 +91,10 @@ def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_sess
     hits = altclip("search", folder / "db", "--text", "un gato", "--k", "2", "--json").stdout.splitlines()
     assert len(hits) == 2
     # The load's record names the outputs it read absolutely.
-    assert f"outputs {folder / 'out'}," in altclip("table", "versions", folder / "db2").stdout
+    listing = altclip("table", "versions", folder / "db2").stdout
+    assert f"outputs {folder / 'out'}," in listing
+    shards = len(list((folder / "out").glob("part-*.parquet")))
+    assert f"shards {shards}" in listing and "part-" not in listing  # counted, not listed
 
 
 def test_ctrl_c_says_the_same_command_resumes_and_json_lines_have_stdout_alone(tiny_model, tmp_path):
