@@ -17,6 +17,7 @@ import pytest
 import s3fs
 
 from pipeline.fetch import read_bytes
+from pipeline.table import full_text_index, open_table
 from tests.conftest import SECRET_ACCESS_KEY, _free_port, altclip, read_output
 from tests.corpus import CAPTIONS, odd_images, webdataset_shard, write_corpus
 
@@ -76,6 +77,22 @@ def test_everything_in_s3_equals_the_local_run(s3, tiny_model, local_run, tmp_pa
     assert hits[0]["image"].endswith("images/rgba.png") and hits[0]["score"] > 0.9999
     counted = altclip("sql", "s3://tables/db", "SELECT count(*) AS n FROM embeddings", "--json")
     assert json.loads(counted.stdout) == {"n": len(expected)}
+
+    # A later load on S3 takes only the shard it lacks, into indexes it extends in place.
+    shards = s3.glob("out/run/part-*.parquet")
+    with s3.open(shards[0], "rb") as f:
+        more = pq.read_table(f)
+    more = more.set_column(more.schema.get_field_index("id"), more.schema.field("id"),
+                           pa.array([f"more-{i}" for i in range(more.num_rows)]))
+    pq.write_table(more, tmp_path / "more.parquet")
+    s3.put(str(tmp_path / "more.parquet"), f"out/run/part-{time.time_ns():020d}-more.parquet")
+    loaded = altclip("load", "s3://out/run", "--db", "s3://tables/db").stdout
+    assert f"{more.num_rows} inserted, 0 updated" in loaded and f"{len(shards)} shards already loaded" in loaded
+    counted = altclip("sql", "s3://tables/db", "SELECT count(*) AS n FROM embeddings", "--json")
+    assert json.loads(counted.stdout) == {"n": len(expected) + more.num_rows}
+    table = open_table("s3://tables/db", "embeddings")
+    captions = table.index_stats(full_text_index(table).name)
+    assert (captions.num_indexed_rows, captions.num_unindexed_rows) == (len(expected) + more.num_rows, 0)
 
 
 def test_webdataset_shards_in_s3(s3, tiny_model, local_run):
