@@ -150,7 +150,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
     index_table(table)
     record_run(db, name, table.version, {
         "job": "load", "outputs": where, "inserted": inserted, "updated": updated,
-        "version_time": _version_time(table), "shards": [_shard_name(s) for s in new]})
+        "version_time": _version_times(table)[table.version], "shards": [_shard_name(s) for s in new]})
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": inserted,
             "updated": updated, "version": table.version,
             "shards_already_loaded": len(shards) - len(new)}
@@ -169,7 +169,7 @@ def _loaded_shards(db, name: str, table, where: str) -> set[str]:
     if _runs_name(name) not in db.table_names():
         return set()
     runs = db.open_table(_runs_name(name)).to_arrow().sort_by("table_version").to_pylist()
-    versions = {v["version"]: v["timestamp"].isoformat() for v in table.list_versions()}
+    versions = _version_times(table)
     loads: list[tuple[int, dict]] = []  # loads of `where` since rows last came from elsewhere
     for run in runs:
         version, details = run["table_version"], json.loads(run["details"])
@@ -188,10 +188,10 @@ def _shard_name(shard: str) -> str:
     return shard.rsplit("/", 1)[-1]
 
 
-def _version_time(table) -> str:
-    """When the table's current version was made: with its number, it names that version even
+def _version_times(table) -> dict[int, str]:
+    """When each version of the table was made: with its number, a time names a version even
     after the table is dropped and made again (numbers restart, times do not)."""
-    return {v["version"]: v["timestamp"].isoformat() for v in table.list_versions()}[table.version]
+    return {v["version"]: v["timestamp"].isoformat() for v in table.list_versions()}
 
 
 def _with_dedup_cleared(table, rows: pa.Table | pa.RecordBatchReader):
