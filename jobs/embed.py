@@ -21,7 +21,8 @@ from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
 from pipeline.ids import scan_ids, select_rows
 from pipeline.manifest import open_manifest
 from pipeline.model import resolve_dtype, resolve_model
-from pipeline.plan import configure_ray_data, embed_dataset, ensure_ray, manifest_rows, plan_placement
+from pipeline.plan import (TowerStartWatch, configure_ray_data, embed_dataset, ensure_ray, manifest_rows,
+                           plan_placement)
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.sink import ParquetShardSink
@@ -146,7 +147,8 @@ def run_embed(config: EmbedConfig) -> dict:
     if pending is None or pending > 0:
         rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry, scan.shards)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
-        with _progress(progress_mode, config, counter, pending) as progress:
+        with _progress(progress_mode, config, counter, pending) as progress, \
+                TowerStartWatch(counter, config, placement):
             # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
             # machine, a write asking for one would wait for ever while the stages before it
             # wait on its queue.

@@ -27,6 +27,7 @@ from pipeline.ids import scan_ids
 from pipeline.manifest import open_manifest
 from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import (
+    TowerStartWatch,
     configure_ray_data,
     embed_dataset,
     ensure_ray,
@@ -34,6 +35,7 @@ from pipeline.plan import (
     manifest_rows,
     plan_placement,
 )
+from pipeline.progress import RowCounter
 from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.text import caption_hashes
 from pipeline.timing import pop_figures
@@ -71,14 +73,15 @@ def _stored_state(table) -> tuple[pa.Table, pa.Array]:
     return state, pc.unique(with_vectors.column(IMAGE_SHA256).combine_chunks().drop_null())
 
 
-def _embed(rows: pa.Table, tower: str, config, model, dtype, placement) -> pa.Table:
+def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, counter) -> pa.Table:
     """Run one tower on in-memory rows (id, image, inline bytes, caption) through the same
     stages as the embed job."""
     if not rows.num_rows:
         return pa.table({})
     one_tower = dataclasses.replace(config, towers=(tower,))
     ds = ray.data.from_arrow(rows).repartition(target_num_rows_per_block=config.batch_size)
-    return _collect(embed_dataset(ds, one_tower, model, dtype, placement))
+    with TowerStartWatch(counter, one_tower, placement):
+        return _collect(embed_dataset(ds, one_tower, model, dtype, placement, counter))
 
 
 def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text_results: pa.Table,
@@ -183,8 +186,9 @@ def run_reembed(config: ReembedConfig) -> dict:
         return {"dry_run": True, **summary}
 
     image_input, text_input = _tower_inputs(plan)
-    image_results = _embed(image_input, "image", e, model, dtype, placement)
-    text_results = _embed(text_input, "text", e, model, dtype, placement)
+    counter = RowCounter.remote() if image_input.num_rows or text_input.num_rows else None
+    image_results = _embed(image_input, "image", e, model, dtype, placement, counter)
+    text_results = _embed(text_input, "text", e, model, dtype, placement, counter)
     reused, old_rows = ({}, {}) if table is None or model_stale or not len(plan.upserted) else (
         _kept_from_table(table, current, plan))
     rows = _assemble(current, plan, image_results, text_results, reused, old_rows)

@@ -15,7 +15,7 @@ from pipeline.barrier import per_row
 from pipeline.images import PIXELS
 from pipeline.model import ModelSpec, load_tower, pick_device
 from pipeline.text import INPUT_IDS
-from pipeline.progress import report_progress
+from pipeline.progress import report_progress, report_started
 from pipeline.timing import add_stage_record
 from schemas.embeddings import (
     DEFAULT_VECTOR_DTYPE,
@@ -82,10 +82,13 @@ def accelerator_stats(device: torch.device) -> dict:
 
 class _TowerActor:
     kind: str
+    stage: str  # its name in stage records and in the RowCounter
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
-                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
-        self.progress = progress  # the last actor of the plan tells the job's RowCounter
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, counter=None,
+                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+        # The job's RowCounter hears when this actor is ready and, from the plan's last actor,
+        # the rows it finishes.
+        self.progress = counter if reports_rows else None
         # The towers compute in `dtype`; their vectors are normalised in float32, then stored
         # as `vector_dtype` (queries keep float32).
         self.vector_dtype = vector_dtype
@@ -96,9 +99,10 @@ class _TowerActor:
         self.dtype = dtype
         self.tower = load_tower(self.kind, model.local_dir(), dtype, self.device)
         self.dim = self.tower.projection.out_features
+        report_started(counter, self.stage)
 
     def _finish(self, out: pa.Table, started: float, **counts: int) -> pa.Table:
-        out = add_stage_record(out, f"{self.kind}_tower", time.perf_counter() - started,
+        out = add_stage_record(out, self.stage, time.perf_counter() - started,
                                device=accelerator_stats(self.device) or None, counts=counts or None)
         report_progress(self.progress, out)
         return out
@@ -149,10 +153,11 @@ class ImageEmbedder(_TowerActor):
     image once (see IMAGE_CACHE_ENTRIES)."""
 
     kind = "image"
+    stage = "image_tower"
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
-                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
-        super().__init__(model, dtype, num_threads, progress, vector_dtype)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, counter=None,
+                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+        super().__init__(model, dtype, num_threads, counter, reports_rows, vector_dtype)
         self.height, self.width = model.preprocessing.output_hw()
         self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
@@ -222,10 +227,11 @@ class TextEmbedder(_TowerActor):
     """Holds the text tower only; embeds each batch's captions in groups of similar length."""
 
     kind = "text"
+    stage = "text_tower"
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
-                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
-        super().__init__(model, dtype, num_threads, progress, vector_dtype)
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, counter=None,
+                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+        super().__init__(model, dtype, num_threads, counter, reports_rows, vector_dtype)
         self.pad_token_id = model.pad_token_id
         self.vocab_size = self.tower.vocab_size
         self.group_rows = TEXT_GROUP_ROWS.get(self.device.type, 64)
@@ -272,11 +278,14 @@ class TowersEmbedder:
     tower needs two to three times the text tower's compute, so the text actor would idle while
     the image actor, on half the cores, held the job back."""
 
-    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, progress=None,
-                 vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+    stage = "towers"
+
+    def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, counter=None,
+                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE):
         self.image = ImageEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype)
         self.text = TextEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype)
-        self.progress = progress
+        self.progress = counter if reports_rows else None
+        report_started(counter, self.stage)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.text(self.image(batch))

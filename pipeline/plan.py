@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,8 +24,8 @@ from pipeline.model import ModelSpec
 from pipeline.text import tokenize_captions
 from schemas.manifest import INLINE_IMAGE
 
-# An actor that cannot be placed (a GPU nobody has) fails the job after this long instead of
-# waiting forever, which is Ray Data's default.
+# A tower actor that cannot be placed (a GPU nobody has) fails the job after this long instead
+# of waiting for ever, which is what Ray Data would do (see TowerStartWatch).
 ACTOR_START_TIMEOUT_S = 600
 # CPUs the tasks reading the manifest reserve (writes reserve none). A read task streams a whole
 # file and keeps its reservation while Ray Data holds its output back; at a whole CPU the read, a
@@ -159,7 +162,10 @@ def configure_ray_data(progress_bars: bool) -> None:
     """Ray Data's settings for the job. Set before the job makes its first dataset: each dataset
     keeps a copy of the settings current when its read was made, so later changes are ignored."""
     ctx = ray.data.DataContext.get_current()
-    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # The plan does not wait for its tower actors before it starts: manifest reads and the first
+    # decodes run while the actors load the model (on 2 cores the first row came 11 s sooner).
+    # TowerStartWatch fails the job if they never start.
+    ctx.wait_for_min_actors_s = -1
     # Ray Data retries reading a manifest file on errors that match these; add how botocore
     # (under s3fs) words an unreachable endpoint to pyarrow's own wording.
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *UNREACHABLE_STORE_ERRORS]))
@@ -198,19 +204,73 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
             fn_kwargs={"model": model},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
-    # On CPUs one actor holds both towers (see TowersEmbedder); on GPUs each tower is an actor.
-    if not placement.on_gpu and len(config.towers) == 2:
-        actors = [TowersEmbedder]
-    else:
-        actors = [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]
+    actors = tower_actors(config, placement)
     for n, actor in enumerate(actors):
-        last = n == len(actors) - 1
         ds = ds.map_batches(
             actor,
             fn_constructor_kwargs={"model": model, "dtype": dtype, "num_threads": placement.torch_threads,
-                                   "progress": counter if last else None,
+                                   "counter": counter, "reports_rows": n == len(actors) - 1,
                                    "vector_dtype": config.vector_dtype},
             **actor_args,
         )
     return ds
+
+
+def tower_actors(config: EmbedConfig, placement: Placement) -> list[type]:
+    """The plan's tower actor classes, in order: on CPUs one actor holds both towers (see
+    TowersEmbedder); on GPUs each tower is an actor."""
+    if not placement.on_gpu and len(config.towers) == 2:
+        return [TowersEmbedder]
+    return [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]
+
+
+class TowerStartWatch:
+    """Around the run of a plan from embed_dataset (in the main thread): fails it with a
+    ConfigError when some stage of its tower actors has none started `timeout_s` after the run
+    began.
+
+    Ray Data starts the actors without holding the plan back (see configure_ray_data), and
+    would wait for ever for an actor no node can place. The actors tell the job's RowCounter
+    when their model is loaded; this thread asks it every few seconds and, past the timeout,
+    interrupts the main thread, which the watch turns into the error.
+    """
+
+    def __init__(self, counter, config: EmbedConfig, placement: Placement, timeout_s: float | None = None):
+        self.counter, self.placement = counter, placement
+        self.stages = [actor.stage for actor in tower_actors(config, placement)]
+        self.timeout_s = ACTOR_START_TIMEOUT_S if timeout_s is None else timeout_s
+        self.expired = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        # Actors started for an earlier plan of the same job (reembed runs one per tower) do
+        # not count.
+        self.before = ray.get(self.counter.towers_started.remote())
+        if threading.current_thread() is threading.main_thread():
+            self.thread.start()
+        return self
+
+    def _run(self):
+        deadline = time.monotonic() + self.timeout_s
+        while not self.done.wait(min(5.0, self.timeout_s / 4)):
+            started = ray.get(self.counter.towers_started.remote())
+            if all(started.get(s, 0) > self.before.get(s, 0) for s in self.stages):
+                return
+            if time.monotonic() > deadline:
+                self.expired = True
+                _thread.interrupt_main()
+                return
+
+    def __exit__(self, exc_type, exc, tb):
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.expired and exc_type is KeyboardInterrupt:
+            raise ConfigError(
+                f"no tower actor started in {self.timeout_s:g} s (each asks {self.placement.num_gpus:g} "
+                f"GPUs and {self.placement.num_cpus:g} CPUs, {self.placement.concurrency} at once): "
+                f"check {named('num_gpus')}, {named('concurrency')} and the cluster's free resources"
+            ) from None
+        return False
 

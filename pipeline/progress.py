@@ -26,6 +26,7 @@ class RowCounter:
         self.stage_rows = collections.Counter()
         self.stage_seconds = collections.Counter()
         self.devices: dict[str, dict[str, dict]] = {}
+        self.started = collections.Counter()  # tower actors ready, by stage
         # Exported the Ray way: where the cluster has Prometheus, it scrapes these.
         self.metric = Counter("altclip_rows_embedded", description="Rows through the towers.")
         self.busy_metric = Counter("altclip_stage_busy_seconds", description="Busy seconds per stage.",
@@ -46,6 +47,12 @@ class RowCounter:
             if seconds > 0:
                 self.busy_metric.inc(seconds, tags={"stage": stage})
 
+    def tower_started(self, stage: str) -> None:
+        self.started[stage] += 1
+
+    def towers_started(self) -> dict[str, int]:
+        return dict(self.started)
+
     def snapshot(self) -> dict:
         return {"rows": self.rows, "stage_rows": dict(self.stage_rows),
                 "stage_seconds": dict(self.stage_seconds), "devices": self.devices}
@@ -58,6 +65,12 @@ def report_progress(counter, batch: pa.Table) -> None:
         return
     figures = summarize_records(stage_records(batch))
     counter.add.remote(batch.num_rows, figures["seconds"], figures["devices"])
+
+
+def report_started(counter, stage: str) -> None:
+    """Tell the counter (if any) that a tower actor of `stage` has its model loaded."""
+    if counter is not None:
+        counter.tower_started.remote(stage)
 
 
 class ProgressLog:

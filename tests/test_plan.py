@@ -12,6 +12,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tests.conftest import altclip, read_output
+from tests.corpus import write_corpus
+
 
 def test_thousands_of_tiny_blocks_finish(tiny_model, tmp_path):
     # Rows that all fail fast (a missing file, an empty caption) in blocks of 2 rows: the read,
@@ -43,8 +46,7 @@ def test_the_jobs_ray_data_settings_reach_its_datasets(tiny_model, ray_session, 
     from pipeline.config import EmbedConfig
     from pipeline.manifest import open_manifest
     from pipeline.model import resolve_model
-    from pipeline.plan import (ACTOR_START_TIMEOUT_S, configure_ray_data, embed_dataset, manifest_rows,
-                               plan_placement)
+    from pipeline.plan import configure_ray_data, embed_dataset, manifest_rows, plan_placement
 
     pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "m.parquet")
     config = EmbedConfig(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
@@ -54,8 +56,29 @@ def test_the_jobs_ray_data_settings_reach_its_datasets(tiny_model, ray_session, 
         configure_ray_data(progress_bars=False)
         rows = manifest_rows(open_manifest(config), pa.array([], pa.string()), None, 8)
         plan = embed_dataset(rows, config, resolve_model(tiny_model), "float32", plan_placement(config))
-        assert plan.context.wait_for_min_actors_s == ACTOR_START_TIMEOUT_S
+        # The plan starts without waiting for its tower actors (TowerStartWatch bounds the wait).
+        assert plan.context.wait_for_min_actors_s <= 0
         assert plan.context.enable_progress_bars is False
         assert "Could not connect to the endpoint URL" in plan.context.retried_io_errors
     finally:
         ray.data.DataContext.get_current().enable_progress_bars = saved
+
+
+def test_tower_actors_that_do_not_start_fail_the_job_and_a_rerun_finishes_it(tiny_model, ray_session,
+                                                                             tmp_path, monkeypatch):
+    # Reads and decodes start while the tower actors load; an actor no node can place would
+    # leave the job waiting for ever. A limit shorter than any actor takes to import torch
+    # stands in for that actor here.
+    import pipeline.plan
+
+    manifest = write_corpus(tmp_path)
+    rows = pq.read_table(manifest).num_rows
+    monkeypatch.setattr(pipeline.plan, "ACTOR_START_TIMEOUT_S", 0.3)
+    result = altclip("embed", manifest, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
+    assert "no tower actor started in 0.3 s" in result.stderr
+    assert "--num-gpus" in result.stderr and "--concurrency" in result.stderr
+
+    monkeypatch.undo()
+    altclip("embed", manifest, "--out", tmp_path / "out", "--model", tiny_model)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows_out"] == rows and len(read_output(tmp_path / "out")) == rows
