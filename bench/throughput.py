@@ -216,15 +216,16 @@ def run_in_child(kind: str, params: dict, workdir: str) -> dict:
 
 
 def run_ours(manifest: str, model_dir: str, dtype: str, batch_size: int, device: str,
-             workdir: str) -> dict:
+             workdir: str, compile: bool = False) -> dict:
     """`altclip embed` end to end as its own process, with its whole process tree sampled."""
-    out = os.path.join(workdir, f"ours-{dtype}")
+    name = f"ours-{dtype}{'-compile' if compile else ''}"
+    out = os.path.join(workdir, name)
     command = [sys.executable, "-m", "jobs.cli", "embed", manifest, "--out", out,
                "--model", model_dir, "--dtype", dtype, "--batch-size", str(batch_size),
-               "--towers", "image,text"]
+               "--towers", "image,text", *(["--compile"] if compile else [])]
     if device == "cpu":
         command += ["--num-gpus", "0"]  # on a GPU machine, still compare like with like
-    finished = run_measured(command, os.path.join(workdir, f"ours-{dtype}.log"), cwd=REPO,
+    finished = run_measured(command, os.path.join(workdir, f"{name}.log"), cwd=REPO,
                             env=corpus.fresh_ray_env())
     if finished.returncode != 0:
         raise SystemExit(f"altclip embed ({dtype}) failed, exit {finished.returncode}:\n"
@@ -290,10 +291,24 @@ def _table(report: dict) -> str:
             ours["wall_seconds"], ours["tree"]["peak_pss_sum_mib"])
         row("  ours, towers' busy time", dtype, ours["tower_busy_images_per_s"],
             ours["tower_busy_captions_per_s"], None, None, None)
+        compiled = report["results"].get("ours_compiled", {}).get(dtype)
+        if compiled:
+            row("ours --compile", dtype, None, None, compiled["summary_rows_per_second"],
+                compiled["wall_seconds"], compiled["tree"]["peak_pss_sum_mib"])
+            row("  ours --compile, busy", dtype, compiled["tower_busy_images_per_s"],
+                compiled["tower_busy_captions_per_s"], None, None, None)
     lines.append("")
     for dtype in report["dtypes"]:
         ratios = report["ratios"][dtype]
         ours = report["results"]["ours"][dtype]
+        compiled = report["results"].get("ours_compiled", {}).get(dtype)
+        if compiled:
+            lines.append(f"{dtype} --compile: ours/naive {ratios['compiled_over_naive']}, ours/ceiling "
+                         f"{ratios['compiled_over_ceiling']}, over ours uncompiled "
+                         f"{ratios['compiled_over_ours']}; image tower inside it / in-process "
+                         f"(uncompiled) {ratios['compiled_image_tower_over_ceiling']}; first row "
+                         f"{compiled['seconds_to_first_row']} s after the job started (the compile "
+                         "is in it)")
         lines.append(f"{dtype}: ours/naive {ratios['ours_over_naive']}, ours/ceiling "
                      f"{ratios['ours_over_ceiling']} (rows/s, same dtype); each tower inside ours / the "
                      f"same tower in-process on the same tensors: image {ratios['image_tower_over_ceiling']}, "
@@ -355,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
                              "whenever the Ray cluster has one, unless --device cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for naive and ceiling [the cores this process may use]")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run ours with --compile (torch.compile of the image tower)")
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (outputs, logs)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -419,6 +436,18 @@ def main(argv: list[str] | None = None) -> None:
                 "image_tower_over_ceiling": _ratio(ours["tower_busy_images_per_s"], ceiling["images_per_s"]),
                 "text_tower_over_ceiling": _ratio(ours["tower_busy_captions_per_s"], ceiling["captions_per_s"]),
             }
+            if args.compile:
+                log(f"ours {dtype} --compile ...")
+                compiled = run_ours(manifest, model_dir, dtype, args.batch_size, device, workdir, compile=True)
+                report["results"].setdefault("ours_compiled", {})[dtype] = compiled
+                rate = compiled["summary_rows_per_second"]
+                report["ratios"][dtype].update(
+                    compiled_over_naive=_ratio(rate, naive["rows_per_s"]),
+                    compiled_over_ceiling=_ratio(rate, ceiling["rows_per_s"]),
+                    compiled_over_ours=_ratio(rate, ours["summary_rows_per_second"]),
+                    compiled_image_tower_over_ceiling=_ratio(compiled["tower_busy_images_per_s"],
+                                                             ceiling["images_per_s"]),
+                )
         if "float32" in dtypes and "bfloat16" in dtypes:
             r = report["results"]
             report["bfloat16_gain"] = {

@@ -75,6 +75,7 @@ class EmbedConfig:
     allow_local_paths: bool = False  # local image paths in a manifest from object storage
     allow_private_urls: bool = False  # image URLs on loopback, link-local or private addresses
     preprocess: str = "exact"  # exact: the reference's pixels bit for bit | fast: JPEG draft decode
+    compile: bool = False  # torch.compile the image tower in each actor before its first batch
     progress: str = "auto"  # auto (bars on a terminal, else text lines) | text | json | quiet
     progress_interval_s: float = 10.0
     # Seconds an unreachable store is waited out before the job stops (rerun to resume).

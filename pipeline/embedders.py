@@ -126,11 +126,14 @@ class _TowerActor:
                                  "embed_error", f"the {self.kind} tower", others_succeeded=succeeded)
         return out
 
+    def _call_tower(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.tower(**inputs)
+
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The tower on a batch; out of accelerator memory, the batch is halved and retried, so
         a batch size too large for the device costs time, never rows."""
         try:
-            return self.tower(**inputs)
+            return self._call_tower(inputs)
         except torch.OutOfMemoryError:
             size = next(iter(inputs.values())).shape[0]
             if size == 1:
@@ -156,12 +159,34 @@ class ImageEmbedder(_TowerActor):
     stage = "image_tower"
 
     def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, counter=None,
-                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE):
+                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE,
+                 compile_batch: int = 0):
         super().__init__(model, dtype, num_threads, counter, reports_rows, vector_dtype)
         self.height, self.width = model.preprocessing.output_hw()
         self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
         self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.compiled, self.compile_batch = None, compile_batch
+        if compile_batch:
+            self.compiled = torch.compile(self.tower, dynamic=False)
+            # Compiled here, before the first batch: the actor's start pays for it, not the
+            # first batch's rows, and the busy rates stay the tower's own.
+            with torch.inference_mode():
+                self._call_tower({"pixel_values": self.pixel_values(
+                    np.zeros((compile_batch, self.height, self.width, 3), np.uint8))})
+
+    def _call_tower(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The compiled tower runs batches of `compile_batch` images only (another shape would
+        compile it again): a smaller batch of more than half that is padded with blank images;
+        smaller ones (a batch of repeats, a halved or row-by-row retry) run the tower as it is."""
+        pixels = inputs["pixel_values"]
+        rows = pixels.shape[0]
+        if self.compiled is None or not self.compile_batch // 2 < rows <= self.compile_batch:
+            return self.tower(pixel_values=pixels)
+        if rows < self.compile_batch:
+            pixels = torch.cat([pixels, pixels.new_zeros((self.compile_batch - rows, *pixels.shape[1:]))])
+        # Contiguous always: the compiled code is specialised to its input's strides.
+        return self.compiled(pixel_values=pixels.contiguous())[:rows]
 
     def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
         """(N, H, W, 3) uint8 -> (N, 3, H, W) normalised, in the tower's dtype."""
@@ -281,8 +306,10 @@ class TowersEmbedder:
     stage = "towers"
 
     def __init__(self, model: ModelSpec, dtype: str, num_threads: int | None = None, counter=None,
-                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE):
-        self.image = ImageEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype)
+                 reports_rows: bool = True, vector_dtype: str = DEFAULT_VECTOR_DTYPE,
+                 compile_batch: int = 0):
+        self.image = ImageEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype,
+                                   compile_batch=compile_batch)
         self.text = TextEmbedder(model, dtype, num_threads, vector_dtype=vector_dtype)
         self.progress = counter if reports_rows else None
         report_started(counter, self.stage)

@@ -206,13 +206,13 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
         )
     actors = tower_actors(config, placement)
     for n, actor in enumerate(actors):
-        ds = ds.map_batches(
-            actor,
-            fn_constructor_kwargs={"model": model, "dtype": dtype, "num_threads": placement.torch_threads,
-                                   "counter": counter, "reports_rows": n == len(actors) - 1,
-                                   "vector_dtype": config.vector_dtype},
-            **actor_args,
-        )
+        kwargs = {"model": model, "dtype": dtype, "num_threads": placement.torch_threads,
+                  "counter": counter, "reports_rows": n == len(actors) - 1,
+                  "vector_dtype": config.vector_dtype}
+        if config.compile and actor is not TextEmbedder:
+            # The text tower is not compiled: each group of captions has its own length.
+            kwargs["compile_batch"] = config.batch_size
+        ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, **actor_args)
     return ds
 
 

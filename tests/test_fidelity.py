@@ -198,3 +198,45 @@ def test_length_groups_keep_each_caption_its_own_vector(tiny_model):
             continue
         alone = embedder(tokenize_captions(pa.table({"caption": [caption]}), spec))
         np.testing.assert_allclose(vector, alone.column("text_embedding")[0].as_py(), atol=1e-5)
+
+
+def test_the_compiled_image_tower_gives_the_towers_vectors_and_compiles_once(tiny_model):
+    """--compile: batches of the compiled size, and smaller ones padded up to it, run the
+    compiled tower without compiling it again; a batch of at most half (a retry row by row)
+    runs the tower as it is. Every vector is the uncompiled tower's."""
+    import pyarrow as pa
+    from torch._dynamo.utils import counters
+
+    from pipeline.embedders import ImageEmbedder
+    from pipeline.images import preprocess_images
+    from schemas.manifest import IMAGE, INLINE_IMAGE
+    from tests.corpus import _pattern
+
+    spec = resolve_model(tiny_model)
+    images = []
+    for seed in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(_pattern(48 + seed, 40, seed)).save(buf, "JPEG")
+        images.append(buf.getvalue())
+
+    def batch(part: list[bytes]) -> pa.Table:
+        return preprocess_images(pa.table({IMAGE: pa.array([None] * len(part), pa.string()),
+                                           INLINE_IMAGE: pa.array(part, pa.binary())}), spec.preprocessing)
+
+    eager = ImageEmbedder(spec, "float32")
+    compiled = ImageEmbedder(spec, "float32", compile_batch=4)
+    graphs = counters["stats"]["unique_graphs"]
+    real, calls = compiled.compiled, []
+
+    def counted(**inputs):
+        calls.append(inputs["pixel_values"].shape[0])
+        return real(**inputs)
+
+    compiled.compiled = counted
+    for part in (images[:4], images[4:7], images[7:]):
+        got = compiled(batch(part)).column("image_embedding").to_pylist()
+        expected = eager(batch(part)).column("image_embedding").to_pylist()
+        for a, b in zip(got, expected):
+            assert np.dot(a, b) >= FLOAT32_MIN_COSINE
+    assert calls == [4, 4]  # 4 images, then 3 padded to 4; the single image ran uncompiled
+    assert counters["stats"]["unique_graphs"] == graphs
