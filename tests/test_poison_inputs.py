@@ -5,7 +5,6 @@ functions directly; a few hundred hostile rows through whole jobs."""
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import os
