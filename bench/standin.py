@@ -106,15 +106,17 @@ def _patch(embedders) -> None:
     """Give `ImageEmbedder` and `TextEmbedder` (and so `TowersEmbedder`) the stand-in's
     constructor and `__call__`."""
     from pipeline.images import PIXELS
-    from pipeline.progress import report_progress
+    from pipeline.progress import report_progress, report_started
     from pipeline.text import INPUT_IDS
     from pipeline.timing import add_stage_record
     from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 
-    def __init__(self, model, dtype, num_threads=None, progress=None, **storage):
+    def __init__(self, model, dtype, num_threads=None, counter=None, reports_rows=True, compile_batch=0,
+                 **storage):
         # `storage`: how the real tower stores its vectors (vector_column's options), if any.
-        self.progress, self.dim, self.storage = progress, model.dim, storage
+        self.progress, self.dim, self.storage = counter if reports_rows else None, model.dim, storage
         self.rng = np.random.default_rng()
+        report_started(counter, self.stage)  # as the real tower does, for the job's TowerStartWatch
 
     def embed(self, batch: pa.Table, inputs: str, output: str, present) -> pa.Table:
         started = time.perf_counter()
@@ -122,7 +124,7 @@ def _patch(embedders) -> None:
         vectors = embedders.vector_column(_unit_vectors(self.rng, len(rows), self.dim), rows,
                                           batch.num_rows, self.dim, **self.storage)
         out = batch.drop_columns([inputs]).append_column(output, vectors)
-        out = add_stage_record(out, f"{self.kind}_tower", time.perf_counter() - started)
+        out = add_stage_record(out, self.stage, time.perf_counter() - started)
         report_progress(self.progress, out)
         _count(self.kind, batch.num_rows)
         return out
