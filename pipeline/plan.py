@@ -226,8 +226,8 @@ def tower_actors(config: EmbedConfig, placement: Placement) -> list[type]:
 
 class TowerStartWatch:
     """Around the run of a plan from embed_dataset (in the main thread): fails it with a
-    ConfigError when some stage of its tower actors has none started `timeout_s` after the run
-    began.
+    ConfigError when some stage of its tower actors has none started ACTOR_START_TIMEOUT_S after
+    the run began.
 
     Ray Data starts the actors without holding the plan back (see configure_ray_data), and
     would wait for ever for an actor no node can place. The actors tell the job's RowCounter
@@ -235,10 +235,10 @@ class TowerStartWatch:
     interrupts the main thread, which the watch turns into the error.
     """
 
-    def __init__(self, counter, config: EmbedConfig, placement: Placement, timeout_s: float | None = None):
+    def __init__(self, counter, config: EmbedConfig, placement: Placement):
         self.counter, self.placement = counter, placement
         self.stages = [actor.stage for actor in tower_actors(config, placement)]
-        self.timeout_s = ACTOR_START_TIMEOUT_S if timeout_s is None else timeout_s
+        self.timeout_s = ACTOR_START_TIMEOUT_S
         self.expired = False
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
