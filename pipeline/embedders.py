@@ -167,6 +167,7 @@ class ImageEmbedder(_TowerActor):
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
         self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.compiled, self.compile_batch = None, compile_batch
+        self.images_compiled = 0  # images through the compiled tower (blank padding not counted)
         if compile_batch:
             self.compiled = torch.compile(self.tower, dynamic=False)
             # Compiled here, before the first batch: the actor's start pays for it, not the
@@ -185,6 +186,7 @@ class ImageEmbedder(_TowerActor):
             return self.tower(pixel_values=pixels)
         if rows < self.compile_batch:
             pixels = torch.cat([pixels, pixels.new_zeros((self.compile_batch - rows, *pixels.shape[1:]))])
+        self.images_compiled += rows
         # Contiguous always: the compiled code is specialised to its input's strides.
         return self.compiled(pixel_values=pixels.contiguous())[:rows]
 
@@ -194,7 +196,7 @@ class ImageEmbedder(_TowerActor):
         return self.lookup[self.channels, x].to(self.tower.projection.weight.dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        started = time.perf_counter()
+        started, compiled_before = time.perf_counter(), self.images_compiled
         pixels = batch.column(PIXELS).to_pylist()
         size = self.height * self.width * 3
         errors = {i: error("decode_error", f"{len(p)} bytes of pixels, not {size}")
@@ -237,7 +239,8 @@ class ImageEmbedder(_TowerActor):
         out = with_errors(batch.drop_columns([PIXELS]), IMAGE_ERROR, errors).append_column(
             IMAGE_EMBEDDING, vector_column(vectors, rows, batch.num_rows, self.dim, self.vector_dtype)
         )
-        return self._finish(out, started, images_reused=len(rows) - len(new))
+        return self._finish(out, started, images_reused=len(rows) - len(new),
+                            images_compiled=self.images_compiled - compiled_before)
 
 
 # Captions per forward pass of the text tower, by device: a batch is sorted by length and cut

@@ -68,6 +68,8 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "seconds_to_first_row": round(min(towers) - started_at, 2) if towers and started_at else None,
         # Image rows whose vector an actor had already made for the same bytes (not embedded again).
         "images_reused": figures["counts"].get("images_reused", 0),
+        # Images embedded by a tower compiled with --compile (0 without it).
+        "images_compiled": figures["counts"].get("images_compiled", 0),
         # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
         "stage_nodes": dict(sorted(figures["nodes"].items())),
         # Rows each stage finished over time: [seconds since the first, rows], per time bucket.

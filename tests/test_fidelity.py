@@ -84,6 +84,7 @@ def test_float32_vectors_equal_the_reference(tiny_model, reference, corpus, ray_
     images = odd_images()
     manifest_rows = pq.read_table(manifest).to_pylist()
     assert set(rows) == {r["id"] for r in manifest_rows}
+    assert json.loads((out / "summary.json").read_text())["images_compiled"] == 0  # no --compile
 
     for r in manifest_rows:
         name = r["image"].split("/")[-1]
@@ -240,3 +241,20 @@ def test_the_compiled_image_tower_gives_the_towers_vectors_and_compiles_once(tin
             assert np.dot(a, b) >= FLOAT32_MIN_COSINE
     assert calls == [4, 4]  # 4 images, then 3 padded to 4; the single image ran uncompiled
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_embed_compile_runs_the_compiled_tower_and_keeps_the_reference_vectors(tiny_model, reference,
+                                                                               corpus, ray_session, tmp_path):
+    folder, manifest = corpus
+    out = tmp_path / "out"
+    altclip("embed", manifest, "--out", out, "--model", tiny_model, "--dtype", "float32",
+            "--batch-size", "4", "--compile")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_ok"] == summary["rows_out"]
+    # Batches of 4 distinct images, or 3 padded to 4, went through the compiled tower.
+    assert summary["images_compiled"] >= summary["image_ok"] // 2
+    images = odd_images()
+    rows = read_output(out)
+    for r in pq.read_table(manifest).to_pylist():
+        got = rows[r["id"]]["image_embedding"]
+        assert _cosine(got, reference.image(images[r["image"].split("/")[-1]])) >= FLOAT32_MIN_COSINE
