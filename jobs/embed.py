@@ -11,6 +11,7 @@ import click
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import ray
 
 from jobs.load import described_load, run_load
 from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job_options,
@@ -18,8 +19,10 @@ from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job
 from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
-from pipeline.ids import scan_ids, select_rows
-from pipeline.manifest import open_manifest
+from pipeline.ids import scan_ids
+from pipeline.manifest import Manifest, open_manifest
+from pipeline.partitions import (drop_changed, read_records, remove_records, remove_unlisted_shards,
+                                 shards_by_partition, start_ledger, write_record)
 from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import (TowerStartWatch, configure_ray_data, embed_dataset, ensure_ray, manifest_rows,
                            plan_placement)
@@ -29,17 +32,21 @@ from pipeline.sink import ParquetShardSink
 from pipeline.summary import summarize, write_summary
 from pipeline.table import ensure_table
 from pipeline.writer import (
+    add_totals,
     check_output_vector_dtype,
+    empty_totals,
     errors_by_kind,
     failed_ids,
     has_error,
+    list_shards,
     output_totals,
     outputs_dataset,
-    read_ids,
     read_output_provenance,
     remove_duplicate_rows,
     remove_outputs,
     remove_unpublished,
+    shard_footer_totals,
+    shard_partition,
 )
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, TRANSIENT_ERROR_KINDS, embeddings_schema
 from schemas.manifest import ID
@@ -62,18 +69,21 @@ def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
     return True
 
 
-def _rows_already_done(config: EmbedConfig, origin: dict) -> pa.Array:
-    """Ids a previous run of the same job published under OUT (none with --overwrite).
-
-    A run killed half-way left whole shards only (each is published by a rename), so its
-    rows are either done, and skipped now, or not written at all.
-    """
+def _committed(config: EmbedConfig, origin: dict, manifest: Manifest) -> dict[str, dict]:
+    """The commit records of partitions a previous run of the same job finished under OUT, by
+    key (none with --overwrite). Shards of partitions no record commits are removed, so a run
+    killed half-way leaves whole partitions only: done, and skipped now, or done again."""
     if config.overwrite:
         remove_outputs(config.out, config.storage_options)
-        return pa.array([], pa.string())
+        remove_records(config.out, config.storage_options)
+        return {}
     if not _same_provenance(config, origin):
-        return pa.array([], pa.string())
-    return read_ids(config.out, config.storage_options)
+        return {}
+    records = read_records(config.out, config.storage_options)
+    files = dict(zip(manifest.partition_keys(), manifest.uris()))
+    records = drop_changed(config.out, records, files, config.storage_options)
+    remove_unlisted_shards(config.out, records, config.storage_options)
+    return records
 
 
 def _rows_to_retry(config: EmbedConfig, origin: dict) -> pa.Array:
@@ -96,6 +106,31 @@ def _retry_outcome(config: EmbedConfig, retried: pa.Array) -> dict:
     failing = len(pc.unique(rows.column(ID).combine_chunks().filter(has_error(rows, config.retry_kinds))))
     return {"rows": len(retried), "succeeded": len(retried) - failing,
             "still_failing": dict(sorted(still.items()))}
+
+
+def _merge_retried(config: EmbedConfig, records: dict[str, dict], shards: list[dict]) -> int:
+    """Keep the newest copy of each retried row in its partition's shards and name the shards
+    left in the partition's record; returns the rows removed."""
+    removed = 0
+    written = shards_by_partition([n for s in shards for n in s["shards"]])
+    base = config.out.rstrip("/")
+    for key, names in written.items():
+        record = records[key]
+        gone, left = remove_duplicate_rows(
+            config.out, config.storage_options, config.storage_patience_s,
+            shards=[f"{base}/{n}" for n in record["shards"] + names])
+        totals = empty_totals()
+        for name in left:
+            add_totals(totals, shard_footer_totals(f"{base}/{name}", config.storage_options))
+        record.update(shards=left, totals={**totals, "errors": dict(totals["errors"])})
+        write_record(config.out, key, record, config.storage_options, config.storage_patience_s)
+        removed += gone
+    return removed
+
+
+def _has_shards_of_no_partition(config: EmbedConfig) -> bool:
+    return any(shard_partition(s.rsplit("/", 1)[-1]) is None
+               for s in list_shards(config.out, config.storage_options))
 
 
 def _progress_mode(config: EmbedConfig) -> str:
@@ -129,23 +164,25 @@ def run_embed(config: EmbedConfig) -> dict:
     origin = provenance(model, dtype, config.towers, config.preprocess, config.vector_dtype)
     # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
     retry = _rows_to_retry(config, origin) if config.retry_kinds else None
-    done = pa.array([], pa.string()) if retry is not None else _rows_already_done(config, origin)
-    scan = scan_ids(manifest)
-    # Rows of a duplicated id are all held back from the stream; its first row joins it again
-    # (WebDataset: the shards' reads leave out the later copies themselves).
-    excluded = pa.concat_arrays([done, scan.held_back])
-    extra_rows = scan.first_of_duplicates
-    if extra_rows is not None and (len(done) or retry is not None):
-        extra_rows = select_rows(extra_rows, manifest.id_col, done, retry)
-    pending = len(retry) if retry is not None else scan.pending(done)
+    records = _committed(config, origin, manifest)
+    keys = manifest.partition_keys()
+    scan = scan_ids(manifest, frozenset(k for k in keys if k in records))
+    # A retry reads every file for its rows; a run, the files of partitions not committed yet.
+    todo = [i for i, k in enumerate(keys) if retry is not None or k not in records]
+    already = sum(records[k]["rows"] for k in keys if k in records)
+    pending = len(retry) if retry is not None else sum(scan.kept[i] for i in todo)
     counter = RowCounter.remote()
+    ledger = None if retry is not None else start_ledger(
+        config.out, {keys[i]: {"path": scan.plans[i].uri, "rows": scan.kept[i]} for i in todo},
+        config.storage_options, config.storage_patience_s)
     schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
     sink = ParquetShardSink(
         config.out, schema, model.label, config.rows_per_shard, config.storage_options,
-        config.storage_patience_s, counter,
+        config.storage_patience_s, counter, ledger, partitions=frozenset(records),
     )
-    if pending is None or pending > 0:
-        rows = manifest_rows(manifest, excluded, extra_rows, config.batch_size, retry, scan.shards)
+    if pending > 0:
+        rows = manifest_rows(manifest.only(todo), tuple(scan.plans[i] for i in todo),
+                             config.batch_size, retry)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
         with _progress(progress_mode, config, counter, pending) as progress, \
                 TowerStartWatch(counter, config, placement):
@@ -155,16 +192,26 @@ def run_embed(config: EmbedConfig) -> dict:
             plan.write_datasink(sink, ray_remote_args={"num_cpus": 0})
             if progress is not None:
                 progress.expect(sum(s["rows"] for s in sink.shards))
-    totals = output_totals(config.out, config.storage_options)
     duplicates_removed = 0
-    # Every id of the manifest is in the output at least once; more rows than ids means copies
-    # (a retried write, a late writer of a killed run, rows retried on purpose). Only then is
-    # every shard's id column read to remove them.
-    if retry is not None or scan.ids is None or totals["rows"] > len(scan.ids):
-        duplicates_removed = remove_duplicate_rows(config.out, config.storage_options,
-                                                   config.storage_patience_s)
+    if ledger is not None:
+        committed, unfinished = ray.get(ledger.outcome.remote())
+        if unfinished:
+            raise RuntimeError(f"{len(unfinished)} partitions did not get all their rows written "
+                               f"(rows expected, written): {dict(list(unfinished.items())[:5])}")
+        records.update(committed)
+    else:
+        duplicates_removed += _merge_retried(config, records, sink.shards)
+    # Copies a retried write published after its partition was committed.
+    remove_unlisted_shards(config.out, records, config.storage_options)
+    totals = output_totals(config.out, config.storage_options)
+    # Shards of no partition (written by reembed, or by versions before partitions) can repeat
+    # ids the partitions hold: only then is every shard's id column read to remove copies.
+    if totals["rows"] > scan.distinct_ids and _has_shards_of_no_partition(config):
+        duplicates_removed += remove_duplicate_rows(config.out, config.storage_options,
+                                                    config.storage_patience_s)[0]
         totals = output_totals(config.out, config.storage_options)
-    already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else len(done)
+    if retry is not None:
+        already = totals["rows"] - sum(s["rows"] for s in sink.shards)
     summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin,
                         started_at)
     summary["duplicate_rows_removed"] = duplicates_removed

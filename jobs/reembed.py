@@ -113,8 +113,7 @@ def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text
 def _current_rows(manifest, scan, config, policy) -> pa.Table:
     """What the manifest holds now: its rows with the hashes of their image bytes and captions."""
     current = _collect(
-        manifest_rows(manifest, scan.held_back, scan.first_of_duplicates, config.batch_size,
-                      shards=scan.shards)
+        manifest_rows(manifest, scan.plans, config.batch_size)
         .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
     )
     return current.append_column(

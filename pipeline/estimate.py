@@ -266,7 +266,7 @@ def _read_start_seconds(manifest: Manifest, batch_size: int) -> float:
     listing and reading the files, one after the other) gives its first row: a few seconds on 2
     cores. Only this read runs, for one row: not the run's plan."""
     started = time.perf_counter()
-    manifest_rows(manifest, pa.array([], pa.string()), None, batch_size).limit(1).take(1)
+    manifest_rows(manifest, None, batch_size).limit(1).take(1)
     return time.perf_counter() - started
 
 

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipeline import webdataset
-from schemas.manifest import CAPTION, ID, IMAGE_BYTES, INLINE_IMAGE_URI, INTERNAL_PREFIX
+from schemas.manifest import CAPTION, ID, IMAGE_BYTES, INLINE_IMAGE_URI, INTERNAL_PREFIX, PARTITION
 
 
 # CSV has no types: every column is read as bytes and turned into text per value, so a line in
@@ -204,6 +204,8 @@ def flatten_webdataset(batch: pa.Table, schema: pa.Schema) -> pa.Table:
         if field.name not in columns:
             columns[field.name] = _typed_values([m.get(field.name) for m in metadata], field.type)
     columns[INLINE_IMAGE_URI] = batch.column(INLINE_IMAGE_URI)
+    if PARTITION in batch.column_names:
+        columns[PARTITION] = batch.column(PARTITION)
     return pa.table(columns)
 
 

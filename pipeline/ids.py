@@ -1,8 +1,10 @@
-"""The manifest's ids, read before any work: rows, rejects, repeated ids (the first row wins),
-and the Ray Data stage that keeps only the rows a run still has to do."""
+"""The manifest's ids, read on the cluster before any work: rows, rejects, repeated ids (the
+first row wins), and the Ray Data stage that keeps only the rows a run has to do."""
 
 from __future__ import annotations
 
+import collections
+import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -14,135 +16,148 @@ from pipeline import storage, webdataset
 from pipeline.config import ConfigError
 from pipeline.formats import csv_options, flatten_webdataset, id_text, json_lines
 from pipeline.manifest import Manifest, parse_json_file
+from pipeline.partitions import FilePlan
 from schemas.manifest import ID
 
 
 @dataclass(frozen=True)
 class IdScan:
-    """The manifest's ids, read before any work: row count, rejects and duplicates."""
+    """The manifest's ids, counted before any work: rows, rejects, and how to read each file."""
 
     rows: int
-    ids: pa.Array | None  # every valid id once (string)
     missing_ids: int  # rows whose id is null or empty: rejected
     duplicate_rows: int  # rows whose id an earlier row already has: rejected
-    duplicated_ids: pa.Array  # ids that more than one row has
-    first_of_duplicates: pa.Table | None  # the first row of each duplicated id, manifest columns
-    # WebDataset: how to read each shard (in the manifest's order of files). Its read leaves out
-    # the later copies of a repeated id itself: no row is read twice, none is held in the driver.
-    shards: tuple[webdataset.ShardPlan, ...] | None = None
+    duplicated_ids: pa.Array  # ids that more than one row has (the first row of each is kept)
+    plans: tuple[FilePlan, ...]  # per manifest file: its key and the rows its read leaves out
+    kept: tuple[int, ...]  # per manifest file: the rows its read yields
 
     @property
-    def held_back(self) -> pa.Array:
-        """Ids whose every row select_rows is to drop from the read: a table's repeated ids,
-        whose first rows join the stream again from first_of_duplicates (none for WebDataset,
-        whose shards' plans leave out the later copies only)."""
-        return self.duplicated_ids if self.shards is None else pa.array([], pa.string())
-
-    def pending(self, done: pa.Array) -> int | None:
-        """How many ids are not done yet (None: unknown)."""
-        if self.ids is None:
-            return None
-        return int(pc.sum(pc.invert(pc.is_in(self.ids, value_set=done))).as_py() or 0)
+    def distinct_ids(self) -> int:
+        return self.rows - self.missing_ids - self.duplicate_rows
 
 
-def scan_ids(manifest: Manifest) -> IdScan:
-    """Read only the ids (in manifest order: files as listed, rows in file order) to count rows
-    and find bad and repeated ids; of the rows sharing an id the first wins.
+# Each scan task reads the ids of a run of files and reserves this much CPU: it waits on storage
+# (as plan.READ_CPUS for the reads of the job).
+SCAN_CPUS = 0.25
+SCAN_TASKS_PER_CPU = 2
+MAX_ID_BUCKETS = 256  # the duplicate check's hash partitions
+
+
+def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset()) -> IdScan:
+    """Count rows and find bad and repeated ids, on the cluster: tasks read the ids of runs of
+    files and hash them into buckets, a task per bucket finds its repeated ids. The driver gets
+    per-file counts and the rows of repeated ids only, never every id.
+
+    Of rows sharing an id the first in manifest order (files as listed, rows in file order) is
+    kept, but a row of a `committed` partition (done by an earlier run) is never undone: a
+    repeated id that a committed partition holds is left out of every other partition.
 
     A CSV or JSON line that cannot be read as a row, or a shard that cannot be read as a tar,
     fails the job here, before any work, with a message naming the file (and line). WebDataset
     keys are unique within a shard only (img2dataset numbers each run's samples from 0): shards
-    that reuse keys repeat them. Only the shards' member headers are read here (in Ray tasks),
-    and their `.json` members where the id is a metadata field.
+    that reuse keys repeat them. Only the shards' member headers are read here, and their
+    `.json` members where the id is a metadata field.
     """
-    fs = manifest.filesystem()
-    scattered = None
-    if manifest.format == "webdataset":
-        per_file, scattered = _shard_ids(manifest)
-    else:
-        per_file = [file_ids(manifest, fs, path) for path in manifest.files]
-    ids = pa.concat_arrays(per_file) if per_file else pa.array([], pa.string())
-    valid = pc.fill_null(pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), "")), False)
-    good = ids.filter(valid)
-    counts = pc.value_counts(good)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    duplicated = repeated.field("values")
-    firsts, laters = [], []
-    if len(duplicated):
-        is_repeated = pc.fill_null(pc.is_in(ids, value_set=duplicated), False)
-        positions = pc.indices_nonzero(is_repeated).to_pylist()
-        seen = set()
-        for position, row_id in zip(positions, ids.take(positions).to_pylist()):
-            (laters if row_id in seen else firsts).append(position)
-            seen.add(row_id)
-    sizes = [len(file_ids) for file_ids in per_file]
-    first_rows, shards = None, None
-    if scattered is not None:
-        shards = tuple(webdataset.ShardPlan(storage.unstrip(fs, path), frozenset(skipped), keys)
-                       for path, skipped, keys in zip(manifest.files, _per_file(laters, sizes), scattered))
-    elif firsts:
-        # The first row of each repeated id, read again whole from its file.
-        parts = [file_rows(manifest, fs, path).take(local)
-                 for path, local in zip(manifest.files, _per_file(firsts, sizes)) if local]
-        first_rows = pa.concat_tables(parts, promote_options="default")
+    import ray
+
+    files = len(manifest.files)
+    keys = manifest.partition_keys()
+    ranks = [0 if k in committed else 1 for k in keys]
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    tasks = max(1, min(files, int(cpus * SCAN_TASKS_PER_CPU)))
+    buckets = max(1, min(tasks, MAX_ID_BUCKETS))
+    bounds = [files * t // tasks for t in range(tasks + 1)]
+    scan = ray.remote(_scan_files).options(num_cpus=SCAN_CPUS, num_returns=1 + buckets)
+    source = ray.put(manifest)
+    refs = [scan.remote(source, start, stop, ranks[start:stop], buckets)
+            for start, stop in zip(bounds, bounds[1:]) if stop > start]
+    counted = [c for counts in ray.get([r[0] for r in refs]) for c in counts]
+    failed = next((c for c in counted if isinstance(c, str)), None)
+    if failed is not None:
+        raise ConfigError(failed)
+    find = ray.remote(_repeated).options(num_cpus=SCAN_CPUS)
+    repeated = pa.concat_tables(ray.get([find.remote(*[r[1 + b] for r in refs]) for b in range(buckets)]))
+    skipped: dict[int, list[int]] = collections.defaultdict(list)
+    duplicate_rows, previous = 0, None
+    order = repeated.sort_by([("id", "ascending"), ("rank", "ascending"), ("file", "ascending"),
+                              ("position", "ascending")])
+    for row_id, file, position in zip(*(order.column(c).to_pylist() for c in ("id", "file", "position"))):
+        if row_id == previous:
+            skipped[file].append(position)
+            duplicate_rows += 1
+        previous = row_id
+    uris = manifest.uris()
+    plans = tuple(FilePlan(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"])
+                  for i, c in enumerate(counted))
     return IdScan(
-        rows=len(ids),
-        ids=pc.unique(good),
-        missing_ids=len(ids) - len(good),
-        duplicate_rows=int(pc.sum(repeated.field("counts")).as_py() or 0) - len(duplicated),
-        duplicated_ids=duplicated,
-        first_of_duplicates=first_rows,
-        shards=shards,
+        rows=sum(c["rows"] for c in counted),
+        missing_ids=sum(c["rows"] - c["valid"] for c in counted),
+        duplicate_rows=duplicate_rows,
+        duplicated_ids=pc.unique(order.column("id")),
+        plans=plans,
+        kept=tuple(c["valid"] - len(skipped.get(i, ())) for i, c in enumerate(counted)),
     )
 
 
-def _per_file(positions: list[int], sizes: list[int]) -> list[list[int]]:
-    """Ascending positions in the manifest -> positions within each file (files of `sizes` rows)."""
-    out, start, n = [], 0, 0
-    for size in sizes:
-        local = []
-        while n < len(positions) and positions[n] < start + size:
-            local.append(positions[n] - start)
-            n += 1
-        out.append(local)
-        start += size
-    return out
+_ID_ROWS = pa.schema([("id", pa.string()), ("file", pa.int64()), ("position", pa.int64()),
+                      ("rank", pa.int8())])
 
 
-# Each shard's scan is a Ray task reserving this much CPU: it waits on storage (as
-# plan.READ_CPUS for the reads of the job).
-SHARD_SCAN_CPUS = 0.25
-
-
-def _shard_ids(manifest: Manifest) -> tuple[list[pa.Array], list[frozenset[str]]]:
-    """Each shard's ids in reading order, and its keys whose members are not adjacent."""
-    import ray
-
-    scan = ray.remote(_one_shard_ids).options(num_cpus=SHARD_SCAN_CPUS)
-    results = ray.get([scan.remote(manifest, path) for path in manifest.files])
-    failed = next((r for r in results if isinstance(r, str)), None)
-    if failed is not None:
-        raise ConfigError(failed)
-    return [ids for ids, _ in results], [keys for _, keys in results]
-
-
-def _one_shard_ids(manifest: Manifest, path: str) -> tuple[pa.Array, frozenset[str]] | str:
-    """One shard's ids and scattered keys, or why it cannot be read (a message)."""
+def _scan_files(manifest: Manifest, start: int, stop: int, ranks: list[int], buckets: int):
+    """Scan task: per file of manifest.files[start:stop] its counts (or, for a file that cannot
+    be read, the message saying so), then per bucket the valid ids with where they are."""
     fs = manifest.filesystem()
+    counts, pieces = [], [[] for _ in range(buckets)]
+    for index, rank in zip(range(start, stop), ranks):
+        try:
+            ids, scattered = file_ids(manifest, fs, manifest.files[index])
+        except ConfigError as exc:
+            return [[str(exc)], *[_ID_ROWS.empty_table()] * buckets]
+        valid = pc.fill_null(pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), "")), False)
+        positions = pc.indices_nonzero(valid).cast(pa.int64())
+        good = ids.filter(valid)
+        counts.append({"rows": len(ids), "valid": len(good), "scattered": scattered})
+        rows = pa.table([good, pa.array([index] * len(good), pa.int64()), positions,
+                         pa.array([rank] * len(good), pa.int8())], schema=_ID_ROWS)
+        if buckets == 1:
+            pieces[0].append(rows)
+            continue
+        bucket = pa.array([zlib.crc32(i.encode()) % buckets for i in good.to_pylist()], pa.int64())
+        for b in range(buckets):
+            pieces[b].append(rows.filter(pc.equal(bucket, b)))
+    return [counts, *[pa.concat_tables(p) if p else _ID_ROWS.empty_table() for p in pieces]]
+
+
+def _repeated(*pieces: pa.Table) -> pa.Table:
+    """Bucket task: the rows of the ids that more than one row has."""
+    rows = pa.concat_tables(pieces)
+    counts = pc.value_counts(rows.column("id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    return rows.filter(pc.is_in(rows.column("id"), value_set=repeated)) if len(repeated) else rows.slice(0, 0)
+
+
+def file_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, frozenset[str]]:
+    """One file's ids as text, in reading order, and (a WebDataset shard) its keys whose members
+    are not adjacent."""
+    if manifest.format == "webdataset":
+        return _shard_ids(manifest, fs, path)
+    return _table_file_ids(manifest, fs, path), frozenset()
+
+
+def _shard_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, frozenset[str]]:
     shown = storage.unstrip(fs, path)
     read = () if manifest.id_col == ID else (webdataset.METADATA_SUFFIX,)
     try:
         with fs.open(path, "rb") as f:
             index = webdataset.index_shard(f, read)
     except Exception as exc:  # a damaged or truncated tar, an unreadable object: say which
-        return f"cannot read manifest shard {shown} as a tar: {storage.describe(exc)}"
+        raise ConfigError(f"cannot read manifest shard {shown} as a tar: {storage.describe(exc)}") from None
     # The ids as the job's read makes them (a metadata field's as flatten_webdataset types it).
     rows = flatten_webdataset(webdataset.sample_table(index.samples, shown), manifest.schema)
     return id_text(rows.column(manifest.id_col)), index.scattered
 
 
-def file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
-    """One file's ids as text, in order."""
+def _table_file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
     shown = storage.unstrip(fs, path)
     try:
         with fs.open(path, "rb") as f:
@@ -176,7 +191,7 @@ def file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
 
 
 def file_rows(manifest: Manifest, fs, path: str) -> pa.Table:
-    """One file's rows as read_manifest yields them."""
+    """One Parquet, CSV or JSON Lines file's rows as the job's read yields them."""
     with fs.open(path, "rb") as f:
         if manifest.format == "parquet":
             return pq.read_table(f)
@@ -185,14 +200,11 @@ def file_rows(manifest: Manifest, fs, path: str) -> pa.Table:
         return parse_json_file(f.read(), manifest)
 
 
-def select_rows(batch: pa.Table, id_col: str, excluded: pa.Array,
-                included: pa.Array | None = None) -> pa.Table:
-    """Ray Data stage: drop rows without an id, rows whose id is excluded (done, duplicated)
-    and, when `included` is given, rows whose id is not in it (the rows to retry)."""
+def select_rows(batch: pa.Table, id_col: str, included: pa.Array | None = None) -> pa.Table:
+    """Ray Data stage: drop rows without an id and, when `included` is given, rows whose id is
+    not in it (the rows to retry)."""
     ids = id_text(batch.column(id_col))
     keep = pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), ""))
-    if len(excluded):
-        keep = pc.and_(keep, pc.invert(pc.is_in(ids, value_set=excluded)))
     if included is not None:
         keep = pc.and_(keep, pc.is_in(ids, value_set=included))
     return batch.filter(pc.fill_null(keep, False))

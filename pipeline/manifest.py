@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import FileBasedDatasource
 
 from pipeline import storage, webdataset
 from pipeline.config import ConfigError, EmbedConfig, named
 from pipeline.formats import (csv_options, csv_schema, flatten_webdataset, id_text, is_binary,
                               json_schema, metadata_values, parse_json_lines, value_text,
                               webdataset_schema)
+from pipeline.partitions import FilePlan, partition_key
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, error, is_reserved
 from schemas.manifest import (CAPTION, FORMATS_BY_SUFFIX, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE,
-                              INLINE_IMAGE_URI, INTERNAL_PREFIX)
+                              INLINE_IMAGE_URI, INTERNAL_PREFIX, PARTITION)
 
 # A metadata column whose name an output column already has is kept under this prefix.
 RENAMED_METADATA_PREFIX = "manifest_"
@@ -30,6 +36,7 @@ class Manifest:
 
     uri: str
     files: tuple[str, ...]  # paths inside `fs`
+    sizes: tuple[int, ...]  # bytes of each file, as listed
     format: str  # parquet | csv | json
     root: str  # URI that relative image paths are resolved against
     id_col: str
@@ -44,12 +51,29 @@ class Manifest:
     def filesystem(self):
         return storage.filesystem(self.uri, self.storage_options)[0]
 
+    def partition_keys(self) -> tuple[str, ...]:
+        """Each file's partition key (see partitions.partition_key)."""
+        return tuple(partition_key(p, n) for p, n in zip(self.files, self.sizes))
+
+    def uris(self) -> tuple[str, ...]:
+        fs = self.filesystem()
+        return tuple(storage.unstrip(fs, p) for p in self.files)
+
+    def plans(self) -> tuple[FilePlan, ...]:
+        """How to read every file whole."""
+        return tuple(FilePlan(k, u) for k, u in zip(self.partition_keys(), self.uris()))
+
+    def only(self, files: list[int]) -> "Manifest":
+        """The same manifest, reading only the files at these positions."""
+        return dataclasses.replace(self, files=tuple(self.files[i] for i in files),
+                                   sizes=tuple(self.sizes[i] for i in files))
+
 
 def open_manifest(config: EmbedConfig) -> Manifest:
     """Find the manifest's files and check its columns against the options, before any work."""
     fs, path = storage.filesystem(config.manifest, config.storage_options)
     try:
-        files, root = _list_files(fs, path, config.manifest)
+        files, sizes, root = _list_files(fs, path, config.manifest)
     except ConfigError:
         raise
     except Exception as exc:  # unreachable endpoint, no such bucket, access denied, ...
@@ -67,7 +91,7 @@ def open_manifest(config: EmbedConfig) -> Manifest:
         schema = _read_schema(fs, files[0], fmt)
     except Exception as exc:  # any reader error means the same thing to the user
         raise ConfigError(f"cannot read manifest file {files[0]} as {fmt}: {exc}") from exc
-    return _map_columns(config, schema, files, fmt, storage.unstrip(fs, root))
+    return _map_columns(config, schema, files, sizes, fmt, storage.unstrip(fs, root))
 
 
 def _suffix(path: str) -> str:
@@ -89,22 +113,28 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for choice in choices for p in expand_braces(head + choice + tail)]
 
 
-def _list_files(fs, path: str, uri: str) -> tuple[list[str], str]:
+def _list_files(fs, path: str, uri: str) -> tuple[list[str], list[int], str]:
+    """The manifest's files in order, their sizes (from the listing itself) and its root."""
     if "{" in path:
-        files = expand_braces(path)
-        missing = [f for f in files if not fs.exists(f)]
+        infos = {}
+        for f in expand_braces(path):
+            try:
+                infos[f] = fs.info(f)
+            except FileNotFoundError:
+                infos[f] = None
+        missing = [f for f, info in infos.items() if info is None]
         if missing:
             raise ConfigError(
-                f"manifest {uri}: {len(missing)} of {len(files)} shards do not exist, "
+                f"manifest {uri}: {len(missing)} of {len(infos)} shards do not exist, "
                 f"e.g. {storage.unstrip(fs, missing[0])}"
             )
         root = posixpath.dirname(path.split("{")[0])
     elif globlib.has_magic(path):
-        files = sorted(fs.glob(path))
+        infos = fs.glob(path, detail=True)
         root = path.split("*")[0].split("?")[0].split("[")[0]
         root = root if root.endswith("/") else posixpath.dirname(root)
     elif fs.isdir(path):
-        files = sorted(fs.find(path))
+        infos = fs.find(path, detail=True)
         root = path
     elif fs.exists(path):
         if _suffix(path) not in FORMATS_BY_SUFFIX:
@@ -112,20 +142,21 @@ def _list_files(fs, path: str, uri: str) -> tuple[list[str], str]:
                 f"manifest {uri}: unknown format {_suffix(path) or '(no suffix)'}; "
                 f"name it with one of {', '.join(sorted(FORMATS_BY_SUFFIX))}"
             )
-        return [path], posixpath.dirname(path)
+        return [path], [fs.size(path)], posixpath.dirname(path)
     else:
         raise ConfigError(f"manifest {uri} does not exist: check the path")
     # Hidden and underscore files are markers (_SUCCESS, .crc), not data.
     files = [
         f
-        for f in files
+        for f in (infos if "{" in path else sorted(infos))
         if _suffix(f) in FORMATS_BY_SUFFIX and not posixpath.basename(f).startswith(("_", "."))
+        and infos[f].get("type", "file") != "directory"
     ]
     if not files:
         raise ConfigError(
             f"manifest {uri} holds no {', '.join(sorted(FORMATS_BY_SUFFIX))} files: check the path"
         )
-    return files, root.rstrip("/")
+    return files, [int(infos[f].get("size") or 0) for f in files], root.rstrip("/")
 
 
 def _read_schema(fs, path: str, fmt: str) -> pa.Schema:
@@ -139,7 +170,7 @@ def _read_schema(fs, path: str, fmt: str) -> pa.Schema:
         return json_schema(f)
 
 
-def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: str) -> Manifest:
+def _map_columns(config: EmbedConfig, schema: pa.Schema, files, sizes, fmt: str, root: str) -> Manifest:
     names = schema.names
     listing = ", ".join(names)
 
@@ -194,6 +225,7 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
     return Manifest(
         uri=config.manifest,
         files=tuple(files),
+        sizes=tuple(sizes),
         format=fmt,
         root=root,
         id_col=config.id_col,
@@ -207,41 +239,73 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, fmt: str, root: 
     )
 
 
-def read_manifest(manifest: Manifest, num_cpus: float = 1.0,
-                  shards: tuple[webdataset.ShardPlan, ...] | None = None):
+def read_manifest(manifest: Manifest, num_cpus: float = 1.0, plans: tuple[FilePlan, ...] | None = None):
     """The manifest's rows as a Ray Dataset, streamed from its files by tasks that each reserve
-    `num_cpus`. WebDataset shards are read as `shards` (one plan per file, from scan_ids) says:
-    without plans, every sample is read and a key whose members are not adjacent gives a row
-    per run of them."""
+    `num_cpus`, each row tagged with its file's partition key (PARTITION). Each file is
+    read as its plan (from scan_ids, in the order of manifest.files) says; without plans, whole."""
     import ray.data
 
-    source_fs = manifest.filesystem()
-    fs = storage.arrow_filesystem(source_fs)
+    fs = storage.arrow_filesystem(manifest.filesystem())
     files = list(manifest.files)
+    by_path = dict(zip(files, plans or manifest.plans()))
     task = {"num_cpus": num_cpus}
-    if manifest.format == "parquet":
-        return ray.data.read_parquet(files, filesystem=fs, **task)
-    if manifest.format == "csv":
-        return ray.data.read_csv(files, filesystem=fs, **task, **csv_options(manifest.schema.names))
     if manifest.format == "webdataset":
-        shards = shards or tuple(webdataset.ShardPlan(storage.unstrip(source_fs, f)) for f in files)
-        source = webdataset.WebDatasetShardsDatasource(files, dict(zip(files, shards)), filesystem=fs)
+        source = webdataset.WebDatasetShardsDatasource(files, by_path, filesystem=fs)
         return ray.data.read_datasource(source, **task).map_batches(
             flatten_webdataset, fn_kwargs={"schema": manifest.schema}, batch_format="pyarrow",
             num_cpus=num_cpus)
-    return ray.data.read_binary_files(files, filesystem=fs, **task).map_batches(
-        _parse_json_files, fn_kwargs={"manifest": manifest}, batch_format="pyarrow", batch_size=1,
-        num_cpus=num_cpus)
+    return ray.data.read_datasource(TableFilesDatasource(files, manifest, by_path, filesystem=fs), **task)
+
+
+# Rows per block a read task yields from a Parquet or CSV file.
+ROWS_PER_READ_BLOCK = 4096
+
+
+class TableFilesDatasource(FileBasedDatasource):
+    """Ray Data source: each Parquet, CSV or JSON Lines file streamed once, in the order and
+    with the row positions the id scan saw, less the rows its plan leaves out."""
+
+    def __init__(self, paths: list[str], manifest: Manifest, plans: dict[str, FilePlan],
+                 **file_based_kwargs):
+        super().__init__(paths, **file_based_kwargs)
+        self._manifest = manifest
+        # Read tasks serialize the source: the plans (a set of positions per file) travel once.
+        self._plans_ref = ray.put(plans)
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if self._manifest.format == "parquet":  # its footer comes first: random access
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        plan = ray.get(self._plans_ref)[path]
+        position = 0
+        for table in _file_tables(self._manifest, f):
+            n = table.num_rows
+            if plan.skipped:
+                keep = [position + i not in plan.skipped for i in range(n)]
+                table = table.filter(pa.array(keep, pa.bool_()))
+            position += n
+            if table.num_rows:
+                yield table.append_column(PARTITION, pa.array([plan.key] * table.num_rows, pa.string()))
+
+
+def _file_tables(manifest: Manifest, f) -> Iterator[pa.Table]:
+    """A file's rows in reading order, a block at a time (a JSON Lines file at once)."""
+    if manifest.format == "parquet":
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_READ_BLOCK):
+            yield pa.Table.from_batches([batch])
+    elif manifest.format == "csv":
+        reader = pacsv.open_csv(f, **csv_options(manifest.schema.names))
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+    else:
+        yield parse_json_file(f.read(), manifest)
 
 
 def parse_json_file(data: bytes, manifest: Manifest) -> pa.Table:
     text_fields = tuple(c for c in (manifest.image_col, manifest.caption_col) if c)
     return parse_json_lines(data, manifest.schema, text_fields, manifest.id_col)
-
-
-def _parse_json_files(batch: pa.Table, manifest: Manifest) -> pa.Table:
-    tables = [parse_json_file(data, manifest) for data in batch.column("bytes").to_pylist()]
-    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def to_contract_columns(batch: pa.Table, manifest: Manifest) -> pa.Table:
@@ -288,6 +352,8 @@ def to_contract_columns(batch: pa.Table, manifest: Manifest) -> pa.Table:
     # Errors found here; the decode and tokenize stages add theirs to rows that have none.
     columns[IMAGE_ERROR] = pa.array(image_errors, pa.string())
     columns[TEXT_ERROR] = pa.array(caption_errors, pa.string())
+    if PARTITION in batch.column_names:
+        columns[PARTITION] = batch.column(PARTITION)
     return pa.table(columns)
 
 

@@ -19,8 +19,8 @@ from pipeline.fetch import FetchPolicy, job_schemes
 from pipeline.images import preprocess_images
 from pipeline.ids import select_rows
 from pipeline.manifest import Manifest, read_manifest, to_contract_columns
-from pipeline.webdataset import ShardPlan
 from pipeline.model import ModelSpec
+from pipeline.partitions import FilePlan
 from pipeline.text import tokenize_captions
 from schemas.manifest import INLINE_IMAGE
 
@@ -113,19 +113,14 @@ def plan_placement(config: EmbedConfig) -> Placement:
     return Placement(0.0, CPU_ACTOR_RESERVATION, concurrency, torch_threads=max(1, int(spare // actors)))
 
 
-def manifest_rows(manifest: Manifest, excluded: pa.Array, extra_rows: pa.Table | None,
-                  rows_per_block: int, included: pa.Array | None = None,
-                  shards: tuple[ShardPlan, ...] | None = None):
-    """The manifest's rows in the contract's columns, less those whose ids are `excluded`
-    (already done, or duplicated), plus `extra_rows` (the one row kept of each duplicated id);
-    with `included`, only rows whose id is in it. WebDataset shards are read as `shards` (from
-    scan_ids) says."""
-    ds = read_manifest(manifest, READ_CPUS, shards).map_batches(
-        select_rows, fn_kwargs={"id_col": manifest.id_col, "excluded": excluded, "included": included},
+def manifest_rows(manifest: Manifest, plans: tuple[FilePlan, ...] | None, rows_per_block: int,
+                  included: pa.Array | None = None):
+    """The rows of the manifest's files in the contract's columns, each file read as its plan
+    (from scan_ids; None: whole) says; with `included`, only rows whose id is in it."""
+    ds = read_manifest(manifest, READ_CPUS, plans).map_batches(
+        select_rows, fn_kwargs={"id_col": manifest.id_col, "included": included},
         batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
     )
-    if extra_rows is not None and extra_rows.num_rows:
-        ds = ds.union(ray.data.from_arrow(extra_rows))
     # Small blocks so decode tasks and tower actors work side by side from the first rows on.
     ds = _reserving(ds.repartition(target_num_rows_per_block=rows_per_block), READ_CPUS)
     return ds.map_batches(to_contract_columns, fn_kwargs={"manifest": manifest},

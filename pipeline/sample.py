@@ -21,7 +21,7 @@ def count_rows(manifest: Manifest) -> tuple[list[int], str]:
     counts = []
     for path in manifest.files:
         if manifest.format in ("csv", "json"):
-            counts.append(len(file_ids(manifest, fs, path)))
+            counts.append(len(file_ids(manifest, fs, path)[0]))
             continue
         try:
             with fs.open(path, "rb") as f:

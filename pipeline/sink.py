@@ -1,27 +1,31 @@
-"""The write stage of the Ray Data plan: each write task publishes one Parquet shard and
-reports its rows and timing."""
+"""The write stage of the Ray Data plan: each write task publishes a Parquet shard per
+partition its rows come from, tells the run's PartitionLedger, and reports rows and timing."""
 
 from __future__ import annotations
 
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from pipeline import storage
 from pipeline.timing import pop_figures
-from pipeline.writer import conform, run_stamp, write_shard
+from pipeline.writer import conform, run_stamp, shard_totals, write_shard
+from schemas.manifest import ID, PARTITION
 
 
 class ParquetShardSink(Datasink):
-    """Each write task writes one shard under a temporary name and renames it into place, so a
-    reader listing `part-*.parquet` never sees half a shard."""
+    """Each write task writes its shards under a temporary name and renames them into place, so
+    a reader listing `part-*.parquet` never sees half a shard. With a `ledger`, every shard is
+    told to it, which commits each partition once all its rows are out (and turns away copies);
+    without one (a retry), rows of the `partitions` given keep their partition, others none."""
 
     def __init__(self, out: str, schema: pa.Schema, model_label: str, rows_per_shard: int,
                  storage_options: dict | None = None, patience_s: float = storage.DEFAULT_PATIENCE_S,
-                 counter=None):
+                 counter=None, ledger=None, partitions: frozenset[str] | None = None):
         self.out = out.rstrip("/")
         self.patience_s = patience_s
         self.counter = counter  # progress.RowCounter: the live log shows the write stage too
@@ -30,6 +34,8 @@ class ParquetShardSink(Datasink):
         self.rows_per_shard = rows_per_shard
         self.storage_options = storage_options or {}
         self.stamp = run_stamp()
+        self.ledger = ledger
+        self.partitions = partitions
         self.shards: list[dict] = []
 
     @property
@@ -43,14 +49,41 @@ class ParquetShardSink(Datasink):
             return {"rows": 0}
         table, figures = pop_figures(pa.concat_tables(tables, promote_options="default"))
         started = time.perf_counter()
-        name = write_shard(self.out, conform(table, self.schema, self.model_label),
-                           self.storage_options, self.patience_s, self.stamp)
+        names = [self._publish(key, table if key is None else
+                               table.filter(pc.equal(table.column(PARTITION), key)))
+                 for key in _partitions_of(table)]
         figures["seconds"]["write"] = time.perf_counter() - started
         figures["nodes"]["write"] = [ray.get_runtime_context().get_node_id()]
         figures["timeline"]["write"] = [[time.time(), table.num_rows]]
         if self.counter is not None:
             self.counter.add_stages.remote(table.num_rows, {"write": figures["seconds"]["write"]})
-        return {"rows": table.num_rows, "shard": name, **figures}
+        return {"rows": table.num_rows, "shards": [n for n in names if n], **figures}
+
+    def _publish(self, key: str, rows: pa.Table) -> str | None:
+        """Publish one partition's rows; returns the shard's name (None: they were all copies)."""
+        rows = conform(rows, self.schema, self.model_label)
+        if self.ledger is None:
+            keep = key if self.partitions is None or key in self.partitions else None
+            return write_shard(self.out, rows, self.storage_options, self.patience_s, self.stamp, keep)
+        while True:
+            name = write_shard(self.out, rows, self.storage_options, self.patience_s, self.stamp, key)
+            ids = rows.column(ID).to_pylist()
+            repeated = ray.get(self.ledger.written.remote(key, name, ids, shard_totals(rows)))
+            if not repeated:
+                return name
+            # Rows a retried write already published: this shard is a copy, whole or in part.
+            fs, path = storage.filesystem(f"{self.out}/{name}", self.storage_options)
+            fs.rm_file(path)
+            rows = rows.filter(pc.invert(pc.is_in(rows.column(ID), value_set=pa.array(repeated, pa.string()))))
+            if not rows.num_rows:
+                return None
 
     def on_write_complete(self, write_result) -> None:
         self.shards = [r for r in write_result.write_returns if r["rows"]]
+
+
+def _partitions_of(table: pa.Table) -> list[str | None]:
+    """The partition keys a write's rows come from ([None]: rows of no partition)."""
+    if PARTITION not in table.column_names:
+        return [None]
+    return pc.unique(table.column(PARTITION)).to_pylist()

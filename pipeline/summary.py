@@ -74,7 +74,7 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "stage_nodes": dict(sorted(figures["nodes"].items())),
         # Rows each stage finished over time: [seconds since the first, rows], per time bucket.
         "stage_timeline": _bucketed(timeline),
-        "shards_written": sorted(s["shard"] for s in shards),
+        "shards_written": sorted(n for s in shards for n in s["shards"]),
         "provenance": provenance,
     }
 

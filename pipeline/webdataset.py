@@ -12,7 +12,8 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from schemas.manifest import ID, IMAGE_BYTES, INLINE_IMAGE_URI
+from pipeline.partitions import FilePlan
+from schemas.manifest import ID, IMAGE_BYTES, INLINE_IMAGE_URI, PARTITION
 
 # img2dataset's layout: per key an image, a `.txt` caption, a `.json` of metadata.
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # the first a sample has is its image
@@ -126,17 +127,6 @@ def sample_table(samples: list[Sample], shard: str) -> pa.Table:
     })
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    """How to read one shard: its URI (its members' URIs start from it), the samples to leave
-    out (by position in reading order: later copies of an id that an earlier row has) and the
-    keys whose members are not adjacent."""
-
-    uri: str
-    skipped: frozenset[int] = frozenset()
-    scattered: frozenset[str] = frozenset()
-
-
 class WebDatasetShardsDatasource(FileBasedDatasource):
     """Ray Data source: each shard streamed once, its samples as rows (sample_table), less the
     ones its plan leaves out. Ray's own WebDataset reader fails the whole job on a shard whose
@@ -144,7 +134,7 @@ class WebDatasetShardsDatasource(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["tar"]
 
-    def __init__(self, paths: list[str], plans: dict[str, ShardPlan], **file_based_kwargs):
+    def __init__(self, paths: list[str], plans: dict[str, FilePlan], **file_based_kwargs):
         super().__init__(paths, **file_based_kwargs)
         # Read tasks serialize the source: the plans (a set of positions per shard) travel once.
         self._plans_ref = ray.put(plans)
@@ -159,7 +149,11 @@ class WebDatasetShardsDatasource(FileBasedDatasource):
                     continue
                 block.append(sample)
                 if len(block) == SAMPLES_PER_BLOCK:
-                    yield sample_table(block, plan.uri)
+                    yield _tagged(sample_table(block, plan.uri), plan.key)
                     block = []
             if block:
-                yield sample_table(block, plan.uri)
+                yield _tagged(sample_table(block, plan.uri), plan.key)
+
+
+def _tagged(table: pa.Table, key: str) -> pa.Table:
+    return table.append_column(PARTITION, pa.array([key] * table.num_rows, pa.string()))

@@ -69,9 +69,11 @@ def run_stamp() -> str:
 
 
 def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
-                patience_s: float = storage.DEFAULT_PATIENCE_S, stamp: str | None = None) -> str:
+                patience_s: float = storage.DEFAULT_PATIENCE_S, stamp: str | None = None,
+                partition: str | None = None) -> str:
     """Write one shard under a temporary name, then rename it into place; returns its name
-    (`part-<run stamp>-<uuid>.parquet`).
+    (`part-<run stamp>-<partition key>-<uuid>.parquet`, or `part-<run stamp>-<uuid>.parquet` for
+    rows of no partition).
 
     While the store is unreachable the whole write is retried (see storage.patiently); a
     rename that went through but was not acknowledged can publish the rows twice, which
@@ -82,7 +84,7 @@ def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
     stamp = stamp or run_stamp()
 
     def write() -> str:
-        name = f"{SHARD_PREFIX}{stamp}-{uuid.uuid4().hex}.parquet"
+        name = f"{SHARD_PREFIX}{stamp}-{f'{partition}-' if partition else ''}{uuid.uuid4().hex}.parquet"
         temporary = f"{path}/.{name}.tmp"
         with fs.open(temporary, "wb") as f:
             pq.write_table(_with_totals(table), f, compression="zstd")
@@ -90,6 +92,12 @@ def write_shard(out: str, table: pa.Table, storage_options: dict | None = None,
         return name
 
     return storage.patiently(write, out, patience_s)
+
+
+def shard_partition(name: str) -> str | None:
+    """The partition key in a shard's name (None: a shard of no partition)."""
+    parts = name[len(SHARD_PREFIX):].removesuffix(".parquet").split("-")
+    return parts[1] if len(parts) == 3 else None
 
 
 def list_shards(out: str, storage_options: dict | None = None) -> list[str]:
@@ -162,25 +170,29 @@ def remove_unpublished(out: str, storage_options: dict | None = None) -> int:
 
 
 def remove_duplicate_rows(out: str, storage_options: dict | None = None,
-                          patience_s: float = storage.DEFAULT_PATIENCE_S) -> int:
-    """Keep one row per id across the published shards, the one of the latest run; returns how
-    many rows were removed.
+                          patience_s: float = storage.DEFAULT_PATIENCE_S,
+                          shards: list[str] | None = None) -> tuple[int, list[str]]:
+    """Keep one row per id across the published shards (or the `shards` named, URIs), the one
+    of the latest run; returns how many rows were removed and the names of the shards left.
 
     A write task that Ray retries after its shard was published, or a worker of a killed run
     that finished its shard late, can publish rows a second time: identical copies (same
     inputs, same provenance). `--retry-errors` publishes new versions of failed rows on purpose.
     Shards sort by their run's stamp, so the newest copy is kept and older shards are rewritten
-    without theirs (write, then rename, as always).
+    without theirs (write, then rename, as always, keeping their stamp and partition).
     """
     seen: set[str] = set()
-    removed = 0
-    for shard in reversed(list_shards(out, storage_options)):
+    removed, left = 0, []
+    for shard in sorted(shards if shards is not None else list_shards(out, storage_options),
+                        key=lambda s: s.rsplit("/", 1)[-1], reverse=True):
         fs, path = storage.filesystem(shard, storage_options)
+        name = path.rsplit("/", 1)[-1]
         with fs.open(path, "rb") as f:
             ids = pq.read_table(f, columns=[ID]).column(ID).to_pylist()
         repeated = [i for i in ids if i in seen]
         seen.update(ids)
         if not repeated:
+            left.append(name)
             continue
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
@@ -188,9 +200,10 @@ def remove_duplicate_rows(out: str, storage_options: dict | None = None,
         kept = table.filter(keep)
         removed += table.num_rows - kept.num_rows
         if kept.num_rows:
-            write_shard(out, kept, storage_options, patience_s, _stamp_of(path))
+            left.append(write_shard(out, kept, storage_options, patience_s, _stamp_of(path),
+                                    shard_partition(name)))
         fs.rm_file(path)
-    return removed
+    return removed, sorted(left)
 
 
 def _stamp_of(path: str) -> str | None:
@@ -257,23 +270,35 @@ def _totals_from_rows(parquet: pq.ParquetFile) -> dict:
     return {**totals, "image_ok": vectors[IMAGE_EMBEDDING], "text_ok": vectors[TEXT_EMBEDDING]}
 
 
+def empty_totals() -> dict:
+    return {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter(),
+            "error_examples": {}}
+
+
+def add_totals(totals: dict, part: dict) -> None:
+    """Add one shard's (or partition's) totals to `totals` (from empty_totals)."""
+    for key in ("rows", "image_ok", "text_ok"):
+        totals[key] += part[key]
+    totals["errors"].update(part["errors"])
+    for kind, ids in part["error_examples"].items():
+        examples = totals["error_examples"].setdefault(kind, [])
+        examples.extend(ids[:ERROR_EXAMPLES - len(examples)])
+
+
+def shard_footer_totals(shard: str, storage_options: dict | None = None) -> dict:
+    """A shard's totals from its footer (where its writer put them); a shard written before
+    footers held them is counted from its rows."""
+    fs, path = storage.filesystem(shard, storage_options)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        raw = (parquet.schema_arrow.metadata or {}).get(TOTALS_KEY)
+        return json.loads(raw) if raw else _totals_from_rows(parquet)
+
+
 def output_totals(out: str, storage_options: dict | None = None) -> dict:
-    """Rows, vectors and errors by kind over every published shard, from each shard's footer
-    (where its writer put its totals); shards written before footers held them are counted from
-    their rows."""
-    totals = {"rows": 0, "image_ok": 0, "text_ok": 0, "errors": collections.Counter(),
-              "error_examples": {}}
+    """Rows, vectors and errors by kind over every published shard, from the shards' footers."""
+    totals = empty_totals()
     for shard in list_shards(out, storage_options):
-        fs, path = storage.filesystem(shard, storage_options)
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            raw = (parquet.schema_arrow.metadata or {}).get(TOTALS_KEY)
-            part = json.loads(raw) if raw else _totals_from_rows(parquet)
-        for key in ("rows", "image_ok", "text_ok"):
-            totals[key] += part[key]
-        totals["errors"].update(part["errors"])
-        for kind, ids in part["error_examples"].items():
-            examples = totals["error_examples"].setdefault(kind, [])
-            examples.extend(ids[:ERROR_EXAMPLES - len(examples)])
+        add_totals(totals, shard_footer_totals(shard, storage_options))
     totals["errors"] = dict(sorted(totals["errors"].items()))
     return totals

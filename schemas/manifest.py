@@ -11,6 +11,8 @@ KNOWN_COLUMNS = (ID, IMAGE, IMAGE_BYTES, CAPTION)
 # Columns that stages hand each other (inline bytes, pixels, token ids) start with this and are
 # never written; a manifest column whose name starts with it is kept as `manifest_<name>`.
 INTERNAL_PREFIX = "__altclip_"
+# Each row's partition key (the manifest file it comes from), from the read to the write.
+PARTITION = INTERNAL_PREFIX + "partition"
 # A row's inline image bytes, from reading the manifest to decoding.
 INLINE_IMAGE = INTERNAL_PREFIX + "image_bytes"
 # Where a reader found a row's inline image bytes, when they have a URI of their own (a member

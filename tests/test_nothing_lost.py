@@ -74,19 +74,24 @@ def test_odd_ids_and_captions(tiny_model, ray_session, tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """200 rows over a few image files: enough shards (20) to kill a run between them."""
-    folder = tmp_path_factory.mktemp("kill")
+    """200 rows over a few image files, in 10 manifest files (partitions) of 20 rows: enough
+    shards (20) and partitions to kill a run between them."""
+    folder = tmp_path_factory.mktemp("kill") / "manifest"
+    folder.mkdir()
     images = odd_images()
     names = ["landscape.jpg", "portrait.png", "exact.png", "rgba.png", "grey.jpg"]
     for name in names:
         (folder / name).write_bytes(images[name])
     rows = [{"id": f"r{n:04d}", "image": names[n % len(names)], "caption": f"caption number {n}"}
             for n in range(ROWS)]
-    return _manifest(folder, rows, CORPUS_MANIFEST)
+    for part in range(PARTITIONS):
+        size = ROWS // PARTITIONS
+        _manifest(folder, rows[part * size:(part + 1) * size], f"part-{part:02d}.parquet")
+    return folder
 
 
-CORPUS_MANIFEST = "m.parquet"
 ROWS = 200
+PARTITIONS = 10
 # One batch per shard, 20 shards: kill points between them, few tasks to start.
 SMALL_SHARDS = ("--batch-size", "10", "--rows-per-shard", "10")
 
@@ -149,16 +154,16 @@ def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted,
     altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
     process = subprocess.Popen([altclip_bin, *args], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = max(1, int(20 * fraction))  # shards
+    target = max(1, int(PARTITIONS * fraction))  # committed partitions
     deadline = time.monotonic() + 240
-    while len(list(out.glob("part-*.parquet"))) < target and process.poll() is None:
-        assert time.monotonic() < deadline, "the run never published a shard"
+    while len(_records(out)) < target and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never committed a partition"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    published = len(read_output(out))
-    assert 0 < published < ROWS
+    committed = sum(r["rows"] for r in _records(out).values())
+    assert 0 < committed < ROWS
 
     result = altclip(*args)
 
@@ -166,17 +171,25 @@ def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted,
     _same(got, uninterrupted)
     summary = json.loads((out / "summary.json").read_text())
     # Ray's workers are not in the driver's process group: one in the middle of a write can
-    # still publish its shard after the kill. The rerun counts those as done, or, published
-    # after it read what was done, embeds their rows again and removes the copies at the end.
+    # still publish its shard (and the ledger commit its partition) after the kill. The rerun
+    # counts the partitions committed by then as done and redoes the others whole, removing
+    # whatever shards of theirs the killed run published.
     done = summary["rows_already_done"]
-    assert done >= published
-    assert summary["rows_embedded"] == ROWS - done
+    assert done >= committed and done % (ROWS // PARTITIONS) == 0
+    assert summary["rows_embedded"] == ROWS - done  # only the partitions not committed are redone
     assert summary["rows_out"] == ROWS
-    assert summary["rows_embedded"] <= ROWS - published  # only what was not published is redone
     assert f"resumed: {done} rows were already done" in result.stderr
-    print(f"killed at {fraction:.0%}: {published} rows published; the rerun embedded "
+    assert sum(r["rows"] for r in _records(out).values()) == ROWS
+    named = {name for r in _records(out).values() for name in r["shards"]}
+    assert named == {p.name for p in out.glob("part-*.parquet")}  # every shard committed, none else
+    print(f"killed at {fraction:.0%}: {committed} rows committed; the rerun embedded "
           f"{summary['rows_embedded']}, 0 twice")
     assert not list(out.glob(".part-*.tmp"))
+
+
+def _records(out) -> dict[str, dict]:
+    """The commit records of an output's partitions, by key."""
+    return {p.stem: json.loads(p.read_text()) for p in (out / "_partitions").glob("*.json")}
 
 
 def test_a_killed_tower_actor_loses_nothing(corpus, tiny_model, uninterrupted, ray_session, tmp_path):
@@ -244,14 +257,14 @@ def flaky_store(s3_server, corpus):
     fs = s3fs.S3FileSystem()  # straight to the server, for the test's own reads
     bucket = f"flaky-{uuid.uuid4().hex[:8]}"
     fs.mkdir(bucket)
-    for path in corpus.parent.iterdir():
-        fs.put_file(str(path), f"{bucket}/{path.name}")
+    for path in corpus.iterdir():
+        fs.put_file(str(path), f"{bucket}/manifest/{path.name}")
     yield proxy, fs, bucket
     proxy.down()
 
 
 def _flaky_args(proxy, bucket, tiny_model, *extra):
-    return ["embed", f"s3://{bucket}/{CORPUS_MANIFEST}", "--out", f"s3://{bucket}/out",
+    return ["embed", f"s3://{bucket}/manifest", "--out", f"s3://{bucket}/out",
             "--model", tiny_model, "--dtype", "float32", *SMALL_SHARDS,
             "--storage-option", f"endpoint_url={proxy.endpoint}", *extra]
 
@@ -270,9 +283,10 @@ def _exited(results, code: int):
     return run
 
 
-def _wait_for_a_shard(fs, bucket, thread):
+def _wait_for_a_shard(fs, bucket, thread, pattern=None):
+    """Until the run publishes a shard (or a file matching `pattern`)."""
     deadline = time.monotonic() + 180
-    while not fs.glob(f"{bucket}/out/part-*.parquet"):
+    while not fs.glob(pattern or f"{bucket}/out/part-*.parquet"):
         assert thread.is_alive(), "the run ended before it published a shard"
         assert time.monotonic() < deadline, "the run never published a shard"
         time.sleep(0.05)
@@ -310,19 +324,19 @@ def test_a_storage_outage_past_the_patience_stops_the_job_and_a_rerun_resumes(
     proxy, fs, bucket = flaky_store
     args = _flaky_args(proxy, bucket, tiny_model, "--storage-patience", "2")
     thread, results = _in_background(*args)
-    _wait_for_a_shard(fs, bucket, thread)
+    _wait_for_a_shard(fs, bucket, thread, f"{bucket}/out/_partitions/*.json")
     proxy.down()
     thread.join(300)
     message = _exited(results, 75).stderr  # EX_TEMPFAIL: a scheduler may rerun it
     assert "storage unavailable for" in message and "rerun the same command" in message
     assert "Traceback" not in message
     proxy.up()
-    published = len(_s3_output(fs, bucket))
-    assert 0 < published < ROWS
+    committed = sum(json.loads(fs.cat(p))["rows"] for p in fs.glob(f"{bucket}/out/_partitions/*.json"))
+    assert 0 < committed < ROWS
 
     altclip(*args)
     got = _s3_output(fs, bucket)
     _same(got, uninterrupted)
     summary = json.loads(fs.cat(f"{bucket}/out/summary.json"))
-    assert summary["rows_already_done"] >= published and summary["rows_out"] == ROWS
+    assert summary["rows_already_done"] >= committed and summary["rows_out"] == ROWS
     assert summary["rows_embedded"] == ROWS - summary["rows_already_done"]

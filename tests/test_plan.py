@@ -54,7 +54,7 @@ def test_the_jobs_ray_data_settings_reach_its_datasets(tiny_model, ray_session, 
     saved = ray.data.DataContext.get_current().enable_progress_bars
     try:
         configure_ray_data(progress_bars=False)
-        rows = manifest_rows(open_manifest(config), pa.array([], pa.string()), None, 8)
+        rows = manifest_rows(open_manifest(config), None, 8)
         plan = embed_dataset(rows, config, resolve_model(tiny_model), "float32", plan_placement(config))
         # The plan starts without waiting for its tower actors (TowerStartWatch bounds the wait).
         assert plan.context.wait_for_min_actors_s <= 0
