@@ -209,9 +209,9 @@ def _write_photo(args: tuple[int, str]) -> int:
     return 1
 
 
-def _write_manifest(path: str, images: list[str], texts: list[str]) -> None:
+def _write_manifest(path: str, images: list[str], texts: list[str], first_id: int = 0) -> None:
     table = pa.table({
-        "id": pa.array([f"{i:07d}" for i in range(len(images))], pa.string()),
+        "id": pa.array([f"{i:07d}" for i in range(first_id, first_id + len(images))], pa.string()),
         "image": pa.array(images, pa.string()),
         "caption": pa.array(texts, pa.string()),
     })
@@ -246,9 +246,10 @@ def throughput_corpus(rows: int, log=print) -> str:
 SMALL_IMAGES = 50
 
 
-def small_image_corpus(rows: int) -> str:
+def small_image_corpus(rows: int, files: int = 1) -> str:
     """Manifest of `rows` rows over 50 small PNGs (64x64) reused by path: disk use stays small
-    at any row count, while every row is still fetched, decoded and embedded."""
+    at any row count, while every row is still fetched, decoded and embedded. With `files` > 1,
+    a folder of that many Parquet files (the job's partitions), in order."""
     from PIL import Image
 
     root = bench_cache("bench-corpus", f"small-{CORPUS_VERSION}")
@@ -261,6 +262,17 @@ def small_image_corpus(rows: int) -> str:
             temporary = f"{path}.{os.getpid()}.tmp"
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(temporary, "PNG")
             os.replace(temporary, path)
+    if files > 1:
+        folder = os.path.join(root, f"manifest-{rows}-in-{files}")
+        os.makedirs(folder, exist_ok=True)
+        texts = captions(rows)
+        bounds = [rows * f // files for f in range(files + 1)]
+        for f, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+            path = os.path.join(folder, f"part-{f:05d}.parquet")
+            if not os.path.exists(path):
+                _write_manifest(path, [os.path.join(root, names[i % SMALL_IMAGES]) for i in range(start, stop)],
+                                texts[start:stop], first_id=start)
+        return folder
     manifest = os.path.join(root, f"manifest-{rows}.parquet")
     if not os.path.exists(manifest):
         _write_manifest(manifest, [names[i % SMALL_IMAGES] for i in range(rows)], captions(rows))

@@ -8,17 +8,18 @@ phase that runs outside the towers.
 
 Two measurements; each job runs as a process of its own, so that its memory is its own:
 
-- phases, at each --rows: `run_embed` itself on a synthetic Parquet manifest, resuming an output
-  that a killed run left half done (the first half of the rows published, the next shard
-  half-written), with the stream (read, decode, tokenize, towers, write) replaced by the shards
-  it would publish. Those are written beforehand with the writer's own `write_shard` and
-  published by a rename, as the writer publishes its shards; with --republished-shards K, K of
-  the first run's shards are published again (as a retried write does), so that the duplicate
-  removal runs. Everything else is the job's own code, in its own order: open the manifest,
-  start Ray, read the ids already done (resume), scan the manifest's ids, build the plan, the
-  totals, the duplicate removal, the summary, the load into LanceDB (--load-max-rows: above it,
-  no --db, no load) and the index build. The model is the tiny benchmark model's spec with its
-  dimension set to --dim; no weights are loaded.
+- phases, at each --rows: `run_embed` itself on a synthetic Parquet manifest (files of
+  --manifest-file-rows rows: its partitions), resuming an output that a killed run left half
+  done (the first half's partitions committed, the next partition's shards partly published and
+  one half-written), with the stream (read, decode, tokenize, towers, write) replaced by the
+  shards it would publish. Those are written beforehand with the writer's own `write_shard`,
+  published by a rename and told to the run's ledger, as the write tasks do; with
+  --republished-shards K, K shards of committed partitions are published again (as a retried
+  write does), and the ledger turns them away. Everything else is the job's own code, in its own
+  order: open the manifest, start Ray, read the commit records (resume), scan the manifest's ids
+  on the cluster, build the plan, the totals, the summary, the load into LanceDB
+  (--load-max-rows: above it, no --db, no load) and the index build. The model is the tiny
+  benchmark model's spec with its dimension set to --dim; no weights are loaded.
 - end to end, at --e2e-rows: `altclip embed` (its CLI, in-process, with --db) on a manifest of
   small PNGs, with the towers replaced by the stand-in of bench/standin.py (no model; a random
   unit vector per row): once whole; once killed (SIGKILL to its whole process tree) when half
@@ -57,6 +58,7 @@ IMAGE_POOL = 50
 ERROR_EVERY = 1000  # one row in this many has an image error (not_found), as real corpora do
 DTYPE = "float32"  # of the phases run's provenance (no tower runs there)
 DISK_MARGIN = 5 * 2**30
+E2E_PARTITIONS = 20  # manifest files of the end-to-end runs: a killed run redoes those in flight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +150,8 @@ WRAPPED = (
     ("jobs.embed", "open_manifest", "open manifest", "check options"),
     ("jobs.embed", "resolve_model", "resolve model", "check options"),  # then: --out writable
     ("jobs.embed", "ensure_ray", "start Ray", "plan"),  # then: Ray Data settings, placement, provenance
-    ("jobs.embed", "_rows_already_done", "resume: ids done", "plan"),
-    ("jobs.embed", "scan_ids", "scan ids", "plan"),  # then: excluded ids, pending, counter, schema, sink
+    ("jobs.embed", "_committed", "resume: partitions done", "plan"),
+    ("jobs.embed", "scan_ids", "scan ids", "plan"),  # then: pending, counter, ledger, schema, sink
     ("jobs.embed", "manifest_rows", "plan", "plan"),
     ("jobs.embed", "embed_dataset", "plan", "stream"),  # then: the plan runs
     ("jobs.embed", "output_totals", "totals", "summary"),  # then: the duplicate check, summarize
@@ -159,7 +161,7 @@ WRAPPED = (
     ("pipeline.table", "index_table", "index build", "load into LanceDB"),
 )
 PHASE_ORDER = ("start", "open manifest", "resolve model", "check options", "start Ray",
-               "resume: ids done", "scan ids", "plan", "stream", "totals", "duplicates", "summary",
+               "resume: partitions done", "scan ids", "plan", "stream", "totals", "duplicates", "summary",
                "load into LanceDB", "index build", "end", "other")
 
 
@@ -178,17 +180,28 @@ def _recorder() -> PhaseRecorder:
 
 class PublishStaged:
     """The stream's stand-in in the phases run: publishes the shards staged for it by a rename,
-    as the writer publishes each shard it writes, and records them in the sink as its writes do."""
+    as the writer publishes each shard it writes, tells the run's ledger of each as the write
+    tasks do (with its ids, read back), and records them in the sink."""
 
     def __init__(self, staged_dir: str, staged: list[list]):
         self.staged_dir, self.staged = staged_dir, staged
 
     def write_datasink(self, sink, ray_remote_args=None) -> None:
+        import pyarrow.parquet as pq
+        import ray
+
         from pipeline.timing import summarize_records
+        from pipeline.writer import shard_footer_totals, shard_partition
 
         for name, rows in self.staged:
-            os.rename(os.path.join(self.staged_dir, name), os.path.join(sink.out, name))
-            sink.shards.append({"rows": rows, "shard": name, **summarize_records([])})
+            path = os.path.join(sink.out, name)
+            os.rename(os.path.join(self.staged_dir, name), path)
+            ids = pq.read_table(path, columns=["id"]).column(0).to_pylist()
+            repeated = ray.get(sink.ledger.written.remote(shard_partition(name), name, ids,
+                                                          shard_footer_totals(path)))
+            if repeated:  # a copy (a republished shard): the writer removes it
+                os.remove(path)
+            sink.shards.append({"rows": rows, "shards": [name], **summarize_records([])})
 
 
 def _phases_config(params: dict):
@@ -387,14 +400,17 @@ class SyntheticRows:
 
 
 def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
-    """The manifest, an output a run killed at 50% left, and the shards the resumed run's
-    stream is to publish; returns the phases run's parameters."""
+    """The manifest (files of --manifest-file-rows rows: its partitions), an output a run killed
+    at 50% left (the first half's partitions committed, the next one's shards published but not
+    committed, one more half-written), and the shards the resumed run's stream is to publish;
+    returns the phases run's parameters."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     import jobs.embed
-    from pipeline.writer import conform, run_stamp, write_shard
+    from pipeline.partitions import write_record
+    from pipeline.writer import conform, run_stamp, shard_footer_totals, write_shard
 
     manifest, out, staged_dir, scratch = (os.path.join(size_dir, d) for d in
                                           ("manifest", "out", "staged", "scratch"))
@@ -409,37 +425,54 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
         os.makedirs(folder)
     synthetic = SyntheticRows(manifest, args.dim)
     rng = np.random.default_rng(rows)
-    for n, start in enumerate(range(0, rows, args.manifest_file_rows)):
-        pq.write_table(synthetic.manifest(start, min(rows, start + args.manifest_file_rows)),
-                       os.path.join(manifest, f"part-{n:05d}.parquet"))
+    files = [(start, min(rows, start + args.manifest_file_rows))
+             for start in range(0, rows, args.manifest_file_rows)]
+    for n, (start, stop) in enumerate(files):
+        pq.write_table(synthetic.manifest(start, stop), os.path.join(manifest, f"part-{n:05d}.parquet"))
+    opened = jobs.embed.open_manifest(config)
+    keys, uris = opened.partition_keys(), opened.uris()
 
-    def shard(start: int, stop: int, where: str, stamp: str) -> str:
+    def shard(start: int, stop: int, where: str, stamp: str, key: str) -> str:
         return write_shard(where, conform(synthetic.outputs(start, stop, rng), schema, spec.label),
-                           stamp=stamp)
+                           stamp=stamp, partition=key)
 
-    rps, half = args.rows_per_shard, rows // 2
-    first_run = run_stamp()
-    first = [(start, min(half, start + rps)) for start in range(0, half, rps)]
-    for start, stop in first:
-        shard(start, stop, out, first_run)
-    # The shard the killed run was writing: its temporary file, never renamed.
-    in_flight = min(rows, half + rps) - half
-    if in_flight:
-        name = shard(half, half + in_flight, scratch, first_run)
-        os.rename(os.path.join(scratch, name), os.path.join(out, f".{name}.tmp"))
-    resumed = run_stamp()
-    staged = [[shard(start, min(rows, start + rps), staged_dir, resumed), min(rows, start + rps) - start]
-              for start in range(half, rows, rps)]
+    def shards(span: tuple[int, int], where: str, stamp: str, key: str) -> list[list]:
+        return [[shard(a, min(span[1], a + args.rows_per_shard), where, stamp, key),
+                 min(span[1], a + args.rows_per_shard) - a]
+                for a in range(span[0], span[1], args.rows_per_shard)]
+
+    first_run, resumed = run_stamp(), run_stamp()
+    done = len(files) // 2  # partitions the killed run committed
+    for key, uri, span in zip(keys[:done], uris[:done], files[:done]):
+        names = [name for name, _ in shards(span, out, first_run, key)]
+        totals = {"rows": 0}
+        for name in names:
+            totals["rows"] += shard_footer_totals(os.path.join(out, name))["rows"]
+        write_record(out, key, {"path": uri, "rows": span[1] - span[0],
+                                "shards": names, "totals": totals})
+    in_flight_rows = 0
+    if done < len(files):  # the partition in flight: some shards published, one half-written
+        published = shards(files[done], out, first_run, keys[done])
+        published, writing = published[:max(1, len(published) // 2)], published[max(1, len(published) // 2):]
+        for name, n in writing[:1]:
+            os.rename(os.path.join(out, name), os.path.join(out, f".{name}.tmp"))
+        for name, n in writing[1:]:
+            os.remove(os.path.join(out, name))
+        in_flight_rows = sum(n for _, n in published)
+    staged = [s for key, span in zip(keys[done:], files[done:]) for s in shards(span, staged_dir, resumed, key)]
     # Shards of the first run published again by the resumed run (a retried write).
-    for start, stop in first[:args.republished_shards]:
-        staged.append([shard(start, stop, staged_dir, resumed), stop - start])
+    republished = 0
+    for key, span in list(zip(keys, files))[:min(done, args.republished_shards)]:
+        staged += shards((span[0], min(span[1], span[0] + args.rows_per_shard)), staged_dir, resumed, key)
+        republished += staged[-1][1]
     staged.sort()
     shutil.rmtree(scratch)
     load = args.load_max_rows is None or rows <= args.load_max_rows
     return {"manifest": manifest, "out": out, "db": os.path.join(size_dir, "db") if load else None,
-            "model": model_dir, "dim": args.dim, "rows_per_shard": rps, "staged_dir": staged_dir,
-            "staged": staged, "published_before": half, "in_flight_rows": in_flight,
-            "republished_rows": sum(stop - start for start, stop in first[:args.republished_shards])}
+            "model": model_dir, "dim": args.dim, "rows_per_shard": args.rows_per_shard,
+            "staged_dir": staged_dir, "staged": staged,
+            "published_before": files[done][0] if done < len(files) else rows,
+            "in_flight_rows": in_flight_rows, "republished_rows": republished}
 
 
 def _bytes_needed(rows: int, args) -> int:
@@ -482,7 +515,7 @@ def run_e2e(args, model_dir: str, workdir: str, log, save) -> dict:
 
     rows = args.e2e_rows
     rps = args.e2e_rows_per_shard or max(1, rows // 20)
-    manifest = corpus.small_image_corpus(rows)
+    manifest = corpus.small_image_corpus(rows, files=E2E_PARTITIONS)
     base = {"manifest": manifest, "model": model_dir, "rows_per_shard": rps}
 
     def params(name: str, out: str, standin_on: bool) -> dict:
@@ -646,9 +679,9 @@ def _text(report: dict) -> str:
                     f"{r['rows'] / r['phases']['load into LanceDB']['seconds']:.0f} rows/s (index apart)"
                     if s.get("table") and "load into LanceDB" in r["phases"] else "no load (--load-max-rows)")
             lines.append(f"  {r['rows']} rows: resume found {s['rows_already_done']} rows done of "
-                         f"{r['published_before']} published (the half-written shard's "
-                         f"{r['in_flight_rows']} rows redone); {s['duplicate_rows_removed']} copies removed "
-                         f"of {r['republished_rows']} published twice; rows out {s['rows_out']}; {load}; "
+                         f"{r['published_before']} committed (the partition in flight's "
+                         f"{r['in_flight_rows']} published rows redone); {r['republished_rows']} rows "
+                         f"published twice, turned away; rows out {s['rows_out']}; {load}; "
                          f"data written in {r['prepare_seconds']} s beforehand")
         loaded = [r for r in runs if r["loaded"]]
         if loaded:
@@ -687,9 +720,10 @@ def _text(report: dict) -> str:
         "when copies are removed). peak MiB: the driver's own peak RSS while in the phase (VmHWM, "
         "reset as each phase starts). +MiB: that peak less the RSS the phase started with.",
         "phases: open manifest (list, schema, columns); check options (model, --out); start Ray; "
-        "resume: ids done (provenance, half-written leftovers, read_ids); scan ids (scan_ids); plan "
-        "(excluded ids, rows pending, counter, schema, sink, the Ray Data plan); stream (the plan "
-        "running); totals (output_totals); duplicates (remove_duplicate_rows); summary; load into "
+        "resume: partitions done (provenance, commit records, removal of uncommitted shards); scan "
+        "ids (scan_ids, on the cluster); plan (rows pending, counter, ledger, schema, sink, the Ray "
+        "Data plan); stream (the plan running); totals (output_totals); duplicates "
+        "(remove_duplicate_rows, only for shards of no partition); summary; load into "
         "LanceDB (load_outputs less the index); index build (index_table); start / end / other: "
         "between those.",
     ]
