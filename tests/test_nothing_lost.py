@@ -286,7 +286,10 @@ def _exited(results, code: int):
 def _wait_for_a_shard(fs, bucket, thread, pattern=None):
     """Until the run publishes a shard (or a file matching `pattern`)."""
     deadline = time.monotonic() + 180
-    while not fs.glob(pattern or f"{bucket}/out/part-*.parquet"):
+    while True:
+        fs.invalidate_cache()  # s3fs keeps listings: a folder first seen empty would stay so
+        if fs.glob(pattern or f"{bucket}/out/part-*.parquet"):
+            return
         assert thread.is_alive(), "the run ended before it published a shard"
         assert time.monotonic() < deadline, "the run never published a shard"
         time.sleep(0.05)
