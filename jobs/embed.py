@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, EmbedConfig, LoadConfig
 from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
 from pipeline.ids import scan_ids
 from pipeline.manifest import Manifest, open_manifest
-from pipeline.partitions import (drop_changed, read_records, remove_records, remove_unlisted_shards,
+from pipeline.partitions import (drop_changed, output_totals, read_records, remove_records, remove_unlisted_shards,
                                  shards_by_partition, start_ledger, write_record)
 from pipeline.model import resolve_dtype, resolve_model
 from pipeline.plan import (TowerStartWatch, configure_ray_data, embed_dataset, ensure_ray, manifest_rows,
@@ -39,7 +39,6 @@ from pipeline.writer import (
     failed_ids,
     has_error,
     list_shards,
-    output_totals,
     outputs_dataset,
     read_output_provenance,
     remove_duplicate_rows,
@@ -109,22 +108,33 @@ def _retry_outcome(config: EmbedConfig, retried: pa.Array) -> dict:
 
 
 def _merge_retried(config: EmbedConfig, records: dict[str, dict], shards: list[dict]) -> int:
-    """Keep the newest copy of each retried row in its partition's shards and name the shards
-    left in the partition's record; returns the rows removed."""
-    removed = 0
-    written = shards_by_partition([n for s in shards for n in s["shards"]])
+    """Keep the newest copy of each retried row among its partition's shards; returns the rows
+    removed."""
     base = config.out.rstrip("/")
-    for key, names in written.items():
-        record = records[key]
-        gone, left = remove_duplicate_rows(
-            config.out, config.storage_options, config.storage_patience_s,
-            shards=[f"{base}/{n}" for n in record["shards"] + names])
+    written = shards_by_partition([n for s in shards for n in s["shards"]])
+    return sum(_remove_copies(config, records, [f"{base}/{n}" for n in records[key]["shards"] + names])
+               for key, names in written.items())
+
+
+def _remove_copies(config: EmbedConfig, records: dict[str, dict], shards: list[str] | None = None) -> int:
+    """Keep the newest copy of each id over `shards` (URIs; None: all of OUT's), and name in the
+    record of each partition they touch the shards left, with their totals; returns the rows
+    removed."""
+    so = config.storage_options
+    scope = shards if shards is not None else list_shards(config.out, so)
+    removed, left = remove_duplicate_rows(config.out, so, config.storage_patience_s, shards=scope)
+    now = shards_by_partition(left)
+    base = config.out.rstrip("/")
+    for key in set(shards_by_partition([s.rsplit("/", 1)[-1] for s in scope])) & set(records):
+        names = sorted(now.get(key, []))
+        if names == sorted(records[key]["shards"]):
+            continue
         totals = empty_totals()
-        for name in left:
-            add_totals(totals, shard_footer_totals(f"{base}/{name}", config.storage_options))
-        record.update(shards=left, totals={**totals, "errors": dict(totals["errors"])})
-        write_record(config.out, key, record, config.storage_options, config.storage_patience_s)
-        removed += gone
+        for name in names:
+            add_totals(totals, shard_footer_totals(f"{base}/{name}", so))
+        records[key].update(rows=totals["rows"], shards=names,
+                            totals={**totals, "errors": dict(totals["errors"])})
+        write_record(config.out, key, records[key], so, config.storage_patience_s)
     return removed
 
 
@@ -203,13 +213,12 @@ def run_embed(config: EmbedConfig) -> dict:
         duplicates_removed += _merge_retried(config, records, sink.shards)
     # Copies a retried write published after its partition was committed.
     remove_unlisted_shards(config.out, records, config.storage_options)
-    totals = output_totals(config.out, config.storage_options)
+    totals = output_totals(config.out, records, config.storage_options)
     # Shards of no partition (written by reembed, or by versions before partitions) can repeat
     # ids the partitions hold: only then is every shard's id column read to remove copies.
     if totals["rows"] > scan.distinct_ids and _has_shards_of_no_partition(config):
-        duplicates_removed += remove_duplicate_rows(config.out, config.storage_options,
-                                                    config.storage_patience_s)[0]
-        totals = output_totals(config.out, config.storage_options)
+        duplicates_removed += _remove_copies(config, records)
+        totals = output_totals(config.out, records, config.storage_options)
     if retry is not None:
         already = totals["rows"] - sum(s["rows"] for s in sink.shards)
     summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin,

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.writer import add_totals, empty_totals, list_shards, shard_partition
+from pipeline.writer import add_totals, empty_totals, list_shards, shard_footer_totals, shard_partition
 RECORDS = "_partitions"  # folder of commit records under OUT
 
 
@@ -163,6 +163,19 @@ class PartitionLedger:
         unfinished = {k: (w["rows"], len(self.open[k]["ids"]) if k in self.open else 0)
                       for k, w in self.expected.items() if k not in self.committed}
         return self.committed, unfinished
+
+
+def output_totals(out: str, records: dict[str, dict], storage_options: dict | None = None) -> dict:
+    """Rows, vectors and errors by kind over OUT: the partitions' records added up, plus the
+    footers of shards of no partition. No shard is opened for a committed partition."""
+    totals = empty_totals()
+    for record in records.values():
+        add_totals(totals, record["totals"])
+    for shard in list_shards(out, storage_options):
+        if shard_partition(posixpath.basename(shard)) is None:
+            add_totals(totals, shard_footer_totals(shard, storage_options))
+    totals["errors"] = dict(sorted(totals["errors"].items()))
+    return totals
 
 
 def shards_by_partition(names: list[str]) -> dict[str, list[str]]:

@@ -218,7 +218,9 @@ def failed_ids(out: str, kinds: tuple[str, ...], storage_options: dict | None = 
     dataset = outputs_dataset(out, storage_options)
     if dataset is None:
         return pa.array([], pa.string())
-    table = dataset.to_table(columns=[ID, IMAGE_ERROR, TEXT_ERROR])
+    # Only rows with an error are read into memory.
+    failed = pads.field(IMAGE_ERROR).is_valid() | pads.field(TEXT_ERROR).is_valid()
+    table = dataset.to_table(columns=[ID, IMAGE_ERROR, TEXT_ERROR], filter=failed)
     return pc.unique(table.column(ID).combine_chunks().filter(has_error(table, kinds)))
 
 

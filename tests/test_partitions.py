@@ -17,7 +17,7 @@ from pipeline.manifest import open_manifest
 from pipeline.partitions import (PartitionLedger, drop_changed, read_records, remove_unlisted_shards,
                                  write_record)
 from pipeline.plan import manifest_rows
-from pipeline.writer import list_shards, shard_partition, write_shard
+from pipeline.writer import list_shards, output_totals, shard_partition, write_shard
 from schemas.manifest import PARTITION
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
@@ -199,4 +199,8 @@ def test_resume_by_partition_through_the_command(tiny_model, ray_session, folder
     assert summary["rows_embedded"] == 2 and summary["rows_already_done"] == 3
     records = read_records(str(out))
     assert sum(r["rows"] for r in records.values()) == 5
+    # The summary's totals, added up from the records, are the shards' own (their footers).
+    footers = output_totals(str(out))
+    assert (summary["rows_out"], summary["image_ok"], summary["text_ok"], summary["errors_by_kind"]) == (
+        footers["rows"], footers["image_ok"], footers["text_ok"], footers["errors"])
     assert {n for r in records.values() for n in r["shards"]} == {p.name for p in out.glob("part-*.parquet")}
