@@ -346,6 +346,13 @@ def published_rows(out: str) -> int:
     return rows
 
 
+def committed_rows(out: str) -> int:
+    """Rows of the partitions the output's commit records say are done."""
+    from pipeline.partitions import read_records
+
+    return sum(r["rows"] for r in read_records(out).values())
+
+
 class SyntheticRows:
     """Row i of the synthetic corpus, the same in the manifest and in the outputs."""
 
@@ -539,7 +546,7 @@ def run_e2e(args, model_dir: str, workdir: str, log, save) -> dict:
     time.sleep(2)  # the tree's last processes go
     from pipeline.writer import SHARD_PREFIX
 
-    killed.update(rows_published=published_rows(p["out"]),
+    killed.update(rows_published=published_rows(p["out"]), rows_committed=committed_rows(p["out"]),
                   shards_half_written=len(glob.glob(os.path.join(p["out"], f".{SHARD_PREFIX}*.tmp"))),
                   rows_through_towers=standin.rows_through_towers(p["count_dir"]))
     runs["killed"] = killed
@@ -556,6 +563,7 @@ def run_e2e(args, model_dir: str, workdir: str, log, save) -> dict:
     resume = {
         "rows": rows, "rows_per_shard": rps,
         "rows_published_at_kill": killed["rows_published"],
+        "rows_committed_at_kill": killed["rows_committed"],
         "rows_embedded_before_kill": killed["rows_through_towers"]["image"],
         # Rows the towers had done that no published shard held: the work in flight, lost.
         "rows_in_flight_lost": killed["rows_through_towers"]["image"] - killed["rows_published"],
@@ -702,10 +710,11 @@ def _text(report: dict) -> str:
         r = e2e["resume"]
         lines += [
             f"  resume of a job killed at 50%: {r['rows_published_at_kill']} rows published at the kill, "
-            f"{r['rows_embedded_before_kill']} through the towers ({r['rows_in_flight_lost']} in flight, "
-            f"lost); the resumed run found {r['rows_already_done']} done and embedded "
-            f"{r['rows_embedded_by_resume']}; rows embedded twice over both runs: {r['rows_embedded_twice']} "
-            f"(target: at most the partitions in flight, {r['rows_in_flight_lost']} rows here); "
+            f"{r['rows_committed_at_kill']} of them in committed partitions, "
+            f"{r['rows_embedded_before_kill']} through the towers; the resumed run found "
+            f"{r['rows_already_done']} done and embedded {r['rows_embedded_by_resume']} (target: only the "
+            f"partitions not committed, {r['rows'] - r['rows_committed_at_kill']} rows at most); rows "
+            f"embedded twice over both runs: {r['rows_embedded_twice']} (the partitions in flight); "
             f"{r['duplicate_rows_removed']} copies removed, {r['rows_out']} rows out of {r['rows']}",
         ]
         if "real" in e2e["runs"]:
