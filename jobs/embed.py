@@ -159,7 +159,8 @@ def _progress(mode: str, config: EmbedConfig, counter, total: int | None):
 def run_embed(config: EmbedConfig) -> dict:
     """Run the whole job; returns the summary that is also written to OUT/summary.json.
 
-    Rerun with the same arguments, it resumes: rows already in OUT are not embedded again.
+    Rerun with the same arguments, it resumes: the partitions (manifest files) OUT's commit
+    records name are not read again, and the others are embedded whole.
     """
     started, started_at = time.perf_counter(), time.time()
     # Everything that can be wrong with the options fails here, before a model starts.
