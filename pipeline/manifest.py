@@ -87,10 +87,15 @@ def open_manifest(config: EmbedConfig) -> Manifest:
             "point it at files of one format"
         )
     fmt = formats.pop()
-    try:
-        schema = _read_schema(fs, files[0], fmt)
-    except Exception as exc:  # any reader error means the same thing to the user
-        raise ConfigError(f"cannot read manifest file {files[0]} as {fmt}: {exc}") from exc
+    # The columns are the first file's; a file without any (a JSON Lines file without rows)
+    # says nothing of them, and the next one is asked.
+    for path in files:
+        try:
+            schema = _read_schema(fs, path, fmt)
+        except Exception as exc:  # any reader error means the same thing to the user
+            raise ConfigError(f"cannot read manifest file {path} as {fmt}: {exc}") from exc
+        if len(schema):
+            break
     return _map_columns(config, schema, files, sizes, fmt, storage.unstrip(fs, root))
 
 

@@ -204,3 +204,12 @@ def test_resume_by_partition_through_the_command(tiny_model, ray_session, folder
     assert (summary["rows_out"], summary["image_ok"], summary["text_ok"], summary["errors_by_kind"]) == (
         footers["rows"], footers["image_ok"], footers["text_ok"], footers["errors"])
     assert {n for r in records.values() for n in r["shards"]} == {p.name for p in out.glob("part-*.parquet")}
+
+
+def test_a_first_file_without_rows_does_not_hide_the_columns(tmp_path):
+    # A JSON Lines shard without rows says nothing of the columns: the next file is asked.
+    (tmp_path / "a.jsonl").write_text("")
+    _write(tmp_path, "json", "b", ["x", "y"])
+    manifest = open_manifest(EmbedConfig(manifest=str(tmp_path), out=str(tmp_path / "out"),
+                                         towers=("text",)))
+    assert manifest.id_col == "id" and manifest.caption_col == "caption" and len(manifest.files) == 2
