@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.writer import add_totals, empty_totals, list_shards, shard_footer_totals, shard_partition
+
 RECORDS = "_partitions"  # folder of commit records under OUT
 
 
