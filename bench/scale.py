@@ -417,7 +417,7 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
 
     import jobs.embed
     from pipeline.partitions import write_record
-    from pipeline.writer import add_totals, conform, empty_totals, run_stamp, shard_footer_totals, write_shard
+    from pipeline.writer import conform, run_stamp, shards_totals, write_shard
 
     manifest, out, staged_dir, scratch = (os.path.join(size_dir, d) for d in
                                           ("manifest", "out", "staged", "scratch"))
@@ -452,9 +452,7 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
     done = len(files) // 2  # partitions the killed run committed
     for key, uri, span in zip(keys[:done], uris[:done], files[:done]):
         names = [name for name, _ in shards(span, out, first_run, key)]
-        totals = empty_totals()
-        for name in names:
-            add_totals(totals, shard_footer_totals(os.path.join(out, name)))
+        totals = shards_totals([os.path.join(out, name) for name in names])
         write_record(out, key, {"path": uri, "rows": span[1] - span[0],
                                 "shards": names, "totals": totals})
     in_flight_rows = 0

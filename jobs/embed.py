@@ -32,9 +32,7 @@ from pipeline.sink import ParquetShardSink
 from pipeline.summary import summarize, write_summary
 from pipeline.table import ensure_table
 from pipeline.writer import (
-    add_totals,
     check_output_vector_dtype,
-    empty_totals,
     errors_by_kind,
     failed_ids,
     has_error,
@@ -44,8 +42,7 @@ from pipeline.writer import (
     remove_duplicate_rows,
     remove_outputs,
     remove_unpublished,
-    shard_footer_totals,
-    shard_partition,
+    shards_totals,
 )
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, TRANSIENT_ERROR_KINDS, embeddings_schema
 from schemas.manifest import ID
@@ -129,18 +126,10 @@ def _remove_copies(config: EmbedConfig, records: dict[str, dict], shards: list[s
         names = sorted(now.get(key, []))
         if names == sorted(records[key]["shards"]):
             continue
-        totals = empty_totals()
-        for name in names:
-            add_totals(totals, shard_footer_totals(f"{base}/{name}", so))
-        records[key].update(rows=totals["rows"], shards=names,
-                            totals={**totals, "errors": dict(totals["errors"])})
+        totals = shards_totals([f"{base}/{name}" for name in names], so)
+        records[key].update(rows=totals["rows"], shards=names, totals=totals)
         write_record(config.out, key, records[key], so, config.storage_patience_s)
     return removed
-
-
-def _has_shards_of_no_partition(config: EmbedConfig) -> bool:
-    return any(shard_partition(s.rsplit("/", 1)[-1]) is None
-               for s in list_shards(config.out, config.storage_options))
 
 
 def _progress_mode(config: EmbedConfig) -> str:
@@ -215,9 +204,10 @@ def run_embed(config: EmbedConfig) -> dict:
     # Copies a retried write published after its partition was committed.
     remove_unlisted_shards(config.out, records, config.storage_options)
     totals = output_totals(config.out, records, config.storage_options)
-    # Shards of no partition (written by reembed, or by versions before partitions) can repeat
-    # ids the partitions hold: only then is every shard's id column read to remove copies.
-    if totals["rows"] > scan.distinct_ids and _has_shards_of_no_partition(config):
+    # Shards of no partition (written by reembed, or by versions before partitions: the rows
+    # the records do not count) can repeat ids the partitions hold: only then is every shard's
+    # id column read to remove copies.
+    if totals["rows"] > max(scan.distinct_ids, sum(r["rows"] for r in records.values())):
         duplicates_removed += _remove_copies(config, records)
         totals = output_totals(config.out, records, config.storage_options)
     if retry is not None:

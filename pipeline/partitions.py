@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.writer import add_totals, empty_totals, list_shards, shard_footer_totals, shard_partition
+from pipeline.writer import add_totals, empty_totals, list_shards, shard_partition, shards_totals
 
 RECORDS = "_partitions"  # folder of commit records under OUT
 
@@ -169,14 +169,8 @@ class PartitionLedger:
 def output_totals(out: str, records: dict[str, dict], storage_options: dict | None = None) -> dict:
     """Rows, vectors and errors by kind over OUT: the partitions' records added up, plus the
     footers of shards of no partition. No shard is opened for a committed partition."""
-    totals = empty_totals()
-    for record in records.values():
-        add_totals(totals, record["totals"])
-    for shard in list_shards(out, storage_options):
-        if shard_partition(posixpath.basename(shard)) is None:
-            add_totals(totals, shard_footer_totals(shard, storage_options))
-    totals["errors"] = dict(sorted(totals["errors"].items()))
-    return totals
+    keyless = [s for s in list_shards(out, storage_options) if shard_partition(posixpath.basename(s)) is None]
+    return shards_totals(keyless, storage_options, [r["totals"] for r in records.values()])
 
 
 def shards_by_partition(names: list[str]) -> dict[str, list[str]]:

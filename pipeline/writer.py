@@ -297,10 +297,19 @@ def shard_footer_totals(shard: str, storage_options: dict | None = None) -> dict
         return json.loads(raw) if raw else _totals_from_rows(parquet)
 
 
-def output_totals(out: str, storage_options: dict | None = None) -> dict:
-    """Rows, vectors and errors by kind over every published shard, from the shards' footers."""
+def shards_totals(shards: list[str], storage_options: dict | None = None,
+                  parts: list[dict] = ()) -> dict:
+    """Rows, vectors and errors by kind over some shards (URIs), from their footers, plus
+    `parts`: totals already added up elsewhere (a partition's record)."""
     totals = empty_totals()
-    for shard in list_shards(out, storage_options):
+    for part in parts:
+        add_totals(totals, part)
+    for shard in shards:
         add_totals(totals, shard_footer_totals(shard, storage_options))
     totals["errors"] = dict(sorted(totals["errors"].items()))
     return totals
+
+
+def output_totals(out: str, storage_options: dict | None = None) -> dict:
+    """Rows, vectors and errors by kind over every published shard, from the shards' footers."""
+    return shards_totals(list_shards(out, storage_options), storage_options)
