@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from bench import corpus
 from bench.proctree import MIB, PSS_EVERY, exit_on_sigterm, own_peak_rss, run_measured, run_worker
 
@@ -37,6 +39,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The ceiling repeats passes over the corpus shorter than this, up to MAX_PASSES, keeping the fastest.
 MIN_SECONDS = 2.0
 MAX_PASSES = 5
+# The least cosine between ours' vector of a row and naive's expected in each dtype: float32
+# computes the same sums in another order; the half-precision types keep 8 to 11 bits.
+MIN_COSINE_TO_NAIVE = {"float32": 0.9999, "bfloat16": 0.99, "float16": 0.99}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +90,7 @@ def measure_naive(params: dict) -> dict:
     processor = AltCLIPProcessor.from_pretrained(params["model_dir"])
     load_seconds = time.perf_counter() - started
     batch_size = params["batch_size"]
+    vectors = {"image": [], "text": []}
     with torch.inference_mode():
         # Images and captions go through the processor in separate calls (the same work as one
         # call with both) so that each side's time can be told apart.
@@ -93,7 +99,7 @@ def measure_naive(params: dict) -> dict:
             images = [Image.open(p) for p in batch]
             inputs = processor(images=images, return_tensors="pt")
             pixel_values = inputs["pixel_values"].to(device, dtype)
-            model.get_image_features(pixel_values=pixel_values).pooler_output.cpu()
+            vectors["image"].append(model.get_image_features(pixel_values=pixel_values).pooler_output.cpu())
             for image in images:
                 image.close()
         image_seconds = time.perf_counter() - started
@@ -102,10 +108,35 @@ def measure_naive(params: dict) -> dict:
             # truncation: the tiny model's captions can exceed its 64 tokens; no effect otherwise.
             inputs = processor(text=batch, padding=True, truncation=True, return_tensors="pt")
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            model.get_text_features(**inputs).pooler_output.cpu()
+            vectors["text"].append(model.get_text_features(**inputs).pooler_output.cpu())
         text_seconds = time.perf_counter() - started
+    # Kept for the check that ours' vectors are these (see vector_agreement).
+    np.savez(params["vectors"], **{side: torch.cat(v).float().numpy() for side, v in vectors.items()})
     return {"images": len(paths), "captions": len(texts), "image_seconds": image_seconds,
             "text_seconds": text_seconds, "load_seconds": load_seconds, **_device_report(device)}
+
+
+def vector_agreement(naive_vectors: str, ours_out: str) -> dict:
+    """The smallest cosine, per side, between ours' vector of a row and naive's: a wrong pixel
+    (a staging buffer overwritten before its copy to the device finished, a crop off by one)
+    shows here, where the rates alone would look fine."""
+    import pyarrow.dataset as ds
+
+    naive = np.load(naive_vectors)
+    from pipeline.writer import list_shards
+
+    table = ds.dataset(list_shards(ours_out), format="parquet").to_table(
+        columns=["id", "image_embedding", "text_embedding"]).sort_by("id")  # ids follow manifest order
+    agreement = {}
+    for side in ("image", "text"):
+        column = table.column(f"{side}_embedding").combine_chunks()
+        if column.null_count or len(column) != len(naive[side]):
+            agreement[side] = None  # a row failed: the warning on ours' rows says which
+            continue
+        ours = np.asarray(column.values.to_numpy(zero_copy_only=False), np.float32).reshape(len(column), -1)
+        theirs = naive[side] / np.linalg.norm(naive[side], axis=1, keepdims=True)
+        agreement[side] = round(float(np.min(np.sum(ours * theirs, axis=1))), 7)
+    return agreement
 
 
 def measure_ceiling(params: dict) -> dict:
@@ -314,12 +345,13 @@ def _table(report: dict) -> str:
                          f"{ratios['compiled_over_ours']}; image tower inside it / in-process "
                          f"(uncompiled) {ratios['compiled_image_tower_over_ceiling']}; first row "
                          f"{compiled['seconds_to_first_row']} s after the job started (the compile "
-                         "is in it)")
+                         f"is in it); smallest cosine to naive {compiled['min_cosine_to_naive']}")
         lines.append(f"{dtype}: ours/naive {ratios['ours_over_naive']}, ours/ceiling "
                      f"{ratios['ours_over_ceiling']} (rows/s, same dtype); each tower inside ours / the "
                      f"same tower in-process on the same tensors: image {ratios['image_tower_over_ceiling']}, "
                      f"text {ratios['text_tower_over_ceiling']}; first row through the towers "
-                     f"{ours['seconds_to_first_row']} s after the job started; ours: "
+                     f"{ours['seconds_to_first_row']} s after the job started; smallest cosine "
+                     f"of ours' vector of a row to naive's {ours['min_cosine_to_naive']}; ours: "
                      f"{ours['summary_seconds_total']} s "
                      f"in the job, {ours['wall_seconds']} s wall ({ours['rows_per_s_wall']} rows/s), "
                      f"stage busy s {ours['stage_busy_seconds']}; memory: driver "
@@ -423,7 +455,8 @@ def main(argv: list[str] | None = None) -> None:
                 "device": device, "threads": report["threads"]}
         for dtype in dtypes:
             log(f"naive {dtype} ...")
-            naive = run_in_child("naive", {**base, "dtype": dtype}, workdir)
+            naive_vectors = os.path.join(workdir, f"naive-{dtype}.vectors.npz")
+            naive = run_in_child("naive", {**base, "dtype": dtype, "vectors": naive_vectors}, workdir)
             if naive.get("gpu"):
                 report["machine"]["gpu"] = naive["gpu"]
             log(f"ceiling {dtype} ...")
@@ -433,6 +466,11 @@ def main(argv: list[str] | None = None) -> None:
             if ours["rows"] != args.rows or ours["image_ok"] != args.rows or ours["text_ok"] != args.rows:
                 log(f"warning: ours embedded {ours['rows']} rows, {ours['image_ok']} images, "
                     f"{ours['text_ok']} captions of {args.rows}; errors {ours['errors_by_kind']}")
+            ours["min_cosine_to_naive"] = vector_agreement(naive_vectors, os.path.join(workdir, f"ours-{dtype}"))
+            lowest = min((c for c in ours["min_cosine_to_naive"].values() if c is not None), default=None)
+            if lowest is not None and lowest < MIN_COSINE_TO_NAIVE[dtype]:
+                log(f"warning: ours' vectors differ from naive's (smallest cosine "
+                    f"{ours['min_cosine_to_naive']}, expected at least {MIN_COSINE_TO_NAIVE[dtype]})")
             report["results"]["naive"][dtype] = naive
             report["results"]["ceiling"][dtype] = ceiling
             report["results"]["ours"][dtype] = ours
@@ -445,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.compile:
                 log(f"ours {dtype} --compile ...")
                 compiled = run_ours(manifest, model_dir, dtype, args.batch_size, device, workdir, compile=True)
+                compiled["min_cosine_to_naive"] = vector_agreement(
+                    naive_vectors, os.path.join(workdir, f"ours-{dtype}-compile"))
                 report["results"].setdefault("ours_compiled", {})[dtype] = compiled
                 rate = compiled["summary_rows_per_second"]
                 report["ratios"][dtype].update(

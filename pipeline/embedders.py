@@ -151,6 +151,45 @@ class _TowerActor:
 IMAGE_CACHE_ENTRIES = 10_000
 
 
+class PixelStaging:
+    """The host buffer a batch's uint8 pixels are gathered into on their way to the device, kept
+    from batch to batch. On a GPU it is pinned (page-locked), so the copy to the device runs
+    without blocking the actor, which goes on queueing the tower's kernels behind it; pinning
+    costs far more than a copy, hence one buffer for the actor's life, grown when a batch needs
+    more. Before the buffer is written again, the last copy out of it must have finished: a
+    CUDA event recorded after each copy says when."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.copied = None  # the event after the last copy out of the buffer (GPU only)
+
+    def to_device(self, images: np.ndarray | list[bytes], shape: tuple[int, int, int]) -> torch.Tensor:
+        """(N, *shape) uint8 on the device, from an array or from each image's bytes."""
+        size = int(np.prod(shape))
+        rows = len(images)
+        if self.copied is not None:
+            self.copied.synchronize()
+        if self.buffer.numel() < rows * size:
+            self.buffer = torch.empty(rows * size, dtype=torch.uint8, pin_memory=self.pinned)
+        staged = self.buffer[: rows * size]
+        view = staged.numpy()
+        if isinstance(images, np.ndarray):
+            view[:] = images.reshape(-1)
+        else:
+            for i, data in enumerate(images):
+                view[i * size:(i + 1) * size] = np.frombuffer(data, dtype=np.uint8)
+        staged = staged.view(rows, *shape)
+        if not self.pinned:
+            # The caller's next step copies it (the normalisation), before the buffer is reused.
+            return staged.to(self.device)
+        on_device = staged.to(self.device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return on_device
+
+
 class ImageEmbedder(_TowerActor):
     """Holds the vision tower only; normalises uint8 pixels on its device; embeds each distinct
     image once (see IMAGE_CACHE_ENTRIES)."""
@@ -164,6 +203,7 @@ class ImageEmbedder(_TowerActor):
         super().__init__(model, dtype, num_threads, counter, reports_rows, vector_dtype)
         self.height, self.width = model.preprocessing.output_hw()
         self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
+        self.staging = PixelStaging(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
         self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.compiled, self.compile_batch = None, compile_batch
@@ -190,9 +230,10 @@ class ImageEmbedder(_TowerActor):
         # Contiguous always: the compiled code is specialised to its input's strides.
         return self.compiled(pixel_values=pixels.contiguous())[:rows]
 
-    def pixel_values(self, pixels: np.ndarray) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, H, W) normalised, in the tower's dtype."""
-        x = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).long()
+    def pixel_values(self, pixels: np.ndarray | list[bytes]) -> torch.Tensor:
+        """(N, H, W, 3) uint8 (an array, or each image's bytes) -> (N, 3, H, W) normalised, in
+        the tower's dtype, on the tower's device."""
+        x = self.staging.to_device(pixels, (self.height, self.width, 3)).permute(0, 3, 1, 2).long()
         return self.lookup[self.channels, x].to(self.tower.projection.weight.dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -209,8 +250,7 @@ class ImageEmbedder(_TowerActor):
                 new.setdefault(hashes[i], i)
         if new:
             def inputs_of(keys: list[str]) -> dict[str, torch.Tensor]:
-                stacked = np.frombuffer(bytearray(b"".join(pixels[new[k]] for k in keys)), dtype=np.uint8)
-                return {"pixel_values": self.pixel_values(stacked.reshape(len(keys), self.height, self.width, 3))}
+                return {"pixel_values": self.pixel_values([pixels[new[k]] for k in keys])}
 
             with torch.inference_mode():
                 embedded = self._embed_groups([list(new)], inputs_of)[0]

@@ -258,3 +258,30 @@ def test_embed_compile_runs_the_compiled_tower_and_keeps_the_reference_vectors(t
     for r in pq.read_table(manifest).to_pylist():
         got = rows[r["id"]]["image_embedding"]
         assert _cosine(got, reference.image(images[r["image"].split("/")[-1]])) >= FLOAT32_MIN_COSINE
+
+
+def test_pixels_pass_through_one_reused_buffer_without_changing_any_batch(tiny_model):
+    """Batches of every size in turn (growing and shrinking the staging buffer) normalise to
+    what the lookup gives each array alone, and a batch's tensor is not changed by the next
+    batch's pixels taking the buffer."""
+    from pipeline.embedders import ImageEmbedder
+
+    embedder = ImageEmbedder(resolve_model(tiny_model), "float32")
+    height, width = embedder.height, embedder.width
+    rng = np.random.default_rng(7)
+    lookup = torch.from_numpy(resolve_model(tiny_model).preprocessing.normalization_table())
+
+    def expected(pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).long()
+        return lookup[torch.arange(3)[None, :, None, None], x]
+
+    kept, buffers = [], set()
+    for rows in (3, 1, 5, 2, 5, 4):
+        pixels = rng.integers(0, 256, (rows, height, width, 3), dtype=np.uint8)
+        given = pixels if rows % 2 else [image.tobytes() for image in pixels]  # both forms
+        kept.append((pixels, embedder.pixel_values(given)))
+        buffers.add(embedder.staging.buffer.data_ptr())
+    for pixels, got in kept:
+        assert torch.equal(got, expected(pixels))
+    # Grown at 3 and at 5 rows only: one buffer per size that outgrew the last.
+    assert len(buffers) == 2 and embedder.staging.buffer.numel() == 5 * height * width * 3
