@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import sys
 import time
 
@@ -17,10 +19,10 @@ from jobs.load import described_load, run_load
 from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job_options,
                           results_on_stdout, run_job)
 from pipeline import storage
-from pipeline.config import ConfigError, EmbedConfig, LoadConfig
+from pipeline.config import PARTITION_ROWS, ConfigError, EmbedConfig, LoadConfig
 from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
 from pipeline.ids import scan_ids
-from pipeline.manifest import Manifest, open_manifest
+from pipeline.manifest import open_manifest
 from pipeline.partitions import (drop_changed, output_totals, read_records, remove_records, remove_unlisted_shards,
                                  shards_by_partition, start_ledger, write_record)
 from pipeline.model import resolve_dtype, resolve_model
@@ -65,7 +67,7 @@ def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
     return True
 
 
-def _committed(config: EmbedConfig, origin: dict, manifest: Manifest) -> dict[str, dict]:
+def _committed(config: EmbedConfig, origin: dict) -> dict[str, dict]:
     """The commit records of partitions a previous run of the same job finished under OUT, by
     key (none with --overwrite). Shards of partitions no record commits are removed, so a run
     killed half-way leaves whole partitions only: done, and skipped now, or done again."""
@@ -76,8 +78,6 @@ def _committed(config: EmbedConfig, origin: dict, manifest: Manifest) -> dict[st
     if not _same_provenance(config, origin):
         return {}
     records = read_records(config.out, config.storage_options)
-    files = dict(zip(manifest.partition_keys(), manifest.uris()))
-    records = drop_changed(config.out, records, files, config.storage_options)
     remove_unlisted_shards(config.out, records, config.storage_options)
     return records
 
@@ -139,14 +139,15 @@ def _progress_mode(config: EmbedConfig) -> str:
     return config.progress
 
 
-def _progress(mode: str, config: EmbedConfig, counter, total: int | None):
+def _progress(mode: str, config: EmbedConfig, counter, total: int | None, stream=None):
     if mode in ("text", "json"):
-        return ProgressLog(counter, total, config.progress_interval_s, mode)
+        return ProgressLog(counter, total, config.progress_interval_s, mode, stream)
     return contextlib.nullcontext()
 
 
-def run_embed(config: EmbedConfig) -> dict:
+def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     """Run the whole job; returns the summary that is also written to OUT/summary.json.
+    Progress lines go to `progress_stream` (default: JSON lines to stdout, text to stderr).
 
     Rerun with the same arguments, it resumes: the partitions (manifest files) OUT's commit
     records name are not read again, and the others are embedded whole.
@@ -164,16 +165,21 @@ def run_embed(config: EmbedConfig) -> dict:
     origin = provenance(model, dtype, config.towers, config.preprocess, config.vector_dtype)
     # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
     retry = _rows_to_retry(config, origin) if config.retry_kinds else None
-    records = _committed(config, origin, manifest)
-    keys = manifest.partition_keys()
-    scan = scan_ids(manifest, frozenset(k for k in keys if k in records))
-    # A retry reads every file for its rows; a run, the files of partitions not committed yet.
-    todo = [i for i, k in enumerate(keys) if retry is not None or k not in records]
-    already = sum(records[k]["rows"] for k in keys if k in records)
-    pending = len(retry) if retry is not None else sum(scan.kept[i] for i in todo)
+    records = _committed(config, origin)
+    scan = scan_ids(manifest, frozenset(records), config.partition_rows)
+    partitions = {p.key: plan.uri for plan in scan.plans for p in plan.partitions}
+    # Records of the manifest's files that are not among their partitions now (the file changed
+    # size, or --partition-rows another value) go with their shards: those rows are done again.
+    records = drop_changed(config.out, records, partitions, config.storage_options)
+    # A retry reads every file for its rows; a run, the partitions not committed yet.
+    done = frozenset() if retry is not None else frozenset(records)
+    plans = [dataclasses.replace(plan, done=done & {p.key for p in plan.partitions}) for plan in scan.plans]
+    todo = [i for i, plan in enumerate(plans) if any(p.key not in plan.done for p in plan.partitions)]
+    already = sum(records[k]["rows"] for k in partitions if k in records)
+    pending = len(retry) if retry is not None else sum(n for k, n in scan.partition_kept.items() if k not in done)
     counter = RowCounter.remote()
     ledger = None if retry is not None else start_ledger(
-        config.out, {keys[i]: {"path": scan.plans[i].uri, "rows": scan.kept[i]} for i in todo},
+        config.out, {k: {"path": uri, "rows": scan.partition_kept[k]} for k, uri in partitions.items() if k not in done},
         config.storage_options, config.storage_patience_s)
     schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
     sink = ParquetShardSink(
@@ -181,10 +187,10 @@ def run_embed(config: EmbedConfig) -> dict:
         config.storage_patience_s, counter, ledger, partitions=frozenset(records),
     )
     if pending > 0:
-        rows = manifest_rows(manifest.only(todo), tuple(scan.plans[i] for i in todo),
+        rows = manifest_rows(manifest.only(todo), tuple(plans[i] for i in todo),
                              config.batch_size, retry)
         plan = embed_dataset(rows, config, model, dtype, placement, counter)
-        with _progress(progress_mode, config, counter, pending) as progress, \
+        with _progress(progress_mode, config, counter, pending, progress_stream) as progress, \
                 TowerStartWatch(counter, config, placement):
             # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
             # machine, a write asking for one would wait for ever while the stages before it
@@ -232,6 +238,9 @@ def run_embed(config: EmbedConfig) -> dict:
 @click.option("--out", required=True, help="Output folder or URI for Parquet shards and summary.json.")
 @db_option(default=None, help="Also load the rows into a table of this LanceDB database.")
 @click.option("--rows-per-shard", default=10_000, type=int, help="Rows per Parquet shard at most.")
+@click.option("--partition-rows", default=PARTITION_ROWS, type=int, show_default=True,
+              help="Rows per partition, the unit of resume, at most: a killed run's rerun redoes the "
+                   "partitions it had in flight. A Parquet row group is never split.")
 @click.option("--overwrite", is_flag=True,
               help="Replace what OUT holds; without it a rerun resumes (and refuses other settings).")
 @click.option("--log-format", "progress", default="auto",
@@ -278,7 +287,12 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
         kinds = (*(TRANSIENT_ERROR_KINDS if retry_errors else ()), *retry_kinds)
         options["retry_kinds"] = tuple(dict.fromkeys(kinds))
     config = embed_config(manifest, out, db, **options)
-    summary = run_job(run_embed, config)
+    if config.progress == "json":
+        # JSON lines alone on stdout, for a log shipper: Ray's own log lines go to stderr.
+        with results_on_stdout() as results:
+            summary = run_job(run_embed, config, results)
+    else:
+        summary = run_job(run_embed, config)
     if not quiet:
         print_summary(summary)
 
@@ -368,6 +382,14 @@ def plan_text(plan: dict) -> str:
         f"{_bytes(plan['output_bytes']['float16'])}); table: {_bytes(plan['table_bytes']['float32'])} "
         f"({_bytes(plan['table_bytes']['float16'])}); ANN indexes: {_bytes(plan['ann_index_bytes'])}",
     ]
+    feed = plan.get("cpu_tasks_to_feed_towers")
+    if feed:
+        per_gpu = feed / cluster["gpus"]
+        verdict = ("enough" if workers["cpu_tasks"] >= feed else
+                   f"too few: the towers will wait for their rows; give each GPU {math.ceil(per_gpu)} "
+                   "free CPUs, or decode faster with --preprocess fast")
+        lines.append(f"feed: {feed} fetch/decode/tokenize task(s) keep the towers busy ({per_gpu:.1f} CPUs "
+                     f"per GPU); this cluster runs {workers['cpu_tasks']} at a time: {verdict}")
     if plan["sample_errors"]:
         errors = ", ".join(f"{k} {v}" for k, v in plan["sample_errors"].items())
         lines.append(f"errors in the sample: {errors}")

@@ -210,6 +210,23 @@ def project(stages: list[Stage], rows: int, shared_cores: bool, startup_seconds:
     return Projection(rate, bottleneck, cause, wall, wall * devices / 3600)
 
 
+def cpu_tasks_to_feed(stages: list[Stage]) -> int | None:
+    """How many fetch/decode/tokenize tasks keep the towers' actors busy: the towers' rate (the
+    slower tower group's, every actor counted) over one CPU task's rate. None without CPU stages
+    or towers timed. On GPUs the run starts a task on every CPU the actors leave free, so a
+    cluster with fewer CPUs than this has idle accelerators; more CPUs per GPU than this buy
+    nothing (see `--plan`'s "feed" line)."""
+    groups: dict[str, list[Stage]] = {}
+    for stage in stages:
+        groups.setdefault(stage.group, []).append(stage)
+    tasks = groups.pop("cpu_tasks", None)
+    if not tasks or not groups:
+        return None
+    per_task = 1 / sum(1 / s.rows_per_second for s in tasks)
+    towers = min(members[0].workers / sum(1 / s.rows_per_second for s in members) for members in groups.values())
+    return math.ceil(towers / per_task)
+
+
 def actors_per_tower(placement: Placement) -> int:
     """The tower actors the run starts: its pool's size, or the most an autoscaling pool grows to."""
     pool = placement.concurrency
@@ -416,6 +433,9 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
         "stages": {s.name: {"rows_per_second_per_worker": round(s.rows_per_second, 2),
                             "workers": s.workers,
                             "rows_per_second": round(s.rows_per_second * s.workers, 2)} for s in stages},
+        # The CPU tasks that would keep the towers fed: beside workers.cpu_tasks, it says whether
+        # this cluster has CPUs enough per accelerator (on CPUs the two share the cores instead).
+        "cpu_tasks_to_feed_towers": cpu_tasks_to_feed(stages) if placement.on_gpu else None,
         "rows_per_second": round(projection.rows_per_second, 2),
         "bottleneck": projection.bottleneck,
         "bottleneck_cause": projection.bottleneck_cause,

@@ -7,16 +7,17 @@ import collections
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage, webdataset
-from pipeline.config import ConfigError
+from pipeline.config import PARTITION_ROWS, ConfigError
 from pipeline.formats import csv_options, flatten_webdataset, id_text, json_lines
 from pipeline.manifest import Manifest, parse_json_file
-from pipeline.partitions import FilePlan
+from pipeline.partitions import FilePlan, file_partitions
 from schemas.manifest import ID
 
 
@@ -28,8 +29,9 @@ class IdScan:
     missing_ids: int  # rows whose id is null or empty: rejected
     duplicate_rows: int  # rows whose id an earlier row already has: rejected
     duplicated_ids: pa.Array  # ids that more than one row has (the first row of each is kept)
-    plans: tuple[FilePlan, ...]  # per manifest file: its key and the rows its read leaves out
+    plans: tuple[FilePlan, ...]  # per manifest file: its partitions and the rows its read leaves out
     kept: tuple[int, ...]  # per manifest file: the rows its read yields
+    partition_kept: dict[str, int]  # per partition (by key): the rows its read yields
 
     @property
     def distinct_ids(self) -> int:
@@ -43,10 +45,12 @@ SCAN_TASKS_PER_CPU = 2
 MAX_ID_BUCKETS = 256  # the duplicate check's hash partitions
 
 
-def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset()) -> IdScan:
-    """Count rows and find bad and repeated ids, on the cluster: tasks read the ids of runs of
-    files and hash them into buckets, a task per bucket finds its repeated ids. The driver gets
-    per-file counts and the rows of repeated ids only, never every id.
+def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
+             partition_rows: int = PARTITION_ROWS) -> IdScan:
+    """Count rows, split each file into partitions (see partitions.file_partitions) and find bad
+    and repeated ids, on the cluster: tasks read the ids of runs of files and hash them into
+    buckets, a task per bucket finds its repeated ids. The driver gets per-partition counts and
+    the rows of repeated ids only, never every id.
 
     Of rows sharing an id the first in manifest order (files as listed, rows in file order) is
     kept, but a row of a `committed` partition (done by an earlier run) is never undone: a
@@ -61,15 +65,13 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset()) -> IdS
     import ray
 
     files = len(manifest.files)
-    keys = manifest.partition_keys()
-    ranks = [0 if k in committed else 1 for k in keys]
     cpus = ray.cluster_resources().get("CPU", 1.0)
     tasks = max(1, min(files, int(cpus * SCAN_TASKS_PER_CPU)))
     buckets = max(1, min(tasks, MAX_ID_BUCKETS))
     bounds = [files * t // tasks for t in range(tasks + 1)]
     scan = ray.remote(_scan_files).options(num_cpus=SCAN_CPUS, num_returns=1 + buckets)
-    source = ray.put(manifest)
-    refs = [scan.remote(source, start, stop, ranks[start:stop], buckets)
+    source, done = ray.put(manifest), ray.put(committed)
+    refs = [scan.remote(source, start, stop, done, partition_rows, buckets)
             for start, stop in zip(bounds, bounds[1:]) if stop > start]
     counted = [c for counts in ray.get([r[0] for r in refs]) for c in counts]
     failed = next((c for c in counted if isinstance(c, str)), None)
@@ -86,9 +88,16 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset()) -> IdS
             skipped[file].append(position)
             duplicate_rows += 1
         previous = row_id
-    uris = manifest.uris()
-    plans = tuple(FilePlan(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"])
+    uris, keys = manifest.uris(), manifest.partition_keys()
+    plans = tuple(FilePlan(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"], c["partitions"])
                   for i, c in enumerate(counted))
+    partition_kept = {}
+    for i, (plan, count) in enumerate(zip(plans, counted)):
+        left_out = np.sort(np.fromiter(skipped.get(i, ()), np.int64))
+        bounds = [p.start for p in plan.partitions] + [plan.partitions[-1].stop]
+        for partition, valid, repeats in zip(plan.partitions, count["valid_by_partition"],
+                                             np.diff(np.searchsorted(left_out, bounds))):
+            partition_kept[partition.key] = valid - int(repeats)
     return IdScan(
         rows=sum(c["rows"] for c in counted),
         missing_ids=sum(c["rows"] - c["valid"] for c in counted),
@@ -96,6 +105,7 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset()) -> IdS
         duplicated_ids=pc.unique(order.column("id")),
         plans=plans,
         kept=tuple(c["valid"] - len(skipped.get(i, ())) for i, c in enumerate(counted)),
+        partition_kept=partition_kept,
     )
 
 
@@ -103,22 +113,30 @@ _ID_ROWS = pa.schema([("id", pa.string()), ("file", pa.int64()), ("position", pa
                       ("rank", pa.int8())])
 
 
-def _scan_files(manifest: Manifest, start: int, stop: int, ranks: list[int], buckets: int):
-    """Scan task: per file of manifest.files[start:stop] its counts (or, for a file that cannot
-    be read, the message saying so), then per bucket the valid ids with where they are."""
+def _scan_files(manifest: Manifest, start: int, stop: int, committed: frozenset[str],
+                partition_rows: int, buckets: int):
+    """Scan task: per file of manifest.files[start:stop] its partitions and counts (or, for a
+    file that cannot be read, the message saying so), then per bucket the valid ids with where
+    they are and their rank (0: in a committed partition)."""
     fs = manifest.filesystem()
     counts, pieces = [], [[] for _ in range(buckets)]
-    for index, rank in zip(range(start, stop), ranks):
+    for index in range(start, stop):
         try:
-            ids, scattered = file_ids(manifest, fs, manifest.files[index])
+            ids, scattered, groups = file_ids(manifest, fs, manifest.files[index])
         except ConfigError as exc:
             return [[str(exc)], *[_ID_ROWS.empty_table()] * buckets]
+        partitions = file_partitions(manifest.files[index], manifest.sizes[index], len(ids), partition_rows, groups)
         valid = pc.fill_null(pc.and_(pc.is_valid(ids), pc.not_equal(pc.utf8_trim_whitespace(ids), "")), False)
         positions = pc.indices_nonzero(valid).cast(pa.int64())
         good = ids.filter(valid)
-        counts.append({"rows": len(ids), "valid": len(good), "scattered": scattered})
+        # Each valid row's partition, by its position.
+        starts = [p.start for p in partitions]
+        owner = np.searchsorted(starts, positions.to_numpy(), side="right") - 1
+        counts.append({"rows": len(ids), "valid": len(good), "scattered": scattered, "partitions": partitions,
+                       "valid_by_partition": np.bincount(owner, minlength=len(partitions)).tolist()})
+        ranks = np.array([0 if p.key in committed else 1 for p in partitions], np.int8)[owner]
         rows = pa.table([good, pa.array([index] * len(good), pa.int64()), positions,
-                         pa.array([rank] * len(good), pa.int8())], schema=_ID_ROWS)
+                         pa.array(ranks, pa.int8())], schema=_ID_ROWS)
         if buckets == 1:
             pieces[0].append(rows)
             continue
@@ -136,12 +154,16 @@ def _repeated(*pieces: pa.Table) -> pa.Table:
     return rows.filter(pc.is_in(rows.column("id"), value_set=repeated)) if len(repeated) else rows.slice(0, 0)
 
 
-def file_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, frozenset[str]]:
-    """One file's ids as text, in reading order, and (a WebDataset shard) its keys whose members
-    are not adjacent."""
+def file_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, frozenset[str], list[int] | None]:
+    """One file's ids as text, in reading order; (a WebDataset shard) its keys whose members
+    are not adjacent; and how its rows may be split into partitions: a Parquet file's row
+    groups (their rows), a WebDataset shard's one group (it is never split), else None (at any
+    row)."""
     if manifest.format == "webdataset":
-        return _shard_ids(manifest, fs, path)
-    return _table_file_ids(manifest, fs, path), frozenset()
+        ids, scattered = _shard_ids(manifest, fs, path)
+        return ids, scattered, [len(ids)]
+    ids, groups = _table_file_ids(manifest, fs, path)
+    return ids, frozenset(), groups
 
 
 def _shard_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, frozenset[str]]:
@@ -157,15 +179,16 @@ def _shard_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, frozenset[s
     return id_text(rows.column(manifest.id_col)), index.scattered
 
 
-def _table_file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
+def _table_file_ids(manifest: Manifest, fs, path: str) -> tuple[pa.Array, list[int] | None]:
     shown = storage.unstrip(fs, path)
     try:
         with fs.open(path, "rb") as f:
             if manifest.format == "parquet":
                 parquet = pq.ParquetFile(f)
+                groups = [parquet.metadata.row_group(n).num_rows for n in range(parquet.num_row_groups)]
                 if manifest.id_col not in parquet.schema_arrow.names:
-                    return pa.nulls(parquet.metadata.num_rows, pa.string())
-                return id_text(parquet.read(columns=[manifest.id_col]).column(0))
+                    return pa.nulls(parquet.metadata.num_rows, pa.string()), groups
+                return id_text(parquet.read(columns=[manifest.id_col]).column(0)), groups
             if manifest.format == "csv":
                 bad = []
                 table = pacsv.read_csv(f, **csv_options(manifest.schema.names, [manifest.id_col],
@@ -176,7 +199,7 @@ def _table_file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
                         f"manifest {shown}, line {row.number}: expected {row.expected_columns} "
                         f"fields, found {row.actual_columns} ({row.text[:80]!r}); fix or remove the "
                         f"line{f' (and {len(bad) - 1} more like it)' if len(bad) > 1 else ''}")
-                return id_text(table.column(0))
+                return id_text(table.column(0)), None
             data = f.read()
     except ConfigError:
         raise
@@ -187,7 +210,7 @@ def _table_file_ids(manifest: Manifest, fs, path: str) -> pa.Array:
         number, why = bad[0]
         more = f" (and {len(bad) - 1} more like it)" if len(bad) > 1 else ""
         raise ConfigError(f"manifest {shown}, line {number}: {why}; fix or remove the line{more}")
-    return id_text(parse_json_file(data, manifest).column(manifest.id_col))
+    return id_text(parse_json_file(data, manifest).column(manifest.id_col)), None
 
 
 def file_rows(manifest: Manifest, fs, path: str) -> pa.Table:

@@ -246,7 +246,7 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, sizes, fmt: str,
 
 def read_manifest(manifest: Manifest, num_cpus: float = 1.0, plans: tuple[FilePlan, ...] | None = None):
     """The manifest's rows as a Ray Dataset, streamed from its files by tasks that each reserve
-    `num_cpus`, each row tagged with its file's partition key (PARTITION). Each file is
+    `num_cpus`, each row tagged with its partition's key (PARTITION). Each file is
     read as its plan (from scan_ids, in the order of manifest.files) says; without plans, whole."""
     import ray.data
 
@@ -284,28 +284,30 @@ class TableFilesDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         plan = ray.get(self._plans_ref)[path]
-        position = 0
-        for table in _file_tables(self._manifest, f):
-            n = table.num_rows
-            if plan.skipped:
-                keep = [position + i not in plan.skipped for i in range(n)]
-                table = table.filter(pa.array(keep, pa.bool_()))
-            position += n
+        for position, table in _file_blocks(self._manifest, f, plan):
+            table = plan.rows_to_read(table, position)
             if table.num_rows:
-                yield table.append_column(PARTITION, pa.array([plan.key] * table.num_rows, pa.string()))
+                yield table
 
 
-def _file_tables(manifest: Manifest, f) -> Iterator[pa.Table]:
-    """A file's rows in reading order, a block at a time (a JSON Lines file at once)."""
+def _file_blocks(manifest: Manifest, f, plan: FilePlan) -> Iterator[tuple[int, pa.Table]]:
+    """A file's rows in reading order, a block at a time (a JSON Lines file at once), each with
+    the position of its first row; a Parquet file's row groups of partitions done are skipped."""
     if manifest.format == "parquet":
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_READ_BLOCK):
-            yield pa.Table.from_batches([batch])
+        parquet = pq.ParquetFile(f)
+        groups = [parquet.metadata.row_group(n).num_rows for n in range(parquet.num_row_groups)]
+        for first, stop in plan.groups_to_read(groups):
+            position = sum(groups[:first])
+            for batch in parquet.iter_batches(batch_size=ROWS_PER_READ_BLOCK, row_groups=list(range(first, stop))):
+                yield position, pa.Table.from_batches([batch])
+                position += batch.num_rows
     elif manifest.format == "csv":
-        reader = pacsv.open_csv(f, **csv_options(manifest.schema.names))
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
+        position = 0
+        for batch in pacsv.open_csv(f, **csv_options(manifest.schema.names)):
+            yield position, pa.Table.from_batches([batch])
+            position += batch.num_rows
     else:
-        yield parse_json_file(f.read(), manifest)
+        yield 0, parse_json_file(f.read(), manifest)
 
 
 def parse_json_file(data: bytes, manifest: Manifest) -> pa.Table:

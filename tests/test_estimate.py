@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EmbedConfig
-from pipeline.estimate import (ANN_INDEX_BYTES_PER_VECTOR, Stage, cpu_task_workers, index_bytes, output_bytes,
-                               project)
+from pipeline.estimate import (ANN_INDEX_BYTES_PER_VECTOR, Stage, cpu_task_workers, cpu_tasks_to_feed,
+                               index_bytes, output_bytes, project)
 from pipeline.manifest import open_manifest
 from pipeline.plan import Placement
 from pipeline.sample import count_rows, read_sample, spread_positions
@@ -61,6 +61,19 @@ def test_plan_projects_the_run_and_writes_nothing(manifest, tiny_model, ray_sess
     for label in ("rate: ", "bottleneck: ", "wall: ", "CPU-hours", "output: ",
                   "--vector-dtype float16", "table: ", "ANN indexes: "):
         assert label in text, label
+    # On CPUs the tasks and the towers share the cores: no feed to size, no line for it.
+    assert plan["cpu_tasks_to_feed_towers"] is None and "feed:" not in text
+
+    # On GPUs the plan says whether the cluster's CPUs keep them busy.
+    from jobs.embed import plan_text
+
+    on_gpus = {**plan, "device": "gpu", "cluster": {**plan["cluster"], "gpus": 4},
+               "cpu_tasks_to_feed_towers": 35, "workers": {**plan["workers"], "cpu_tasks": 20}}
+    assert ("feed: 35 fetch/decode/tokenize task(s) keep the towers busy (8.8 CPUs per GPU); this "
+            "cluster runs 20 at a time: too few: the towers will wait for their rows; give each "
+            "GPU 9 free CPUs") in plan_text(on_gpus)
+    on_gpus["workers"]["cpu_tasks"] = 35
+    assert "this cluster runs 35 at a time: enough" in plan_text(on_gpus)
 
 
 def test_plan_flags_are_checked(manifest, tiny_model, tmp_path):
@@ -171,3 +184,14 @@ def test_json_stands_alone_on_stdout_whatever_ray_prints(manifest, tmp_path, mon
     result = altclip("embed", manifest, "--out", tmp_path / "out", "--plan", "--json")
     assert json.loads(result.stdout) == {"rows": 3}
     assert "(raylet) WARNING" in result.stderr
+
+
+def test_the_cpu_tasks_that_keep_the_towers_fed():
+    # One CPU task: 1 / (1/1000 + 1/50 + 1/2000) = 46.5 rows/s. Four actors per tower on GPUs:
+    # the image tower's 1,600 rows/s is the slower; 1600 / 46.5 = 34.4, so 35 tasks.
+    stages = _stages(decode=50.0, image=400.0, text=1200.0, tasks=10, actors=4, one_actor=False)
+    assert cpu_tasks_to_feed(stages) == 35
+    # Decoding twice as fast halves it; towers without CPU tasks (nothing to feed) give none.
+    assert cpu_tasks_to_feed(_stages(decode=100.0, image=400.0, text=1200.0, tasks=10, actors=4,
+                                     one_actor=False)) == 19
+    assert cpu_tasks_to_feed([s for s in stages if s.group != "cpu_tasks"]) is None

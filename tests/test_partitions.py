@@ -3,6 +3,7 @@ ledger's commits, and whole jobs over manifests whose files change, repeat ids, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -13,9 +14,9 @@ import pytest
 
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.ids import scan_ids
-from pipeline.manifest import open_manifest
-from pipeline.partitions import (PartitionLedger, drop_changed, read_records, remove_unlisted_shards,
-                                 write_record)
+from pipeline.manifest import _file_blocks, open_manifest
+from pipeline.partitions import (FilePlan, PartitionLedger, drop_changed, file_partitions, read_records,
+                                 remove_unlisted_shards, write_record)
 from pipeline.plan import manifest_rows
 from pipeline.writer import list_shards, output_totals, shard_partition, write_shard
 from schemas.manifest import PARTITION
@@ -23,31 +24,51 @@ from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
 
 
-def _write(folder, fmt: str, name: str, ids: list) -> None:
-    """A manifest file of rows with these ids (None and "" among them), captions naming the row."""
+def _write(folder, fmt: str, name: str, ids: list, groups: list[int] | None = None) -> None:
+    """A manifest file of rows with these ids (None and "" among them), captions naming the row;
+    a Parquet file in row groups of `groups` rows (default: three about equal)."""
     rows = [{"id": i, "caption": f"{name}#{n}"} for n, i in enumerate(ids)]
     path = folder / f"{name}.{ {'parquet': 'parquet', 'csv': 'csv', 'json': 'jsonl'}[fmt] }"
+    schema = pa.schema([("id", pa.string()), ("caption", pa.string())])
     if fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows, pa.schema([("id", pa.string()), ("caption", pa.string())])),
-                       path, row_group_size=max(1, len(rows) // 3 or 1))
+        size = max(1, len(rows) // 3 or 1)
+        groups = groups or [min(size, len(rows) - n) for n in range(0, len(rows), size)]
+        with pq.ParquetWriter(path, schema) as writer:
+            start = 0
+            for group in groups:
+                writer.write_table(pa.Table.from_pylist(rows[start:start + group], schema))
+                start += group
     elif fmt == "csv":
         # CSV has no null: a missing id is an empty field.
-        pacsv.write_csv(pa.Table.from_pylist([{**r, "id": r["id"] or ""} for r in rows],
-                                             pa.schema([("id", pa.string()), ("caption", pa.string())])), path)
+        pacsv.write_csv(pa.Table.from_pylist([{**r, "id": r["id"] or ""} for r in rows], schema), path)
     else:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _expected(files: list[list], committed: set[int]):
-    """The rule, written plainly: of rows sharing an id, one in a committed file wins, else the
-    first in manifest order; returns (kept captions per file, missing, duplicate rows)."""
+def _spans(rows: int, limit: int, groups: list[int] | None) -> list[tuple[int, int]]:
+    """The partition rule, written plainly: runs of whole groups while the next still fits in
+    `limit` rows (a group alone may be larger), or without groups `limit` rows at a time."""
+    if groups is None:
+        return [(s, min(s + limit, rows)) for s in range(0, rows, limit)] or [(0, 0)]
+    spans, start, taken = [], 0, 0
+    for group in groups:
+        if taken and taken + group > limit:
+            spans.append((start, start + taken))
+            start, taken = start + taken, 0
+        taken += group
+    return spans + [(start, start + taken)]
+
+
+def _expected(files: list[list], committed: set[tuple[int, int]], owner):
+    """The rule, written plainly: of rows sharing an id, one in a committed partition wins, else
+    the first in manifest order; returns (kept captions per file, missing, duplicate rows).
+    `owner(f, n)` is row n of file f's partition, `committed` holds partitions."""
     winner = {}
     for rank in (0, 1):
         for f, ids in enumerate(files):
-            if (f in committed) != (rank == 0):
-                continue
             for n, i in enumerate(ids):
-                if i is not None and i.strip() and i not in winner:
+                if ((f, owner(f, n)) in committed) == (rank == 0) and i is not None and i.strip() \
+                        and i not in winner:
                     winner[i] = (f, n)
     missing = sum(1 for ids in files for i in ids if i is None or not i.strip())
     kept = [{f"f{f}#{n}" for n, i in enumerate(ids) if i is not None and i.strip() and winner[i] == (f, n)}
@@ -56,10 +77,11 @@ def _expected(files: list[list], committed: set[int]):
     return kept, missing, rows - missing - len(winner)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(15))
 def test_the_scan_and_the_read_keep_the_first_row_of_each_id(ray_session, tmp_path, seed):
-    # Random manifests: every format, files of 0 to 40 rows, ids drawn from a small pool (so
-    # they repeat within and across files), missing and blank ids, some files committed.
+    # Random manifests: every format, files of 0 to 40 rows (Parquet in row groups of random
+    # sizes), ids drawn from a small pool (so they repeat within and across files), missing and
+    # blank ids, partitions of 1 to 15 rows at most, some partitions committed.
     rng = random.Random(seed)
     fmt = ["parquet", "csv", "json"][seed % 3]
     pool = [f"id{n}" for n in range(rng.randint(5, 60))] + [" spaced ", "ü"]
@@ -67,31 +89,75 @@ def test_the_scan_and_the_read_keep_the_first_row_of_each_id(ray_session, tmp_pa
               for _ in range(rng.randint(0, 40))] for _ in range(rng.randint(1, 6))]
     if fmt == "csv":  # an empty CSV field is a missing id too; a blank one stays blank
         files = [[None if i == "" else i for i in ids] for ids in files]
+    groups = [None] * len(files)
     for f, ids in enumerate(files):
-        _write(tmp_path, fmt, f"f{f}", ids)
+        if fmt == "parquet" and ids:
+            cuts = sorted(rng.sample(range(1, len(ids)), min(len(ids) - 1, rng.randint(0, 6))))
+            groups[f] = [b - a for a, b in zip([0] + cuts, cuts + [len(ids)])]
+        _write(tmp_path, fmt, f"f{f}", ids, groups[f])
+    limit = rng.randint(1, 15)
     manifest = open_manifest(EmbedConfig(manifest=str(tmp_path), out=str(tmp_path / "out"),
                                          towers=("text",)))
     assert [p.rsplit("/", 1)[-1].split(".")[0] for p in manifest.files] == [f"f{f}" for f in range(len(files))]
-    committed = {f for f in range(len(files)) if rng.random() < 0.3}
-    keys = manifest.partition_keys()
-    scan = scan_ids(manifest, frozenset(keys[f] for f in committed))
 
-    kept, missing, duplicates = _expected(files, committed)
+    # The partitions: the rule's spans, and a file of one partition keyed as the file.
+    first = scan_ids(manifest, frozenset(), limit)
+    spans = [_spans(len(ids), limit, groups[f] if fmt == "parquet" else None) for f, ids in enumerate(files)]
+    assert [[(p.start, p.stop) for p in plan.partitions] for plan in first.plans] == spans
+    for plan, key in zip(first.plans, manifest.partition_keys()):
+        assert (plan.key == key) and (len(plan.partitions) > 1 or plan.partitions[0].key == key)
+    keys = [p.key for plan in first.plans for p in plan.partitions]
+    assert len(set(keys)) == len(keys)
+
+    committed = {(f, n) for f, plan in enumerate(first.plans) for n in range(len(plan.partitions))
+                 if rng.random() < 0.3}
+    scan = scan_ids(manifest, frozenset(first.plans[f].partitions[n].key for f, n in committed), limit)
+
+    def owner(f, n):
+        return next(k for k, (a, b) in enumerate(spans[f]) if a <= n < b)
+
+    kept, missing, duplicates = _expected(files, committed, owner)
     assert scan.rows == sum(len(ids) for ids in files)
     assert (scan.missing_ids, scan.duplicate_rows) == (missing, duplicates)
-    assert [k for k in scan.kept] == [len(k) for k in kept]
-    assert [p.key for p in scan.plans] == list(keys)
+    assert list(scan.kept) == [len(k) for k in kept]
+    key_of = {(f, owner(f, int(c.split("#")[1]))): first.plans[f].partitions[owner(f, int(c.split("#")[1]))].key
+              for f in range(len(files)) for c in kept[f]}
+    assert scan.partition_kept == {
+        p.key: sum(1 for c in kept[f] if owner(f, int(c.split("#")[1])) == n)
+        for f, plan in enumerate(first.plans) for n, p in enumerate(plan.partitions)}
 
-    # The read of the files not committed yields exactly their kept rows, tagged with their key.
-    todo = [f for f in range(len(files)) if f not in committed]
-    if not todo or not sum(scan.kept[f] for f in todo):
+    # The read with the committed partitions done yields exactly the kept rows of the others,
+    # each tagged with its partition's key (a Parquet file's done row groups are not read).
+    done = frozenset(first.plans[f].partitions[n].key for f, n in committed)
+    plans = [dataclasses.replace(plan, done=done) for plan in scan.plans]
+    todo = [f for f, plan in enumerate(plans) if any(p.key not in done for p in plan.partitions)]
+    want = {c: key_of[(f, owner(f, int(c.split("#")[1])))] for f in todo for c in kept[f]
+            if (f, owner(f, int(c.split("#")[1]))) not in committed}
+    if not want:
         return
-    rows = manifest_rows(manifest.only(todo), tuple(scan.plans[f] for f in todo), 7).take_all()
+    rows = manifest_rows(manifest.only(todo), tuple(plans[f] for f in todo), 7).take_all()
     got = {}
     for caption, key in ((r["caption"], r[PARTITION]) for r in rows):
         assert caption not in got, "a row read twice"
         got[caption] = key
-    assert got == {c: keys[f] for f in todo for c in kept[f]}
+    assert got == want
+
+
+def test_a_parquet_files_row_groups_of_partitions_done_are_not_read(tmp_path):
+    # Row groups of 4, 4, 4, 3 rows in partitions of at most 8: [0, 8) and [8, 15).
+    _write(tmp_path, "parquet", "f0", [f"id{n}" for n in range(15)], [4, 4, 4, 3])
+    manifest = open_manifest(EmbedConfig(manifest=str(tmp_path), out=str(tmp_path / "out"),
+                                         towers=("text",)))
+    partitions = file_partitions(manifest.files[0], manifest.sizes[0], 15, 8, [4, 4, 4, 3])
+    assert [(p.start, p.stop) for p in partitions] == [(0, 8), (8, 15)]
+    plan = FilePlan(manifest.partition_keys()[0], manifest.uris()[0], partitions=partitions,
+                    done=frozenset({partitions[0].key}))
+    assert plan.groups_to_read([4, 4, 4, 3]) == [(2, 4)]
+    assert FilePlan("k", "u", partitions=partitions).groups_to_read([4, 4, 4, 3]) == [(0, 4)]
+    with open(manifest.files[0], "rb") as f:
+        blocks = list(_file_blocks(manifest, f, plan))
+    assert [position for position, _ in blocks] == [8]
+    assert plan.rows_to_read(blocks[0][1], 8).column(PARTITION).to_pylist() == [partitions[1].key] * 7
 
 
 def test_a_file_that_cannot_be_read_fails_the_scan_naming_it(ray_session, tmp_path):
@@ -213,3 +279,44 @@ def test_a_first_file_without_rows_does_not_hide_the_columns(tmp_path):
     manifest = open_manifest(EmbedConfig(manifest=str(tmp_path), out=str(tmp_path / "out"),
                                          towers=("text",)))
     assert manifest.id_col == "id" and manifest.caption_col == "caption" and len(manifest.files) == 2
+
+
+def test_a_file_is_resumed_by_its_partitions_through_the_command(tiny_model, ray_session, tmp_path):
+    # One Parquet file of 12 rows in row groups of 3, partitions of at most 6 rows: two.
+    _write(tmp_path, "parquet", "f0", [f"id{n}" for n in range(12)], [3, 3, 3, 3])
+    out = tmp_path / "out"
+    args = ["embed", tmp_path / "f0.parquet", "--out", out, "--model", tiny_model, "--towers", "text",
+            "--rows-per-shard", "4", "--partition-rows", "6"]
+    altclip(*args)
+    records = read_records(str(out))
+    assert sorted(r["rows"] for r in records.values()) == [6, 6]
+
+    # A run killed with the second partition in flight: its shards are out, its record is not.
+    second = next(k for k, r in records.items() if any(
+        "f0#11" in pq.read_table(out / n).column("caption").to_pylist() for n in r["shards"]))
+    kept = {n for k, r in records.items() if k != second for n in r["shards"]}
+    (out / "_partitions" / f"{second}.json").unlink()
+    altclip(*args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rows_already_done"], summary["rows_embedded"], summary["rows_out"]) == (6, 6, 12)
+    assert kept <= {p.name for p in out.glob("part-*.parquet")}  # the first partition's shards stay
+    assert _ids_in_shards(out) == sorted(f"id{n}" for n in range(12))  # each row once
+
+    # Split at other rows, the file's old partitions are not its partitions now: done again.
+    altclip(*args[:-1], "12")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["rows_already_done"], summary["rows_embedded"], summary["rows_out"]) == (0, 12, 12)
+    assert [r["rows"] for r in read_records(str(out)).values()] == [12]
+    assert _ids_in_shards(out) == sorted(f"id{n}" for n in range(12))
+
+
+def _ids_in_shards(out) -> list[str]:
+    """Every row's id over OUT's shards, repeats included."""
+    return sorted(i for p in out.glob("part-*.parquet") for i in pq.read_table(p, columns=["id"]).column(0).to_pylist())
+
+
+def test_partition_rows_must_be_positive(tmp_path):
+    _write(tmp_path, "parquet", "f0", ["a"])
+    result = altclip("embed", tmp_path / "f0.parquet", "--out", tmp_path / "out", "--partition-rows", "0",
+                     expect_exit=1)
+    assert "--partition-rows 0: must be at least 1" in result.stderr

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.embedders import accelerator_stats
+from pipeline.ids import scan_ids
 from pipeline.progress import format_progress
 from tests.conftest import altclip
 from tests.corpus import odd_images, write_corpus
@@ -31,16 +33,26 @@ def run(tiny_model, ray_session, tmp_path_factory):
     rows.append({"id": "broken", "image": "images/missing.jpg", "caption": "lost", "lang": "en",
                  "rank": 99})
     pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
-    result = altclip("embed", folder / "manifest.parquet", "--out", folder / "out", "--model",
-                     tiny_model, "--log-format", "json", "--progress-interval", "0.2",
-                     "--batch-size", "4")
+    import jobs.embed
+
+    def noisy_scan(*args):  # as Ray's log monitor prints its processes' lines, during the job
+        print("(raylet) WARNING: 26 PYTHON worker processes have been started on node ...", file=sys.stdout)
+        return scan_ids(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs.embed, "scan_ids", noisy_scan)
+        result = altclip("embed", folder / "manifest.parquet", "--out", folder / "out", "--model",
+                         tiny_model, "--log-format", "json", "--progress-interval", "0.2",
+                         "--batch-size", "4")
     return folder, result, len(rows)
 
 
 def test_progress_lines_and_summary_figures(run):
     folder, result, rows = run
-    # --log-format json: stdout holds the JSON lines and nothing else, for a log shipper.
+    # --log-format json: stdout holds the JSON lines and nothing else, for a log shipper; what
+    # Ray prints there during the job goes to stderr.
     events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "(raylet) WARNING" in result.stderr
     assert events and events[-1]["event"] == "finished"
     assert events[-1]["rows_done"] == events[-1]["rows_total"] == rows
     assert all(e["rows_done"] <= rows for e in events)
