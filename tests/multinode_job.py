@@ -25,8 +25,10 @@ def main(manifest: str, out: str, model: str) -> None:
     startup_s = time.monotonic() - started
     nodes = {"head": cluster.head_node.node_id, "gpu": gpu_node.node_id, "cpu": cpu_node.node_id}
     try:
+        # Batches of 4: four decode tasks for the corpus's 15 rows, so that spreading them over
+        # the nodes does not hang on where two tasks happened to land.
         summary = run_embed(EmbedConfig(manifest=manifest, out=out, model=model, dtype="float32",
-                                        batch_size=8, address=cluster.address))
+                                        batch_size=4, address=cluster.address))
     finally:
         ray.shutdown()
         cluster.shutdown()
