@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -23,9 +24,12 @@ from schemas.table import (
 )
 
 # See index_table: an ANN index takes rows added after it was built as segments of their own,
-# until they are this share of the rows it was trained on, or it has this many segments.
+# until they are this share of the rows it was trained on, or this many segments were added.
 RETRAIN_SHARE = 0.2
-MAX_INDEX_SEGMENTS = 8
+MAX_ADDED_SEGMENTS = 7
+# On Ray, an ANN index over more rows than this is built as segments of about this many rows
+# each, one Ray task per segment (see _index_on_workers): 585 per column at LAION-5B's 5.85e9.
+ROWS_PER_INDEX_SEGMENT = 10_000_000
 
 # The columns `altclip dedup` marks near-duplicates with, per side (pipeline/dedup.py): the id of
 # the kept row a row duplicates, the cosine to it, and whether the row was checked. Named here
@@ -375,10 +379,14 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
     Above it, IVF partitions of about 4,096 vectors each (sqrt-like growth keeps both the
     partition scan and the centroid search small), HNSW inside each partition, cosine.
 
+    Where the caller runs on Ray (`embed --db`, `reembed`, a job on a cluster) and the table
+    holds more than ROWS_PER_INDEX_SEGMENT rows, the index is trained once and built as segments
+    over groups of fragments, a Ray task each (see _index_on_workers); else in this process.
+
     Rows a load or reembed added since an index was built go into it as they are: a new segment
     over the partitions it trained, which takes seconds where training takes minutes at scale.
-    Once those rows pass RETRAIN_SHARE of the trained ones, or the segments MAX_INDEX_SEGMENTS,
-    or with `retrain`, the index is built again from all the vectors.
+    Once those rows pass RETRAIN_SHARE of the trained ones, or MAX_ADDED_SEGMENTS segments were
+    added, or with `retrain`, the index is built again from all the vectors.
     """
     fts = full_text_index(table)
     if fts is not None and full_text_index_is_current(fts) and not retrain:
@@ -392,27 +400,92 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
             continue
         segments = None if retrain else _ann_segments(table, column)
         if segments and segments["added"] <= RETRAIN_SHARE * segments["trained"] \
-                and segments["segments"] < MAX_INDEX_SEGMENTS:
+                and segments["added_segments"] < MAX_ADDED_SEGMENTS:
             _add_to_index(table, segments["name"])
             built[column] = {"vectors": vectors, "partitions": segments["partitions"],
                              "added": segments["added"]}
             continue
         partitions = max(1, min(4096, vectors // rows_per_partition))
-        table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
-                           num_partitions=partitions, replace=True)
-        built[column] = {"vectors": vectors, "partitions": partitions}
+        groups = _fragment_groups(table.to_lance(), ROWS_PER_INDEX_SEGMENT) if _on_ray() else []
+        if len(groups) > 1:
+            _index_on_workers(table, column, partitions, groups)
+        else:
+            table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
+                               num_partitions=partitions, replace=True)
+        built[column] = {"vectors": vectors, "partitions": partitions, "segments": max(1, len(groups))}
     return built
 
 
+def _on_ray() -> bool:
+    """Whether this process is a Ray driver already (never starts Ray, nor imports it)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _fragment_groups(dataset, rows_per_group: int) -> list[list[int]]:
+    """The dataset's fragment ids in runs of about `rows_per_group` rows (a fragment is never
+    split), from the fragments' metadata: no row is read."""
+    groups, rows = [[]], 0
+    for fragment in dataset.get_fragments():
+        if rows >= rows_per_group:
+            groups.append([])
+            rows = 0
+        groups[-1].append(fragment.fragment_id)
+        rows += fragment.metadata.num_rows
+    return [g for g in groups if g]
+
+
+def _index_on_workers(table, column: str, partitions: int, groups: list[list[int]]) -> None:
+    """The ANN index on `column` as one segment per group of fragments, each built by a Ray task
+    where it runs, over IVF centroids trained once (a Ray task too: lance trains on a sample of
+    the vectors, 256 per partition); the driver commits the segments' metadata in one commit, as
+    one index that a search reads whole. The segments are not merged: lance's merge rebuilds
+    every partition, which costs as much as building the index in one process."""
+    import ray
+
+    dataset = table.to_lance()  # pickles as its URI, version and storage options
+    name = f"{column}_idx"
+    train = ray.remote(_train_centroids).options(num_cpus=1)
+    centroids = train.remote(dataset, column, partitions)
+    build = ray.remote(_index_segment).options(num_cpus=1)
+    segments = ray.get([build.remote(dataset, column, name, partitions, centroids, group)
+                        for group in groups])
+    dataset.commit_existing_index_segments(name, column, segments)
+    table.checkout_latest()  # the commit was made through another handle
+
+
+def _train_centroids(dataset, column: str, partitions: int) -> pa.FixedSizeListArray:
+    from lance.indices import IndicesBuilder
+
+    return IndicesBuilder(dataset, column).train_ivf(partitions, distance_type="cosine").centroids
+
+
+def _index_segment(dataset, column: str, name: str, partitions: int, centroids, fragment_ids: list[int]):
+    """One segment of the index: the vectors of `fragment_ids`, written under the table's
+    _indices/, not yet part of it (the driver commits it)."""
+    return dataset.create_index_uncommitted(
+        column, "IVF_HNSW_SQ", name=name, metric="cosine", num_partitions=partitions,
+        ivf_centroids=centroids, fragment_ids=fragment_ids, replace=True)
+
+
 def _ann_segments(table, column: str) -> dict | None:
-    """The ANN index on `column` as segments: the rows it was trained on (its first segment),
-    the rows added since (later segments and rows in none), and its partitions."""
+    """The ANN index on `column` as segments: the rows it was trained on (those of the segments
+    its build made, all of one table version), the segments and rows added since (later segments
+    and rows in none), and its partitions. Rows are counted as lance counts unindexed ones: every
+    row of a fragment, with a vector or without."""
+    # Statistics without each segment's centroids (up to 4,096 x dim floats each).
+    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+    dataset = table.to_lance()
     for index in table.list_indices():
         if list(index.columns) == [column] and index.index_type != "FTS":
-            stats = table.to_lance().stats.index_stats(index.name)
-            per_segment = stats["num_indexed_rows_per_delta"]
-            return {"name": index.name, "trained": per_segment[0], "segments": len(per_segment),
-                    "added": sum(per_segment[1:]) + stats["num_unindexed_rows"],
+            fragment_rows = {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+            segments = [(i["version"], sum(fragment_rows.get(f, 0) for f in i["fragment_ids"]))
+                        for i in dataset.list_indices() if i["name"] == index.name]
+            first = min(version for version, _ in segments)
+            stats = dataset.stats.index_stats(index.name)
+            return {"name": index.name, "trained": sum(n for v, n in segments if v == first),
+                    "added_segments": sum(1 for v, _ in segments if v != first),
+                    "added": sum(n for v, n in segments if v != first) + stats["num_unindexed_rows"],
                     "partitions": stats["segments"][0]["num_partitions"]}
     return None
 

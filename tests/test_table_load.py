@@ -250,3 +250,49 @@ def test_table_index_trains_the_indexes_again(tmp_path):
     assert len(_ann_segments(db)) == 3
     altclip("table", "index", db, "--recall-queries", "0")
     assert len(_ann_segments(db)) == 2
+
+
+def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_session, tmp_path, monkeypatch):
+    """Over ROWS_PER_INDEX_SEGMENT rows, a load on Ray trains the index once and builds it as
+    segments over groups of fragments in Ray tasks, committed together: every fragment in one
+    segment, every vector found through them; rows added later join as one more segment."""
+    from pipeline import table as table_module
+    from schemas.table import ROWS_PER_PARTITION
+
+    monkeypatch.setattr(table_module, "ROWS_PER_INDEX_SEGMENT", SHARDS_PER_TASK * 1_000)
+    rng = np.random.default_rng(6)
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    out.mkdir()
+    for i in range(3 * SHARDS_PER_TASK):  # three load tasks, a fragment of 4,000 rows each
+        write_shard(str(out), _shard(rng, i * 1_000, 1_000))
+    load_outputs(str(out), db, "embeddings")
+    table = lancedb.connect(db).open_table("embeddings")
+    dataset = table.to_lance()
+    segments = [i for i in dataset.list_indices() if i["name"] == f"{IMAGE_EMBEDDING}_idx"]
+    fragments = sorted(f.fragment_id for f in dataset.get_fragments())
+    assert len(fragments) == 3 and len(segments) == 3
+    assert len({s["version"] for s in segments}) == 1  # one build, one commit
+    assert sorted(f for s in segments for f in s["fragment_ids"]) == fragments  # each once
+    vectors = table.count_rows(f"{IMAGE_EMBEDDING} IS NOT NULL")
+    partitions = vectors // ROWS_PER_PARTITION
+    assert table_module._ann_segments(table, IMAGE_EMBEDDING) == {
+        "name": f"{IMAGE_EMBEDDING}_idx", "trained": 12_000, "added_segments": 0, "added": 0,
+        "partitions": partitions}
+
+    def found_through_the_index(rows: pa.Table) -> None:
+        for row in rows.filter(pc.is_valid(rows.column(IMAGE_EMBEDDING))).to_pylist():
+            hit = table.search(row[IMAGE_EMBEDDING], vector_column_name=IMAGE_EMBEDDING) \
+                .metric("cosine").nprobes(partitions).limit(1).to_arrow()
+            assert hit.column("id")[0].as_py() == row["id"]
+
+    # Rows of every segment are each their own nearest row.
+    found_through_the_index(pa.concat_tables(
+        table.search().where(f"id = 'row-{i:06d}'").to_arrow() for i in range(0, 12_000, 500)))
+
+    added = write_shard(str(out), _shard(rng, 100_000, 300))
+    load_outputs(str(out), db, "embeddings")
+    table.checkout_latest()
+    assert table_module._ann_segments(table, IMAGE_EMBEDDING) == {
+        "name": f"{IMAGE_EMBEDDING}_idx", "trained": 12_000, "added_segments": 1, "added": 300,
+        "partitions": partitions}
+    found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
