@@ -8,14 +8,20 @@ p50/p99 query latency, in a LanceDB table built the way `load` builds it, for tw
   have cosine ~0.37, items of a topic ~0.74 (CLIP image vectors: ~0.4-0.5 and 0.7-0.9).
   Queries are new items of existing topics.
 
+`--segments 1 4 16` measures the same vectors and queries with the index built as that many
+segments, the way a load on Ray builds an index over more than ROWS_PER_INDEX_SEGMENT rows (a
+Ray task per group of fragments, over centroids trained once): what segments cost a query.
+
     python -m bench.query --rows 100000 [--vectors random clustered] [--dim 768] [--queries 200]
                           [--json OUT.json] [--rows-per-partition N] [--sweep NPROBES,REFINE[,EF] ...]
+                          [--segments N ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 
@@ -23,6 +29,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
+from pipeline import table as table_module
 from pipeline.table import index_table
 from schemas.table import ROWS_PER_PARTITION, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
@@ -47,10 +54,13 @@ class Clustered:
         return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _table(db, name: str, rows: int, dim: int, draw):
-    def batches():
-        for start in range(0, rows, 50_000):
-            n = min(50_000, rows - start)
+def _table(db, name: str, rows: int, dim: int, draw, fragments: int = 1):
+    """The table, written in `fragments` appends of equal size (a fragment each, at least)."""
+    per_fragment = math.ceil(rows / fragments)
+
+    def batches(first: int, last: int):
+        for start in range(first, last, 50_000):
+            n = min(50_000, last - start)
             # Only the image column is searched here; an empty text column gets no index, which
             # would double the build time and change nothing measured.
             yield pa.RecordBatch.from_pydict({
@@ -59,9 +69,15 @@ def _table(db, name: str, rows: int, dim: int, draw):
                 IMAGE_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(draw(n).reshape(-1)), dim),
                 TEXT_EMBEDDING: pa.nulls(n, pa.list_(pa.float32(), dim))})
 
-    schema = next(batches()).schema
-    return db.create_table(name, data=pa.RecordBatchReader.from_batches(schema, batches()),
-                           on_bad_vectors="null")
+    schema = next(batches(0, 1)).schema
+    table = None
+    for first in range(0, rows, per_fragment):
+        data = pa.RecordBatchReader.from_batches(schema, batches(first, min(rows, first + per_fragment)))
+        if table is None:
+            table = db.create_table(name, data=data, on_bad_vectors="null")
+        else:
+            table.add(data, on_bad_vectors="null")
+    return table
 
 
 def main() -> None:
@@ -76,21 +92,29 @@ def main() -> None:
                         help="NPROBES,REFINE[,EF] to measure besides the defaults (EF: HNSW candidates)")
     parser.add_argument("--rows-per-partition", type=int, default=ROWS_PER_PARTITION,
                         help="IVF partition size to build the index with [the pipeline's]")
+    parser.add_argument("--segments", nargs="+", type=int, default=[1],
+                        help="build the index as this many segments, on Ray (each count measured)")
     args = parser.parse_args()
+    if max(args.segments) > 1:
+        import ray
+
+        ray.init(logging_level="ERROR", log_to_driver=False, include_dashboard=False)
     db = lancedb.connect(tempfile.mkdtemp(prefix="bench-query-"))
-    reports = [_measure(db, shape, args) for shape in args.vectors]
+    reports = [_measure(db, shape, segments, args) for shape in args.vectors for segments in args.segments]
     print(json.dumps(reports, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=2)
 
 
-def _measure(db, shape: str, args) -> dict:
-    rng = np.random.default_rng(0)
+def _measure(db, shape: str, segments: int, args) -> dict:
+    rng = np.random.default_rng(0)  # the same vectors and queries for every segment count
     draw = (lambda n: _unit(rng, n, args.dim)) if shape == "random" else Clustered(rng, args.rows, args.dim)
     started = time.perf_counter()
-    table = _table(db, shape, args.rows, args.dim, draw)
+    table = _table(db, f"{shape}-{segments}", args.rows, args.dim, draw, segments)
     load_s = time.perf_counter() - started
+    # One segment per fragment group of this many rows, where there is more than one group.
+    table_module.ROWS_PER_INDEX_SEGMENT = math.ceil(args.rows / segments) if segments > 1 else args.rows + 1
     started = time.perf_counter()
     built = index_table(table, args.rows_per_partition)
     index_s = time.perf_counter() - started
@@ -127,6 +151,7 @@ def _measure(db, shape: str, args) -> dict:
                       "p99_ms": round(float(np.percentile(ms, 99)), 2)})
     return {
         "vectors": shape, "rows": args.rows, "dim": args.dim, "queries": args.queries, "index": built,
+        "segments": segments,
         "rows_per_partition": args.rows_per_partition,
         "load_seconds": round(load_s, 1), "index_seconds": round(index_s, 1),
         "recall_at_10": recall(found),
