@@ -42,6 +42,25 @@ storage_option = click.option(
 )
 
 
+# `load` and `table index`: where the table's fragments are written and its index segments built.
+cluster_option = click.option(
+    "--address", default=None, metavar="ADDRESS", show_default="RAY_ADDRESS, else this process",
+    help="Ray cluster whose tasks write the table's fragments and build its ANN index's segments "
+         "(auto: the cluster `ray start` began on this machine).")
+
+
+def join_cluster(address: str | None) -> None:
+    """Join the Ray cluster at `address`, or at RAY_ADDRESS (as `ray job submit` sets it).
+    Without either the work stays in this process: starting a local Ray for it costs seconds
+    and buys nothing on one machine."""
+    import os
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        from pipeline.plan import ensure_ray
+
+        ensure_ray(address)
+
+
 def table_name(command):
     """`--table NAME`, and a message for the names of before 0.2 (`--name`)."""
     command = click.option("--table", "table_name", default=DEFAULT_TABLE_NAME, metavar="NAME",

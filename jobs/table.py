@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.options import parse_storage_options, print_rows, run_job, storage_option, table_name
+from jobs.options import cluster_option, join_cluster, parse_storage_options, print_rows, run_job, storage_option, table_name
 from pipeline.recall import index_recall
 from pipeline.table import index_table, open_table, restore_version, table_versions
 
@@ -31,17 +31,22 @@ def table_versions_command(db, table_name, storage_options):
 @click.option("--recall-queries", default=100, type=click.IntRange(min=0), show_default=True,
               help="Rows whose vectors query the new ANN index and an exact scan, to measure "
                    "recall@10 (0: do not measure).")
+@cluster_option
 @storage_option
-def table_index_command(db, table_name, recall_queries, storage_options):
+def table_index_command(db, table_name, recall_queries, address, storage_options):
     """Rebuild the table's indexes in DB.
 
     Full-text on captions; an ANN index per vector column once it holds enough vectors, with
-    its recall@10 against exact search on a sample of the table's own vectors."""
+    its recall@10 against exact search on a sample of the table's own vectors. With --address
+    (or RAY_ADDRESS), a large ANN index is built as segments by the cluster's tasks."""
     table = run_job(open_table, db, table_name, parse_storage_options(storage_options))
+    run_job(join_cluster, address)
     built = run_job(lambda: index_table(table, retrain=True))
     for column, info in built.items():
+        segments = info.get("segments", 1)
         click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
-                   f"{info['vectors']} vectors")
+                   f"{info['vectors']} vectors"
+                   + (f", built as {segments} segments by the cluster's tasks" if segments > 1 else ""))
         if recall_queries:
             measured = run_job(index_recall, table, column, recall_queries)
             click.echo(f"  recall@{measured['k']} {measured['recall']} against exact search on "

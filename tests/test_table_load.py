@@ -296,3 +296,44 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
         "name": f"{IMAGE_EMBEDDING}_idx", "trained": 12_000, "added_segments": 1, "added": 300,
         "partitions": partitions}
     found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
+
+
+def test_load_and_table_index_join_a_cluster_only_when_asked(monkeypatch):
+    """--address, or RAY_ADDRESS as `ray job submit` sets it, joins that cluster; without
+    either, the work stays in the command's process."""
+    import pipeline.plan
+    from jobs.options import join_cluster
+
+    joined = []
+    monkeypatch.setattr(pipeline.plan, "ensure_ray", joined.append)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    join_cluster(None)
+    assert joined == []
+    join_cluster("auto")
+    assert joined == ["auto"]
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    join_cluster(None)
+    assert joined == ["auto", None]
+
+
+def test_altclip_load_with_address_writes_the_table_through_that_cluster(ray_session, tmp_path):
+    import subprocess
+    import sys
+
+    import ray
+
+    rng = np.random.default_rng(8)
+    out, db = tmp_path / "out", tmp_path / "db"
+    out.mkdir()
+    for i in range(2 * SHARDS_PER_TASK):  # two write tasks
+        write_shard(str(out), _shard(rng, i * 100, 100))
+    altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
+    address = ray.get_runtime_context().gcs_address  # the test session's Ray, as a cluster
+    result = subprocess.run([altclip_bin, "load", str(out), "--db", str(db), "--address", address],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "800 rows: 800 inserted" in result.stdout
+    table = lancedb.connect(str(db)).open_table("embeddings")
+    assert sorted(table.to_arrow().column("id").to_pylist()) == sorted(
+        outputs_dataset(str(out)).to_table(columns=["id"]).column("id").to_pylist())
