@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ ACTOR_START_TIMEOUT_S = 600
 READ_CPUS = 0.25
 
 
+# Seconds a cluster's address has to accept a connection (see _check_cluster_answers).
+CLUSTER_CONNECT_TIMEOUT_S = 10
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets it); without
     either, start Ray in-process. `auto` joins a cluster started on this machine by `ray start`."""
@@ -44,6 +49,7 @@ def ensure_ray(address: str | None = None) -> None:
     # "local", not Ray's default: that would try whatever cluster this machine last started,
     # even one long gone.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    _check_cluster_answers(address)
     for attempt in (1, 2):
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
@@ -62,6 +68,21 @@ def ensure_ray(address: str | None = None) -> None:
                 f"Ray did not start {where}, twice: {exc}. The machine may be overloaded or short "
                 "of memory; free some, or start Ray first (ray start --head) and give "
                 f"{named('address')} auto") from None
+
+
+def _check_cluster_answers(address: str) -> None:
+    """A cluster address (HOST:PORT, or ray://HOST:PORT) that nothing answers at fails in
+    seconds, saying what to change: ray.init waits minutes there, silent."""
+    host, colon, port = address.split("://", 1)[-1].rpartition(":")
+    if not colon or not port.isdigit():
+        return  # `local`, `auto`, or a form Ray's own parsing has to judge
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CLUSTER_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"{named('address')} {address}: no Ray cluster answers there ({exc}); give the address "
+            "`ray start --head` printed (HOST:6379, or ray://HOST:10001 for Ray Client), or auto "
+            "for a cluster started on this machine") from None
 
 
 def _start_timed_out(exc: Exception) -> bool:

@@ -213,3 +213,25 @@ def test_a_database_on_an_unreachable_store_is_one_line_and_exit_75(command, mon
     assert "s3://tables/db: storage unavailable (" in result.stderr
     assert "rerun the same command when the store is back" in result.stderr
     assert "Traceback" not in result.stderr and "testing-secret" not in result.stderr
+
+
+def test_a_cluster_address_nothing_answers_at_fails_in_seconds_saying_what_to_change(tmp_path):
+    # Nothing listens on port 1 of loopback. ray.init alone waits there for minutes, silent.
+    from pipeline.config import ConfigError
+    from pipeline.plan import _check_cluster_answers
+
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
+        with pytest.raises(ConfigError, match="no Ray cluster answers there"):
+            _check_cluster_answers(address)
+    for address in ("local", "auto", "ray://head"):  # Ray's own forms, judged by Ray
+        _check_cluster_answers(address)
+    (tmp_path / "out").mkdir()
+    altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
+    started = time.monotonic()
+    result = subprocess.run([altclip_bin, "load", str(tmp_path / "out"), "--db", str(tmp_path / "db"),
+                             "--address", "127.0.0.1:1"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "--address 127.0.0.1:1: no Ray cluster answers there" in result.stderr
+    assert "ray start --head" in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
