@@ -4,8 +4,8 @@ where a table lives, and writing a new one fragment by fragment.
 A new table is written as Lance fragments, a group of Parquet shards at a time, published in
 one commit; the driver holds fragment metadata (a few hundred bytes each), never rows. Where a
 job runs on Ray (`embed --db`, a job on a cluster) the groups are Ray tasks, written in parallel
-where the tasks run; a plain `altclip load` writes them one after another in its own process
-rather than start Ray for it. (Ray Data's own `write_lance` passes an argument pylance 14's
+where the tasks run; `altclip load` without `--address` writes them one after another in its
+own process rather than start Ray for it. (Ray Data's own `write_lance` passes an argument pylance 14's
 `write_fragments` does not take, so the tasks call `write_fragments` themselves.)
 """
 
@@ -26,6 +26,15 @@ SHARDS_PER_TASK = 4
 WRITE_CPUS = 0.5
 
 
+def on_ray() -> bool:
+    """Whether this process is a Ray driver already: then a table's fragments and index segments
+    are Ray tasks. Never starts Ray, nor imports it (a plain `altclip load` does not need it)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def table_uri(db_uri: str, name: str) -> str:
     """Where LanceDB keeps table `name` of the database at `db_uri`."""
     return f"{db_uri.rstrip('/')}/{name}.lance"
@@ -36,12 +45,13 @@ def create_table(db_uri: str, name: str, shards: list[str], schema: pa.Schema,
     """Write every row of `shards` (Parquet URIs, all of `schema`) as the new table `name`;
     returns the rows written."""
     import lance
-    import ray
     from lance.fragment import FragmentMetadata
 
     uri = table_uri(db_uri, name)
     groups = [shards[i:i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
-    if ray.is_initialized() and len(groups) > 1:
+    if on_ray() and len(groups) > 1:
+        import ray
+
         write = ray.remote(_write_fragments).options(num_cpus=WRITE_CPUS)
         results = ray.get([write.remote(uri, group, schema, storage_options) for group in groups])
     else:

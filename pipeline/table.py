@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import ConfigError, named
 from pipeline.filters import sql_equals
-from pipeline.lance_io import create_table, table_uri
+from pipeline.lance_io import create_table, on_ray, table_uri
 from pipeline.writer import list_shards, shards_dataset
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
 from schemas.table import (
@@ -406,7 +405,7 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
                              "added": segments["added"]}
             continue
         partitions = max(1, min(4096, vectors // rows_per_partition))
-        groups = _fragment_groups(table.to_lance(), ROWS_PER_INDEX_SEGMENT) if _on_ray() else []
+        groups = _fragment_groups(table.to_lance(), ROWS_PER_INDEX_SEGMENT) if on_ray() else []
         if len(groups) > 1:
             _index_on_workers(table, column, partitions, groups)
         else:
@@ -414,12 +413,6 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
                                num_partitions=partitions, replace=True)
         built[column] = {"vectors": vectors, "partitions": partitions, "segments": max(1, len(groups))}
     return built
-
-
-def _on_ray() -> bool:
-    """Whether this process is a Ray driver already (never starts Ray, nor imports it)."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
 
 
 def _fragment_groups(dataset, rows_per_group: int) -> list[list[int]]:
