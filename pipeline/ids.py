@@ -30,7 +30,6 @@ class IdScan:
     duplicate_rows: int  # rows whose id an earlier row already has: rejected
     duplicated_ids: pa.Array  # ids that more than one row has (the first row of each is kept)
     plans: tuple[FilePlan, ...]  # per manifest file: its partitions and the rows its read leaves out
-    kept: tuple[int, ...]  # per manifest file: the rows its read yields
     partition_kept: dict[str, int]  # per partition (by key): the rows its read yields
 
     @property
@@ -68,11 +67,11 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
     cpus = ray.cluster_resources().get("CPU", 1.0)
     tasks = max(1, min(files, int(cpus * SCAN_TASKS_PER_CPU)))
     buckets = max(1, min(tasks, MAX_ID_BUCKETS))
-    bounds = [files * t // tasks for t in range(tasks + 1)]
+    runs = [files * t // tasks for t in range(tasks + 1)]
     scan = ray.remote(_scan_files).options(num_cpus=SCAN_CPUS, num_returns=1 + buckets)
     source, done = ray.put(manifest), ray.put(committed)
     refs = [scan.remote(source, start, stop, done, partition_rows, buckets)
-            for start, stop in zip(bounds, bounds[1:]) if stop > start]
+            for start, stop in zip(runs, runs[1:]) if stop > start]
     counted = [c for counts in ray.get([r[0] for r in refs]) for c in counts]
     failed = next((c for c in counted if isinstance(c, str)), None)
     if failed is not None:
@@ -104,7 +103,6 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
         duplicate_rows=duplicate_rows,
         duplicated_ids=pc.unique(order.column("id")),
         plans=plans,
-        kept=tuple(c["valid"] - len(skipped.get(i, ())) for i, c in enumerate(counted)),
         partition_kept=partition_kept,
     )
 

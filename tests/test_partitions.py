@@ -119,7 +119,7 @@ def test_the_scan_and_the_read_keep_the_first_row_of_each_id(ray_session, tmp_pa
     kept, missing, duplicates = _expected(files, committed, owner)
     assert scan.rows == sum(len(ids) for ids in files)
     assert (scan.missing_ids, scan.duplicate_rows) == (missing, duplicates)
-    assert list(scan.kept) == [len(k) for k in kept]
+    assert [sum(scan.partition_kept[p.key] for p in plan.partitions) for plan in scan.plans] == [len(k) for k in kept]
     key_of = {(f, owner(f, int(c.split("#")[1]))): first.plans[f].partitions[owner(f, int(c.split("#")[1]))].key
               for f in range(len(files)) for c in kept[f]}
     assert scan.partition_kept == {
