@@ -272,7 +272,24 @@ def measure_e2e(params: dict) -> dict:
     return {"phases": phases, "summary": _summary_figures(summary)}
 
 
-WORKERS = {"phases": measure_phases, "e2e": measure_e2e}
+def measure_load_alone(params: dict) -> dict:
+    """The phases run's outputs loaded into a new table by `load_outputs` in this process alone,
+    as `altclip load OUT --db DB` without `--address` does (no Ray), the index apart: the
+    single-process load the phases run's load on Ray is compared with, on the same shards."""
+    import pipeline.table
+    from schemas.table import DEFAULT_TABLE_NAME
+
+    recorder = PhaseRecorder()
+    recorder.wrap(pipeline.table, "load_outputs", "load in one process", "end")
+    pipeline.table.index_table = lambda table, *args, **kwargs: {}  # timed by the phases run
+    before = os.times()
+    pipeline.table.load_outputs(params["out"], params["db"], DEFAULT_TABLE_NAME)
+    after = os.times()
+    return {"phases": recorder.report(), "cpu_seconds": round(after.user - before.user + after.system
+                                                             - before.system, 1)}
+
+
+WORKERS = {"phases": measure_phases, "e2e": measure_e2e, "load-alone": measure_load_alone}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +526,16 @@ def run_phases(rows: int, args, model_dir: str, workdir: str, log) -> dict:
         result.update(rows=rows, prepare_seconds=round(prepared, 1), loaded=params["db"] is not None,
                       published_before=params["published_before"], in_flight_rows=params["in_flight_rows"],
                       republished_rows=params["republished_rows"])
+        if params["db"] is not None:
+            # The same shards into a new table again, by one process without Ray. The job's
+            # table goes first: the disk holds the shards and one table at a time.
+            shutil.rmtree(params["db"])
+            log(f"{rows} rows: loading the same outputs in one process ...")
+            alone = run_child("load-alone", {"out": params["out"], "db": params["db"] + "-alone"},
+                              os.path.join(workdir, f"load-alone-{rows}"))
+            shutil.rmtree(params["db"] + "-alone")
+            result["load_alone"] = {**alone["phases"]["load in one process"],
+                                    "cpu_seconds": alone["cpu_seconds"]}
         return result
     finally:
         if not args.keep:
@@ -689,13 +716,15 @@ def _text(report: dict) -> str:
                          f"{r['in_flight_rows']} published rows redone); {r['republished_rows']} rows "
                          f"published twice, turned away; rows out {s['rows_out']}; {load}; "
                          f"data written in {r['prepare_seconds']} s beforehand")
-        loaded = [r for r in runs if r["loaded"]]
-        if loaded:
-            r = loaded[-1]
-            rate = r["rows"] / r["phases"]["load into LanceDB"]["seconds"]
-            lines.append(f"  load target: today's single-process load, {r['rows']} rows at {rate:.0f} rows/s "
-                         f"here; a load spread over the cluster's {m['cores']} cores should reach "
-                         f">= {m['cores'] * rate:.0f} rows/s (measure both in one run)")
+        for r in (r for r in runs if r.get("load_alone")):
+            alone, seconds = r["load_alone"], r["phases"]["load into LanceDB"]["seconds"]
+            lines.append(
+                f"  load of {r['rows']} rows, the index apart: on Ray (the job's) {seconds:.1f} s, "
+                f"{r['rows'] / seconds:.0f} rows/s; in one process (altclip load without --address) "
+                f"{alone['seconds']:.1f} s, {r['rows'] / alone['seconds']:.0f} rows/s, busy "
+                f"{alone['cpu_seconds'] / alone['seconds']:.2f} of {m['cores']} cores; Ray over one "
+                f"process x{alone['seconds'] / seconds:.2f} (the issue's target: x{m['cores']}, this "
+                "machine's cores)")
     e2e = report.get("e2e")
     if e2e:
         columns = [("stand-in", e2e["runs"]["standin"]), ("stand-in, killed", e2e["runs"]["killed"]),
