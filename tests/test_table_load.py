@@ -297,6 +297,19 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
         "partitions": partitions}
     found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
 
+    # `altclip table index` on Ray trains again over every row, as segments again: one per
+    # fragment here (4,000, 4,000, 4,000 and the 300 added).
+    shown = altclip("table", "index", db, "--recall-queries", "20").stdout
+    table.checkout_latest()
+    vectors = table.count_rows(f"{IMAGE_EMBEDDING} IS NOT NULL")
+    partitions = vectors // ROWS_PER_PARTITION
+    assert (f"{IMAGE_EMBEDDING}: IVF_HNSW_SQ, cosine, {partitions} partitions over {vectors} vectors, "
+            "built as 4 segments by the cluster's tasks") in shown
+    assert table_module._ann_segments(table, IMAGE_EMBEDDING) == {
+        "name": f"{IMAGE_EMBEDDING}_idx", "trained": 12_300, "added_segments": 0, "added": 0,
+        "partitions": partitions}
+    found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
+
 
 def test_load_and_table_index_join_a_cluster_only_when_asked(monkeypatch):
     """--address, or RAY_ADDRESS as `ray job submit` sets it, joins that cluster; without
