@@ -29,6 +29,11 @@ MAX_ADDED_SEGMENTS = 7
 # On Ray, an ANN index over more rows than this is built as segments of about this many rows
 # each, one Ray task per segment (see _index_on_workers): 585 per column at LAION-5B's 5.85e9.
 ROWS_PER_INDEX_SEGMENT = 10_000_000
+# What building an IVF_HNSW_SQ segment holds (lance 14, measured: 1.3x the float32 vectors at
+# 768-d, 1.1x at 64-d, and a few hundred MiB besides): a segment task asks Ray for this much
+# memory, and a segment holds at most what half of the largest node's memory builds.
+INDEX_BYTES_PER_VALUE = 6
+INDEX_TASK_BASE_BYTES = 512 * 2**20
 
 # The columns `altclip dedup` marks near-duplicates with, per side (pipeline/dedup.py): the id of
 # the kept row a row duplicates, the cosine to it, and whether the row was checked. Named here
@@ -378,9 +383,11 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
     Above it, IVF partitions of about 4,096 vectors each (sqrt-like growth keeps both the
     partition scan and the centroid search small), HNSW inside each partition, cosine.
 
-    Where the caller runs on Ray (`embed --db`, `reembed`, a job on a cluster) and the table
-    holds more than ROWS_PER_INDEX_SEGMENT rows, the index is trained once and built as segments
-    over groups of fragments, a Ray task each (see _index_on_workers); else in this process.
+    Where the caller runs on Ray (`embed --db`, `reembed`, a job on a cluster) the index is
+    built in Ray tasks, so that the driver never holds the vectors (a build holds about 1.3x
+    them); over ROWS_PER_INDEX_SEGMENT rows, or fewer where a task building them would need more
+    than half the largest node's memory, it is trained once and built as segments over groups
+    of fragments, a task each (see _index_on_workers). Elsewhere, in this process.
 
     Rows a load or reembed added since an index was built go into it as they are: a new segment
     over the partitions it trained, which takes seconds where training takes minutes at scale.
@@ -405,46 +412,73 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
                              "added": segments["added"]}
             continue
         partitions = max(1, min(4096, vectors // rows_per_partition))
-        groups = _fragment_groups(table.to_lance(), ROWS_PER_INDEX_SEGMENT) if on_ray() else []
-        if len(groups) > 1:
-            _index_on_workers(table, column, partitions, groups)
+        if on_ray():
+            segments = _index_on_workers(table, column, partitions)
         else:
+            segments = 1
             table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
                                num_partitions=partitions, replace=True)
-        built[column] = {"vectors": vectors, "partitions": partitions, "segments": max(1, len(groups))}
+        built[column] = {"vectors": vectors, "partitions": partitions, "segments": segments}
     return built
 
 
-def _fragment_groups(dataset, rows_per_group: int) -> list[list[int]]:
-    """The dataset's fragment ids in runs of about `rows_per_group` rows (a fragment is never
-    split), from the fragments' metadata: no row is read."""
+def segment_rows(dim: int, node_memory: int) -> int:
+    """Rows per index segment: ROWS_PER_INDEX_SEGMENT, or fewer where building that many
+    `dim`-d vectors would take more than half of `node_memory` bytes (0: not known)."""
+    if node_memory <= 0:
+        return ROWS_PER_INDEX_SEGMENT
+    fit = (node_memory // 2 - INDEX_TASK_BASE_BYTES) // (dim * INDEX_BYTES_PER_VALUE)
+    return max(1, min(ROWS_PER_INDEX_SEGMENT, fit))  # a fragment is never split: a segment holds one at least
+
+
+def _largest_node_memory() -> int:
+    """The `memory` resource of the cluster's largest live node, in bytes."""
+    import ray
+
+    return int(max(node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]))
+
+
+def _fragment_groups(fragment_rows: dict[int, int], rows_per_group: int) -> list[list[int]]:
+    """Fragment ids (rows by id, in the dataset's order) in runs of about `rows_per_group` rows:
+    a fragment is never split."""
     groups, rows = [[]], 0
-    for fragment in dataset.get_fragments():
+    for fragment_id, rows_in_fragment in fragment_rows.items():
         if rows >= rows_per_group:
             groups.append([])
             rows = 0
-        groups[-1].append(fragment.fragment_id)
-        rows += fragment.metadata.num_rows
+        groups[-1].append(fragment_id)
+        rows += rows_in_fragment
     return [g for g in groups if g]
 
 
-def _index_on_workers(table, column: str, partitions: int, groups: list[list[int]]) -> None:
-    """The ANN index on `column` as one segment per group of fragments, each built by a Ray task
-    where it runs, over IVF centroids trained once (a Ray task too: lance trains on a sample of
-    the vectors, 256 per partition); the driver commits the segments' metadata in one commit, as
-    one index that a search reads whole. The segments are not merged: lance's merge rebuilds
-    every partition, which costs as much as building the index in one process."""
+def _index_on_workers(table, column: str, partitions: int) -> int:
+    """The ANN index on `column` as one segment per group of fragments (see segment_rows), each
+    built by a Ray task where it runs, over IVF centroids trained once (a Ray task too: lance
+    trains on a sample of the vectors, 256 per partition); the driver commits the segments'
+    metadata in one commit, as one index that a search reads whole. The segments are not
+    merged: lance's merge rebuilds every partition, which costs as much as building the index
+    in one process. Returns the segments built."""
     import ray
 
     dataset = table.to_lance()  # pickles as its URI, version and storage options
     name = f"{column}_idx"
+    dim, largest = table.schema.field(column).type.list_size, _largest_node_memory()
+    # From the fragments' metadata: no row is read.
+    fragment_rows = {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+    groups = _fragment_groups(fragment_rows, segment_rows(dim, largest))
     train = ray.remote(_train_centroids).options(num_cpus=1)
     centroids = train.remote(dataset, column, partitions)
-    build = ray.remote(_index_segment).options(num_cpus=1)
-    segments = ray.get([build.remote(dataset, column, name, partitions, centroids, group)
-                        for group in groups])
+    build = ray.remote(_index_segment)
+
+    def memory(group: list[int]) -> int:  # never more than a node has: that task would wait for ever
+        needed = INDEX_TASK_BASE_BYTES + sum(fragment_rows[f] for f in group) * dim * INDEX_BYTES_PER_VALUE
+        return min(largest, needed)
+
+    segments = ray.get([build.options(num_cpus=1, memory=memory(group))
+                        .remote(dataset, column, name, partitions, centroids, group) for group in groups])
     dataset.commit_existing_index_segments(name, column, segments)
     table.checkout_latest()  # the commit was made through another handle
+    return len(segments)
 
 
 def _train_centroids(dataset, column: str, partitions: int) -> pa.FixedSizeListArray:

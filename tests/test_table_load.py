@@ -311,6 +311,51 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
     found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
 
 
+def test_on_ray_even_a_small_ann_index_is_built_by_a_task_not_by_the_driver(ray_session, tmp_path, monkeypatch):
+    """A build holds about 1.3x the vectors it indexes: on Ray the driver never builds one, even
+    under ROWS_PER_INDEX_SEGMENT rows (one segment, over every fragment)."""
+    from pipeline import table as table_module
+
+    driver, build = os.getpid(), table_module._index_segment
+
+    def in_a_worker(*args):
+        assert os.getpid() != driver, "the index built by the driver, not by a Ray task"
+        return build(*args)
+
+    monkeypatch.setattr(table_module, "_index_segment", in_a_worker)
+    create_index = lancedb.table.LanceTable.create_index
+
+    def full_text_only(self, *args, vector_column_name=None, **kwargs):  # the driver's own builds
+        assert vector_column_name is None, "the ANN index built by the driver"
+        return create_index(self, *args, **kwargs)
+
+    monkeypatch.setattr(lancedb.table.LanceTable, "create_index", full_text_only)
+    rng = np.random.default_rng(9)
+    out, db = tmp_path / "out", str(tmp_path / "db")
+    out.mkdir()
+    for i in range(2 * SHARDS_PER_TASK):  # 8,000 rows, about 6,400 vectors: an ANN index
+        write_shard(str(out), _shard(rng, i * 1_000, 1_000))
+    load_outputs(str(out), db, "embeddings")
+    dataset = lancedb.connect(db).open_table("embeddings").to_lance()
+    segments = [i for i in dataset.list_indices() if i["name"] == f"{IMAGE_EMBEDDING}_idx"]
+    assert len(segments) == 1
+    assert sorted(segments[0]["fragment_ids"]) == sorted(f.fragment_id for f in dataset.get_fragments())
+
+
+def test_index_segments_hold_what_half_the_largest_node_can_build():
+    from pipeline.table import (INDEX_BYTES_PER_VALUE, INDEX_TASK_BASE_BYTES, ROWS_PER_INDEX_SEGMENT,
+                                segment_rows)
+
+    assert segment_rows(768, 2**40) == ROWS_PER_INDEX_SEGMENT  # a 1 TiB node builds 10M rows
+    assert segment_rows(768, 0) == ROWS_PER_INDEX_SEGMENT  # memory not known
+    for dim, memory in [(768, 64 * 2**30), (768, 16 * 2**30), (64, 2 * 2**30), (1024, 8 * 2**30)]:
+        rows = segment_rows(dim, memory)
+        assert rows < ROWS_PER_INDEX_SEGMENT
+        assert INDEX_TASK_BASE_BYTES + rows * dim * INDEX_BYTES_PER_VALUE <= memory // 2
+        assert INDEX_TASK_BASE_BYTES + (rows + 1) * dim * INDEX_BYTES_PER_VALUE > memory // 2
+    assert segment_rows(768, 2**30) == 1  # too little to spare: a fragment a segment
+
+
 def test_load_and_table_index_join_a_cluster_only_when_asked(monkeypatch):
     """--address, or RAY_ADDRESS as `ray job submit` sets it, joins that cluster; without
     either, the work stays in the command's process."""
