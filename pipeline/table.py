@@ -27,7 +27,8 @@ from schemas.table import (
 RETRAIN_SHARE = 0.2
 MAX_ADDED_SEGMENTS = 7
 # On Ray, an ANN index over more rows than this is built as segments of about this many rows
-# each, one Ray task per segment (see _index_on_workers): 585 per column at LAION-5B's 5.85e9.
+# each (fewer on small nodes: see segment_rows), one Ray task per segment (see
+# _index_on_workers): 585 per column at LAION-5B's 5.85e9.
 ROWS_PER_INDEX_SEGMENT = 10_000_000
 # What building an IVF_HNSW_SQ segment holds (lance 14, measured: 1.3x the float32 vectors at
 # 768-d, 1.1x at 64-d, and a few hundred MiB besides): a segment task asks Ray for this much
