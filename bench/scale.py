@@ -523,7 +523,7 @@ def run_phases(rows: int, args, model_dir: str, workdir: str, log) -> dict:
         prepared = time.perf_counter() - started
         log(f"{rows} rows: {prepared:.0f} s to prepare; running the job ...")
         result = run_child("phases", params, os.path.join(workdir, f"phases-{rows}"))
-        result.update(rows=rows, prepare_seconds=round(prepared, 1), loaded=params["db"] is not None,
+        result.update(rows=rows, prepare_seconds=round(prepared, 1),
                       published_before=params["published_before"], in_flight_rows=params["in_flight_rows"],
                       republished_rows=params["republished_rows"])
         if params["db"] is not None:

@@ -54,19 +54,25 @@ def outputs(tmp_path_factory):
     return folder
 
 
+def _refusing_the_driver(function, what: str):
+    """`function`, failing with `what` if it runs in this process (the driver), not in a Ray task."""
+    driver = os.getpid()
+
+    def in_a_worker(*args):
+        assert os.getpid() != driver, what
+        return function(*args)
+
+    return in_a_worker
+
+
 def _rows(table) -> pa.Table:
     return table.to_arrow().sort_by("id")
 
 
 def test_a_first_load_is_written_by_tasks_and_equals_the_outputs(outputs, ray_session, tmp_path,
                                                                   monkeypatch):
-    driver = os.getpid()
-
-    def in_a_worker(*args):  # _write_fragments, refusing to run in the driver (this process)
-        assert os.getpid() != driver, "fragments written by the driver, not by Ray tasks"
-        return WRITE_FRAGMENTS(*args)
-
-    monkeypatch.setattr(lance_io, "_write_fragments", in_a_worker)
+    monkeypatch.setattr(lance_io, "_write_fragments", _refusing_the_driver(
+        WRITE_FRAGMENTS, "fragments written by the driver, not by Ray tasks"))
     expected = outputs_dataset(str(outputs)).to_table().sort_by("id")
     assert len(list(outputs.glob("part-*.parquet"))) > 2 * SHARDS_PER_TASK
     result = load_outputs(str(outputs), str(tmp_path / "db"), "embeddings")
@@ -316,13 +322,8 @@ def test_on_ray_even_a_small_ann_index_is_built_by_a_task_not_by_the_driver(ray_
     under ROWS_PER_INDEX_SEGMENT rows (one segment, over every fragment)."""
     from pipeline import table as table_module
 
-    driver, build = os.getpid(), table_module._index_segment
-
-    def in_a_worker(*args):
-        assert os.getpid() != driver, "the index built by the driver, not by a Ray task"
-        return build(*args)
-
-    monkeypatch.setattr(table_module, "_index_segment", in_a_worker)
+    monkeypatch.setattr(table_module, "_index_segment", _refusing_the_driver(
+        table_module._index_segment, "the index built by the driver, not by a Ray task"))
     create_index = lancedb.table.LanceTable.create_index
 
     def full_text_only(self, *args, vector_column_name=None, **kwargs):  # the driver's own builds
