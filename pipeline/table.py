@@ -36,6 +36,19 @@ ROWS_PER_INDEX_SEGMENT = 10_000_000
 INDEX_BYTES_PER_VALUE = 6
 INDEX_TASK_BASE_BYTES = 512 * 2**20
 
+# How captions are cut for the full-text index, in lance's names. The grams span spaces; the one
+# stop word is the space alone, which every spaced caption holds (a query between spaces, see
+# full_text_query, would otherwise match them all). Stemming and the language's stop words are
+# rules for whole words, not grams.
+FULL_TEXT_PARAMS = {"base_tokenizer": "ngram", "min_ngram_length": FULL_TEXT_NGRAM_LENGTHS[0],
+                    "max_ngram_length": FULL_TEXT_NGRAM_LENGTHS[1], "stem": False,
+                    "remove_stop_words": True, "custom_stop_words": [" "]}
+# A full-text build keeps postings in memory up to this many MiB, then writes them out as one
+# more shard of the segment and goes on (lance's `memory_limit`; its default is 2 GiB for each
+# of the machine's cores): on Ray each segment's task asks for this and INDEX_TASK_BASE_BYTES.
+FULL_TEXT_BUILD_MIB = 1024
+FULL_TEXT_INDEX = f"{FULL_TEXT_COLUMN}_idx"
+
 # The columns `altclip dedup` marks near-duplicates with, per side (pipeline/dedup.py): the id of
 # the kept row a row duplicates, the cosine to it, and whether the row was checked. Named here
 # because an upsert must clear them (see `_with_dedup_cleared`).
@@ -345,22 +358,7 @@ def full_text_index(table):
 def full_text_index_is_current(index) -> bool:
     """Whether a full-text index cuts captions the way `index_table` does today (tables indexed
     before n-grams split on spaces: a Chinese or Japanese query matched nothing)."""
-    details, wanted = index.index_details, _full_text_config()
-    return ((details.get("base_tokenizer"), details.get("min_ngram_length"),
-             details.get("max_ngram_length"), details.get("custom_stop_words"))
-            == (wanted.base_tokenizer, wanted.ngram_min_length, wanted.ngram_max_length,
-                wanted.custom_stop_words))
-
-
-def _full_text_config():
-    from lancedb.index import FTS
-
-    shortest, longest = FULL_TEXT_NGRAM_LENGTHS
-    # The grams span spaces; the one stop word is the space alone, which every spaced caption
-    # holds (a query between spaces, see full_text_query, would otherwise match them all).
-    # Stemming and the language's stop words are rules for whole words, not grams.
-    return FTS(base_tokenizer="ngram", ngram_min_length=shortest, ngram_max_length=longest,
-               stem=False, remove_stop_words=True, custom_stop_words=[" "])
+    return all(index.index_details.get(key) == value for key, value in FULL_TEXT_PARAMS.items())
 
 
 def full_text_query(text: str) -> str:
@@ -378,31 +376,38 @@ def full_text_query(text: str) -> str:
 def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bool = False) -> dict:
     """Full-text index on captions; an ANN index per vector column once exact search gets slow.
 
-    Captions are indexed as character n-grams (see FULL_TEXT_NGRAM_LENGTHS); a table indexed
-    another way (an older whitespace-split index) gets a new index.
+    Captions are indexed as character n-grams (see FULL_TEXT_PARAMS); a table indexed another
+    way (an older whitespace-split index) gets a new index.
     Below ANN_INDEX_MIN_ROWS vectors a search compares every row: exact, and fast at that size.
     Above it, IVF partitions of about 4,096 vectors each (sqrt-like growth keeps both the
     partition scan and the centroid search small), HNSW inside each partition, cosine.
 
-    Where the caller runs on Ray (`embed --db`, `reembed`, a job on a cluster) the index is
-    built in Ray tasks, so that the driver never holds the vectors (a build holds about 1.3x
-    them); over ROWS_PER_INDEX_SEGMENT rows, or fewer where a task building them would need more
-    than half the largest node's memory, it is trained once and built as segments over groups
-    of fragments, a task each (see _index_on_workers). Elsewhere, in this process.
+    Where the caller runs on Ray (`embed --db`, `reembed`, a job on a cluster) every index is
+    built, and every vector counted, in Ray tasks, so that the driver's memory does not grow
+    with the table (an ANN build holds about 1.3x the vectors it indexes; a full-text build in
+    one process grew 1.6 GiB at 5 million captions). Each index is built as segments over groups
+    of fragments, a task each, committed by the driver as one index: the ANN index trained once
+    (see _index_on_workers), the full-text index over ROWS_PER_INDEX_SEGMENT captions a segment
+    (see _full_text_on_workers). Elsewhere, in this process.
 
     Rows a load or reembed added since an index was built go into it as they are: a new segment
-    over the partitions it trained, which takes seconds where training takes minutes at scale.
-    Once those rows pass RETRAIN_SHARE of the trained ones, or MAX_ADDED_SEGMENTS segments were
-    added, or with `retrain`, the index is built again from all the vectors.
+    (over the partitions it trained, for the ANN index), which takes seconds where training
+    takes minutes at scale. Once those rows pass RETRAIN_SHARE of the trained ones, or
+    MAX_ADDED_SEGMENTS segments were added, or with `retrain`, the ANN index is built again from
+    all the vectors.
     """
     fts = full_text_index(table)
     if fts is not None and full_text_index_is_current(fts) and not retrain:
         _add_to_index(table, fts.name)
+    elif on_ray():
+        _full_text_on_workers(table)
     else:
-        table.create_index(FULL_TEXT_COLUMN, config=_full_text_config(), replace=True)
+        _full_text_segment(table.to_lance(), None)
+        table.checkout_latest()  # the index was made through another handle
     built = {}
+    counts = _where_the_index_is_built(_vector_counts, table.to_lance())
     for column in VECTOR_COLUMNS:
-        vectors = table.count_rows(f"{column} IS NOT NULL")
+        vectors = counts[column]
         if vectors < ANN_INDEX_MIN_ROWS:
             continue
         segments = None if retrain else _ann_segments(table, column)
@@ -421,6 +426,22 @@ def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bo
                                num_partitions=partitions, replace=True)
         built[column] = {"vectors": vectors, "partitions": partitions, "segments": segments}
     return built
+
+
+def _where_the_index_is_built(function, dataset, *args):
+    """`function(dataset, *args)` in a Ray task on Ray (what it reads never reaches the driver),
+    in this process elsewhere."""
+    if not on_ray():
+        return function(dataset, *args)
+    import ray
+
+    return ray.get(ray.remote(function).options(num_cpus=1).remote(dataset, *args))
+
+
+def _vector_counts(dataset) -> dict[str, int]:
+    """Rows with a vector, per vector column (lance reads the column to see its nulls: 600 MiB
+    held at 5 million 64-d rows, measured)."""
+    return {column: dataset.count_rows(f"{column} IS NOT NULL") for column in VECTOR_COLUMNS}
 
 
 def segment_rows(dim: int, node_memory: int) -> int:
@@ -519,7 +540,46 @@ def _ann_segments(table, column: str) -> dict | None:
 
 
 def _add_to_index(table, name: str) -> None:
-    """The rows an index lacks, indexed as a segment of their own (num_indices_to_merge=0:
-    merging segments rebuilds every partition, and left an IVF index of one partition)."""
-    table.to_lance().optimize.optimize_indices(index_names=[name], num_indices_to_merge=0)
+    """The rows an index lacks, indexed as a segment of their own (in a Ray task on Ray)."""
+    _where_the_index_is_built(_index_added_rows, table.to_lance(), name)
     table.checkout_latest()  # the change was made through another handle
+
+
+def _index_added_rows(dataset, name: str) -> None:
+    # num_indices_to_merge=0: merging segments rebuilds every partition, and left an IVF index
+    # of one partition.
+    dataset.optimize.optimize_indices(index_names=[name], num_indices_to_merge=0)
+
+
+def _full_text_on_workers(table) -> int:
+    """The full-text index as one segment per ROWS_PER_INDEX_SEGMENT captions (whole fragments),
+    each built by a Ray task, committed by the driver as one index (a search reads every
+    segment, with the whole table's term statistics: its scores equal a one-segment index's).
+    Returns the segments built."""
+    import ray
+
+    dataset = table.to_lance()
+    fragment_rows = {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+    groups = _fragment_groups(fragment_rows, ROWS_PER_INDEX_SEGMENT)
+    if not groups:  # an empty table: an empty index, built here, holds nothing
+        _full_text_segment(dataset, None)
+        table.checkout_latest()
+        return 1
+    build = ray.remote(_full_text_segment).options(
+        num_cpus=1, memory=INDEX_TASK_BASE_BYTES + FULL_TEXT_BUILD_MIB * 2**20)
+    segments = ray.get([build.remote(dataset, group) for group in groups])
+    dataset.commit_existing_index_segments(FULL_TEXT_INDEX, FULL_TEXT_COLUMN, segments)
+    table.checkout_latest()  # the commit was made through another handle
+    return len(segments)
+
+
+def _full_text_segment(dataset, fragment_ids: list[int] | None):
+    """The full-text index over `fragment_ids`: a segment, written under the table's _indices/
+    and not yet part of it (the driver commits it), by one core in FULL_TEXT_BUILD_MIB;
+    None: the whole index, committed, built by every core of this machine."""
+    if fragment_ids is None:
+        return dataset.create_scalar_index(FULL_TEXT_COLUMN, "INVERTED", name=FULL_TEXT_INDEX,
+                                           replace=True, **FULL_TEXT_PARAMS)
+    return dataset.create_index_uncommitted(
+        FULL_TEXT_COLUMN, "INVERTED", name=FULL_TEXT_INDEX, replace=True, fragment_ids=fragment_ids,
+        num_workers=1, memory_limit=FULL_TEXT_BUILD_MIB, **FULL_TEXT_PARAMS)

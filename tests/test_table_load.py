@@ -291,6 +291,20 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
                 .metric("cosine").nprobes(partitions).limit(1).to_arrow()
             assert hit.column("id")[0].as_py() == row["id"]
 
+    # The full-text index too, a segment per group of fragments, answers as the index one
+    # process builds: the same best caption, the same scores (term statistics of the whole table).
+    assert len([i for i in dataset.list_indices() if i["name"] == table_module.FULL_TEXT_INDEX]) == 3
+    shutil.copytree(db, tmp_path / "one")
+    one = lancedb.connect(str(tmp_path / "one")).open_table("embeddings")
+    table_module._full_text_segment(one.to_lance(), None)
+    one.checkout_latest()
+    assert len([i for i in one.to_lance().list_indices() if i["name"] == table_module.FULL_TEXT_INDEX]) == 1
+    for query in ["caption 11999", "caption 4000", "caption 123", "7777"]:
+        hits = [t.search(f" {query} ", query_type="fts").limit(10).to_arrow() for t in (table, one)]
+        assert hits[0].column("id")[0].as_py() == hits[1].column("id")[0].as_py()
+        assert (np.round(hits[0].column("_score").to_numpy(), 4).tolist()
+                == np.round(hits[1].column("_score").to_numpy(), 4).tolist())
+
     # Rows of every segment are each their own nearest row.
     found_through_the_index(pa.concat_tables(
         table.search().where(f"id = 'row-{i:06d}'").to_arrow() for i in range(0, 12_000, 500)))
@@ -317,30 +331,38 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
     found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
 
 
-def test_on_ray_even_a_small_ann_index_is_built_by_a_task_not_by_the_driver(ray_session, tmp_path, monkeypatch):
-    """A build holds about 1.3x the vectors it indexes: on Ray the driver never builds one, even
-    under ROWS_PER_INDEX_SEGMENT rows (one segment, over every fragment)."""
+def test_on_ray_every_index_is_built_by_tasks_not_by_the_driver(ray_session, tmp_path, monkeypatch):
+    """An ANN build holds about 1.3x the vectors it indexes, a full-text build grew 1.6 GiB at 5
+    million captions: on Ray the driver builds neither, even under ROWS_PER_INDEX_SEGMENT rows
+    (one segment each, over every fragment), nor counts the vectors, nor adds later rows to them."""
     from pipeline import table as table_module
 
-    monkeypatch.setattr(table_module, "_index_segment", _refusing_the_driver(
-        table_module._index_segment, "the index built by the driver, not by a Ray task"))
-    create_index = lancedb.table.LanceTable.create_index
-
-    def full_text_only(self, *args, vector_column_name=None, **kwargs):  # the driver's own builds
-        assert vector_column_name is None, "the ANN index built by the driver"
-        return create_index(self, *args, **kwargs)
-
-    monkeypatch.setattr(lancedb.table.LanceTable, "create_index", full_text_only)
+    for name in ["_index_segment", "_full_text_segment", "_vector_counts", "_index_added_rows"]:
+        monkeypatch.setattr(table_module, name, _refusing_the_driver(
+            getattr(table_module, name), f"{name} run by the driver, not by a Ray task"))
+    monkeypatch.setattr(lancedb.table.LanceTable, "create_index", None)  # the driver's own builds
     rng = np.random.default_rng(9)
     out, db = tmp_path / "out", str(tmp_path / "db")
     out.mkdir()
     for i in range(2 * SHARDS_PER_TASK):  # 8,000 rows, about 6,400 vectors: an ANN index
         write_shard(str(out), _shard(rng, i * 1_000, 1_000))
     load_outputs(str(out), db, "embeddings")
-    dataset = lancedb.connect(db).open_table("embeddings").to_lance()
-    segments = [i for i in dataset.list_indices() if i["name"] == f"{IMAGE_EMBEDDING}_idx"]
-    assert len(segments) == 1
-    assert sorted(segments[0]["fragment_ids"]) == sorted(f.fragment_id for f in dataset.get_fragments())
+    table = lancedb.connect(db).open_table("embeddings")
+    dataset = table.to_lance()
+    fragments = sorted(f.fragment_id for f in dataset.get_fragments())
+    for name in [f"{IMAGE_EMBEDDING}_idx", table_module.FULL_TEXT_INDEX]:
+        segments = [i for i in dataset.list_indices() if i["name"] == name]
+        assert len(segments) == 1
+        assert sorted(segments[0]["fragment_ids"]) == fragments
+    hits = table.search(" caption 7123 ", query_type="fts").limit(1).to_arrow()
+    assert hits.column("id").to_pylist() == ["row-007123"]
+
+    write_shard(str(out), _shard(rng, 100_000, 300))  # added to both indexes, by tasks
+    load_outputs(str(out), db, "embeddings")
+    table.checkout_latest()
+    dataset = table.to_lance()
+    for name in [f"{IMAGE_EMBEDDING}_idx", table_module.FULL_TEXT_INDEX]:
+        assert len([i for i in dataset.list_indices() if i["name"] == name]) == 2
 
 
 def test_index_segments_hold_what_half_the_largest_node_can_build():
