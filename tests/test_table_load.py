@@ -328,6 +328,8 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
     assert table_module._ann_segments(table, IMAGE_EMBEDDING) == {
         "name": f"{IMAGE_EMBEDDING}_idx", "trained": 12_300, "added_segments": 0, "added": 0,
         "partitions": partitions}
+    text_segments = [i for i in table.to_lance().list_indices() if i["name"] == table_module.FULL_TEXT_INDEX]
+    assert len(text_segments) == 4 and len({s["version"] for s in text_segments}) == 1  # the old ones replaced
     found_through_the_index(pa.parquet.read_table(out / added).slice(0, 20))
 
 
