@@ -38,7 +38,7 @@ def table_index_command(db, table_name, recall_queries, address, storage_options
 
     Full-text on captions; an ANN index per vector column once it holds enough vectors, with
     its recall@10 against exact search on a sample of the table's own vectors. With --address
-    (or RAY_ADDRESS), a large ANN index is built as segments by the cluster's tasks."""
+    (or RAY_ADDRESS), the cluster's tasks build every index, a large one as segments."""
     table = run_job(open_table, db, table_name, parse_storage_options(storage_options))
     run_job(join_cluster, address)
     built = run_job(lambda: index_table(table, retrain=True))
