@@ -463,6 +463,11 @@ def _largest_node_memory() -> int:
     return int(max(node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]))
 
 
+def _fragment_rows(dataset) -> dict[int, int]:
+    """Rows by fragment id, in the dataset's order, from the fragments' metadata: no row is read."""
+    return {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+
+
 def _fragment_groups(fragment_rows: dict[int, int], rows_per_group: int) -> list[list[int]]:
     """Fragment ids (rows by id, in the dataset's order) in runs of about `rows_per_group` rows:
     a fragment is never split."""
@@ -488,8 +493,7 @@ def _index_on_workers(table, column: str, partitions: int) -> int:
     dataset = table.to_lance()  # pickles as its URI, version and storage options
     name = f"{column}_idx"
     dim, largest = table.schema.field(column).type.list_size, _largest_node_memory()
-    # From the fragments' metadata: no row is read.
-    fragment_rows = {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+    fragment_rows = _fragment_rows(dataset)
     groups = _fragment_groups(fragment_rows, segment_rows(dim, largest))
     train = ray.remote(_train_centroids).options(num_cpus=1)
     centroids = train.remote(dataset, column, partitions)
@@ -530,7 +534,7 @@ def _ann_segments(table, column: str) -> dict | None:
     dataset = table.to_lance()
     for index in table.list_indices():
         if list(index.columns) == [column] and index.index_type != "FTS":
-            fragment_rows = {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+            fragment_rows = _fragment_rows(dataset)
             segments = [(i["version"], sum(fragment_rows.get(f, 0) for f in i["fragment_ids"]))
                         for i in dataset.list_indices() if i["name"] == index.name]
             first = min(version for version, _ in segments)
@@ -554,26 +558,24 @@ def _index_added_rows(dataset, name: str) -> None:
     dataset.optimize.optimize_indices(index_names=[name], num_indices_to_merge=0)
 
 
-def _full_text_on_workers(table) -> int:
+def _full_text_on_workers(table) -> None:
     """The full-text index as one segment per ROWS_PER_INDEX_SEGMENT captions (whole fragments),
     each built by a Ray task, committed by the driver as one index (a search reads every
-    segment, with the whole table's term statistics: its scores equal a one-segment index's).
-    Returns the segments built."""
+    segment, with the whole table's term statistics: its scores equal a one-segment index's)."""
     import ray
 
     dataset = table.to_lance()
-    fragment_rows = {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
+    fragment_rows = _fragment_rows(dataset)
     groups = _fragment_groups(fragment_rows, ROWS_PER_INDEX_SEGMENT)
     if not groups:  # an empty table: an empty index, built here, holds nothing
         _full_text_segment(dataset, None)
         table.checkout_latest()
-        return 1
+        return
     build = ray.remote(_full_text_segment).options(
         num_cpus=1, memory=min(FULL_TEXT_TASK_BYTES, _largest_node_memory()))
     segments = ray.get([build.remote(dataset, group) for group in groups])
     dataset.commit_existing_index_segments(FULL_TEXT_INDEX, FULL_TEXT_COLUMN, segments)
     table.checkout_latest()  # the commit was made through another handle
-    return len(segments)
 
 
 def _full_text_segment(dataset, fragment_ids: list[int] | None):
