@@ -30,7 +30,7 @@ from pipeline.plan import (TowerStartWatch, configure_ray_data, embed_dataset, e
                            plan_placement)
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.provenance import COMPARED_PROVENANCE, provenance
-from pipeline.sink import ParquetShardSink
+from pipeline.sink import ParquetShardSink, rows_per_write
 from pipeline.summary import summarize, write_summary
 from pipeline.table import ensure_table
 from pipeline.writer import (
@@ -185,6 +185,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     sink = ParquetShardSink(
         config.out, schema, model.label, config.rows_per_shard, config.storage_options,
         config.storage_patience_s, counter, ledger, partitions=frozenset(records),
+        rows_per_write=rows_per_write(scan.partition_kept, done),
     )
     if pending > 0:
         rows = manifest_rows(manifest.only(todo), tuple(plans[i] for i in todo),

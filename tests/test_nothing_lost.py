@@ -101,6 +101,8 @@ def uninterrupted(corpus, tiny_model, ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline") / "out"
     altclip("embed", corpus, "--out", out, "--model", tiny_model, "--dtype", "float32",
             *SMALL_SHARDS)
+    # --rows-per-shard is a maximum (writes are handed whole blocks, and more rows than that).
+    assert max(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) <= 10
     return read_output(out)
 
 
@@ -185,6 +187,43 @@ def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted,
     print(f"killed at {fraction:.0%}: {committed} rows committed; the rerun embedded "
           f"{summary['rows_embedded']}, 0 twice")
     assert not list(out.glob(".part-*.tmp"))
+
+
+def test_ctrl_c_late_in_a_run_keeps_the_partitions_the_towers_finished(corpus, tiny_model, uninterrupted,
+                                                                         tmp_path):
+    """With the default shard size (far more rows than the job has), writes and commits still
+    run while the towers run: a Ctrl-C at 80% of the rows keeps the partitions finished by
+    then, and the rerun does only the rest."""
+    out = tmp_path / "out"
+    args = ["embed", str(corpus), "--out", str(out), "--model", tiny_model, "--dtype", "float32",
+            "--batch-size", "10"]
+    altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
+    process = subprocess.Popen([altclip_bin, *args, "--log-format", "json", "--progress-interval", "0.1"],
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    done_at_kill = 0
+    for line in process.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["rows_done"] >= 0.8 * ROWS:
+            done_at_kill = event["rows_done"]
+            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+            break
+    process.communicate(timeout=120)
+    assert done_at_kill, "the run finished before 80% of its rows could be seen"
+    assert process.returncode == 130
+    committed = sum(r["rows"] for r in _records(out).values())
+    # Partitions are 20 rows; two or three can be in flight at once (a decode task each).
+    assert committed >= done_at_kill - 3 * (ROWS // PARTITIONS), (
+        f"{done_at_kill} rows were through the towers, {committed} committed")
+    assert committed < ROWS
+    print(f"Ctrl-C at {done_at_kill} rows through the towers: {committed} rows committed")
+
+    result = altclip(*args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_already_done"] >= committed
+    assert summary["rows_embedded"] == ROWS - summary["rows_already_done"]
+    assert f"resumed: {summary['rows_already_done']} rows were already done" in result.stderr
+    _same(read_output(out), uninterrupted)
 
 
 def _records(out) -> dict[str, dict]:
