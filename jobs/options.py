@@ -195,6 +195,9 @@ _JOB_OPTIONS = [
                  help="Let a manifest from object storage name local files."),
     click.option("--allow-private-urls", is_flag=True,
                  help="Let image URLs reach loopback, link-local and private addresses."),
+    click.option("--fetch-timeout", "fetch_timeout_s", default=None, type=float, show_default="20",
+                 help="Seconds an image URL has to answer in full (headers and body), per attempt; "
+                      "4 attempts, then the row's error is timeout."),
     click.option("--storage-patience", "storage_patience_s", default=300.0,
                  type=float, help="Seconds to wait out an unreachable store before stopping "
                                   "(the outputs so far are kept: rerun to resume)."),

@@ -3,7 +3,9 @@ bounded in size and time, every URL hop checked against the address policy."""
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
+import itertools
 import os
 import socket
 import stat
@@ -21,7 +23,7 @@ from pipeline import storage
 from schemas.embeddings import error
 
 MAX_IMAGE_BYTES = 64 << 20  # an image file or download larger than this is `too_large`
-HTTP_TIMEOUT_S = 20  # per attempt: to connect, between bytes, and for the whole body
+HTTP_TIMEOUT_S = 20  # per attempt, wall clock: connect, redirects, headers and the whole body
 HTTP_ATTEMPTS = 4
 HTTP_BACKOFF_S = 0.5
 MAX_REDIRECTS = 5
@@ -59,6 +61,10 @@ class FetchPolicy:
     # does not answer is the row's `timeout` or `read_error`.
     patience_s: float = storage.DEFAULT_PATIENCE_S
     job_schemes: frozenset = frozenset({"file"})
+    # An http(s) fetch: seconds per attempt, and attempts (None: HTTP_TIMEOUT_S, HTTP_ATTEMPTS).
+    # A person waiting on a page (serve's thumbnails) is given less than a batch job.
+    http_timeout_s: float | None = None
+    http_attempts: int | None = None
 
 
 def job_schemes(*uris: str | None) -> frozenset:
@@ -72,7 +78,7 @@ def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     links = uri.split("::")
     schemes = [storage.scheme(link) for link in links]
     if len(links) == 1 and schemes[0] in URL_SCHEMES:
-        return fetch_url(uri, policy.allow_private_urls)
+        return fetch_url(uri, policy.allow_private_urls, policy.http_timeout_s, policy.http_attempts)
     chained = len(links) > 1 or schemes[0] in WRAPPER_SCHEMES
     allowed = LOCAL_SCHEMES | WRAPPER_SCHEMES | OBJECT_STORE_SCHEMES if chained else (
         LOCAL_SCHEMES | OBJECT_STORE_SCHEMES)
@@ -194,8 +200,10 @@ def _pool(scheme: str, host: str, address: str, port: int) -> urllib3.HTTPConnec
         if scheme == "https":
             pool = urllib3.HTTPSConnectionPool(address, port, server_hostname=host,
                                                assert_hostname=host, cert_reqs="CERT_REQUIRED", **options)
+            pool.ConnectionCls = _CutOffHTTPSConnection
         else:
             pool = urllib3.HTTPConnectionPool(address, port, **options)
+            pool.ConnectionCls = _CutOffHTTPConnection
         _POOLS[key] = pool
         while len(_POOLS) > MAX_POOLS:
             _POOLS.popitem(last=False)[1].close()
@@ -217,22 +225,160 @@ class _Retry(Exception):
         self.kind = kind
 
 
-def fetch_url(url: str, allow_private: bool = False) -> bytes:
+# --- wall-clock deadlines --------------------------------------------------------------------
+# A socket timeout bounds each read, not an answer: a server sending a byte a second never trips
+# it, through the headers (read by http.client line by line) or the body. So each attempt has a
+# deadline, and one thread per process shuts down the sockets of attempts past theirs: a read
+# blocked on such a socket returns at once, and the attempt ends as a `timeout`.
+
+class _Attempt:
+    """One attempt's deadline and the sockets it opened or used."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.expired = False
+        self.finished = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self._sockets.append(sock)
+            if self.expired:
+                _shut_down(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                _shut_down(sock)
+
+    def finish(self) -> bool:
+        """Stop watching; whether the deadline cut the attempt off first."""
+        with self._lock:
+            self.finished = True
+            self._sockets.clear()
+            return self.expired
+
+
+def _shut_down(sock) -> None:
+    try:
+        # The plain socket's shutdown, also for a TLS socket: SSLSocket.shutdown drops its TLS
+        # state, which the thread blocked in a read still uses.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, TypeError, ValueError):
+        pass  # closed already
+
+
+class _Deadlines:
+    """The process's attempts in flight, by deadline, and the thread that cuts them off."""
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, _Attempt]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, attempt: _Attempt) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (attempt.deadline, next(self._order), attempt))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                while self._heap and self._heap[0][2].finished:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                left = self._heap[0][0] - time.monotonic()
+                if left > 0:
+                    self._wake.wait(left)
+                    continue
+                heapq.heappop(self._heap)[2].expire()
+
+
+_DEADLINES = _Deadlines()
+_CURRENT = threading.local()  # .attempt: the attempt this thread is making
+
+
+def _watch_current(sock) -> None:
+    attempt = getattr(_CURRENT, "attempt", None)
+    if attempt is not None and sock is not None:
+        attempt.watch(sock)
+
+
+class _CutOffHTTPConnection(urllib3.connection.HTTPConnection):
+    """A connection whose socket the attempt's deadline can shut down: from its creation (a TLS
+    handshake trickled byte by byte) and at each response (a connection kept alive)."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _watch_current(sock)
+        return sock
+
+    def getresponse(self):
+        _watch_current(self.sock)
+        return super().getresponse()
+
+
+class _CutOffHTTPSConnection(urllib3.connection.HTTPSConnection):
+    _new_conn = _CutOffHTTPConnection._new_conn
+    getresponse = _CutOffHTTPConnection.getresponse
+
+
+def fetch_url(url: str, allow_private: bool = False, timeout_s: float | None = None,
+              attempts: int | None = None) -> bytes:
     """GET with redirects followed by hand (each hop's scheme and address checked, and the
-    connection made to the address checked), a timeout per attempt, retries with backoff on
-    transient failures, and a size cap."""
+    connection made to the address checked), a wall-clock deadline per attempt (connect,
+    redirects, headers and body: `timeout_s`, default HTTP_TIMEOUT_S), retries with backoff on
+    transient failures (`attempts` in all, default HTTP_ATTEMPTS), and a size cap."""
     shown = storage.redact(url)
-    for attempt in range(HTTP_ATTEMPTS):
+    timeout_s = HTTP_TIMEOUT_S if timeout_s is None else timeout_s
+    attempts = HTTP_ATTEMPTS if attempts is None else attempts
+    for attempt in range(attempts):
         try:
-            return _get(url, allow_private)
+            return _attempt(url, allow_private, timeout_s)
         except _Retry as exc:
-            if attempt == HTTP_ATTEMPTS - 1:
-                raise ImageError(exc.kind, f"{shown}: {exc}, {HTTP_ATTEMPTS} attempts") from None
+            if attempt == attempts - 1:
+                raise ImageError(exc.kind, f"{shown}: {exc}, {attempts} attempts") from None
         time.sleep(HTTP_BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
 
-def _get(url: str, allow_private: bool) -> bytes:
+def _attempt(url: str, allow_private: bool, timeout_s: float) -> bytes:
+    """One attempt at `url`, cut off `timeout_s` after it starts."""
+    attempt = _CURRENT.attempt = _Attempt(timeout_s)
+    _DEADLINES.add(attempt)
+    try:
+        data = _get(url, allow_private, attempt)
+    except (_Retry, ImageError) as exc:
+        # Past the deadline, a failure to read is the deadline's doing; an answer the server
+        # gave before it (a 404, a refused address, a size) stands.
+        if attempt.finish() and (isinstance(exc, _Retry) or str(exc).startswith("read_error:")):
+            raise _Retry("timeout", _too_slow(attempt)) from None
+        raise
+    finally:
+        _CURRENT.attempt = None
+    if attempt.finish():  # the body may have been cut short at the deadline
+        raise _Retry("timeout", _too_slow(attempt))
+    return data
+
+
+def _too_slow(attempt: _Attempt) -> str:
+    return f"no complete answer in {attempt.seconds:g} s"
+
+
+def _get(url: str, allow_private: bool, attempt: _Attempt) -> bytes:
     first = storage.redact(url)
     for _ in range(MAX_REDIRECTS + 1):
         shown = storage.redact(url)
@@ -250,7 +396,7 @@ def _get(url: str, allow_private: bool) -> bytes:
         port = parts.port or (443 if scheme == "https" else 80)
         address = _checked_address(host, port, allow_private, shown)
         host_header = parts.host if parts.port is None else f"{parts.host}:{parts.port}"
-        response = _request(scheme, host, address, port, parts.request_uri, host_header, shown)
+        response = _request(scheme, host, address, port, parts.request_uri, host_header, attempt)
         try:
             if response.status in _REDIRECTS:
                 location = response.headers.get("Location")
@@ -264,8 +410,10 @@ def _get(url: str, allow_private: bool) -> bytes:
                 raise _Retry("read_error", f"HTTP {response.status}")
             if response.status >= 400:
                 raise ImageError("read_error", f"{shown}: HTTP {response.status}")
-            return _read_body(response, shown)
+            return _read_body(response, shown, attempt)
         finally:
+            if attempt.expired:
+                response.close()  # its socket is shut down: not back into the pool
             response.release_conn()
     raise ImageError("read_error", f"{first}: more than {MAX_REDIRECTS} redirects")
 
@@ -286,27 +434,28 @@ def _checked_address(host: str, port: int, allow_private: bool, shown: str) -> s
 
 
 def _request(scheme: str, host: str, address: str, port: int, target: str, host_header: str,
-             shown: str):
+             attempt: _Attempt):
     pool = _pool(scheme, host, address, port)
+    # Each socket operation may take what is left of the attempt, at most.
+    left = max(0.01, attempt.deadline - time.monotonic())
     try:
         return pool.urlopen(
             "GET", target, headers={"Host": host_header, "User-Agent": "altclip-pipeline",
                                     "Accept-Encoding": "identity"},
             redirect=False, retries=False, preload_content=False, assert_same_host=False,
-            timeout=urllib3.Timeout(connect=HTTP_TIMEOUT_S, read=HTTP_TIMEOUT_S),
+            timeout=urllib3.Timeout(connect=left, read=left),
         )
     except (urllib3.exceptions.TimeoutError, TimeoutError, socket.timeout):
-        raise _Retry("timeout", f"no answer in {HTTP_TIMEOUT_S} s") from None
+        raise _Retry("timeout", _too_slow(attempt)) from None
     except (urllib3.exceptions.HTTPError, ConnectionError, OSError) as exc:
         # Refused or reset connections, a server answering garbage, a TLS failure: retried.
         raise _Retry("read_error", storage.describe(exc)) from None
 
 
-def _read_body(response, shown: str) -> bytes:
+def _read_body(response, shown: str, attempt: _Attempt) -> bytes:
     length = response.headers.get("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > MAX_IMAGE_BYTES:
         raise ImageError("too_large", f"{shown}: {int(length)} bytes > {MAX_IMAGE_BYTES}")
-    deadline = time.monotonic() + HTTP_TIMEOUT_S
     chunks, size = [], 0
     try:
         while True:
@@ -317,10 +466,8 @@ def _read_body(response, shown: str) -> bytes:
             size += len(chunk)
             if size > MAX_IMAGE_BYTES:
                 raise ImageError("too_large", f"{shown}: more than {MAX_IMAGE_BYTES} bytes")
-            if time.monotonic() > deadline:  # a server that trickles bytes
-                raise _Retry("timeout", f"the body took more than {HTTP_TIMEOUT_S} s")
     except (urllib3.exceptions.TimeoutError, TimeoutError, socket.timeout):
-        raise _Retry("timeout", f"no answer in {HTTP_TIMEOUT_S} s") from None
+        raise _Retry("timeout", _too_slow(attempt)) from None
     except (urllib3.exceptions.HTTPError, ConnectionError, OSError) as exc:
         raise _Retry("read_error", storage.describe(exc)) from None
     return b"".join(chunks)

@@ -167,6 +167,7 @@ def fetch_policy(config: EmbedConfig) -> FetchPolicy:
         allow_private_urls=config.allow_private_urls,
         patience_s=config.storage_patience_s,
         job_schemes=job_schemes(config.manifest, config.out, config.db),
+        http_timeout_s=config.fetch_timeout_s,
     )
 
 

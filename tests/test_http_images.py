@@ -36,10 +36,25 @@ def server():
             elif path == "/slow.png":
                 time.sleep(1.5)
                 self._send(200, PNG)
+            elif path == "/trickle-headers.png":
+                self._trickle(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+            elif path == "/trickle-body.png":
+                self._trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
             elif path == "/big.png":
                 self._send(200, b"x" * 4096)
             else:
                 self._send(404, b"no")
+
+        def _trickle(self, start: bytes):
+            """`start`, then a byte every 0.1 s for 60 s at most: never a read timeout's silence."""
+            try:
+                self.wfile.write(start)
+                for _ in range(600):
+                    time.sleep(0.1)
+                    self.wfile.write(b"x")
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
 
         def _send(self, status: int, body: bytes):
             self.send_response(status)
@@ -67,7 +82,7 @@ def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypat
 
     monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 0.3)
     started = time.monotonic()
-    with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no answer in 0.3 s, 4 attempts"):
+    with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no complete answer in 0.3 s, 4 attempts"):
         fetch_url(f"{base}/slow.png?signature=SECRET", allow_private=True)
     assert time.monotonic() - started < 5
 
@@ -76,19 +91,40 @@ def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypat
         fetch_url(f"{base}/big.png", allow_private=True)
 
 
+@pytest.mark.parametrize("path", ["/trickle-headers.png", "/trickle-body.png"])
+def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(server, monkeypatch, path):
+    """A byte every 0.1 s never leaves a read waiting long enough for a socket timeout: the
+    deadline is the attempt's wall clock, headers and body alike."""
+    base, _ = server
+    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
+    started = time.monotonic()
+    with pytest.raises(ImageError, match=r"^timeout: .*: no complete answer in 1 s, 2 attempts"):
+        fetch_url(f"{base}{path}", allow_private=True, timeout_s=1, attempts=2)
+    assert time.monotonic() - started < 2 * 1 + 1.5
+    # The connection cut off is not handed to the next fetch from that host.
+    assert fetch_url(f"{base}/ok.png", allow_private=True) == PNG
+
+
 def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_path):
     base, _ = server
-    table = pa.table({"id": ["ok", "gone"], "image": [f"{base}/ok.png", f"{base}/gone.png?token=SECRET"],
-                      "caption": ["un gato", "un perro"]})
+    table = pa.table({"id": ["ok", "gone", "trickles"],
+                      "image": [f"{base}/ok.png", f"{base}/gone.png?token=SECRET", f"{base}/trickle-body.png"],
+                      "caption": ["un gato", "un perro", "un pájaro"]})
     pq.write_table(table, tmp_path / "m.parquet")
     altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "refused", "--model", tiny_model)
     refused = read_output(tmp_path / "refused")
     assert refused["ok"]["image_error"].startswith("forbidden: ")  # 127.0.0.1 is not public
     assert "--allow-private-urls" in refused["ok"]["image_error"]
 
+    started = time.monotonic()
     altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
-            "--allow-private-urls")
+            "--allow-private-urls", "--fetch-timeout", "1")
     rows = read_output(tmp_path / "out")
+    # 4 attempts of 1 s and the backoff between them (3.5 s); the job's start-up besides.
+    assert rows["trickles"]["image_error"].startswith("timeout: ") and "no complete answer in 1 s" in \
+        rows["trickles"]["image_error"]
+    assert rows["trickles"]["text_embedding"] is not None
+    assert time.monotonic() - started < 90
     assert rows["ok"]["image_embedding"] is not None and rows["ok"]["width"] == 224
     assert rows["gone"]["image_error"].startswith("not_found:")
     assert "SECRET" not in rows["gone"]["image_error"]
