@@ -45,15 +45,57 @@ MAX_LISTED_VALUES = 50
 # How often an open table looks for versions written since (a nightly reembed, a load).
 REFRESH_SECONDS = 10.0
 FILTERABLE_CONTRACT_COLUMNS = (WIDTH, HEIGHT, CAPTION_TRUNCATED)
+# A thumbnail's image is read from wherever its row points, and a slow host holds the worker
+# reading it until the fetch's deadline. Thumbnails take at most THUMBNAIL_FETCHES of the
+# server's 40 worker threads at once, and one host at most THUMBNAIL_FETCHES_PER_HOST; past
+# either a thumbnail is refused at once (503), so searches and other hosts' images are answered
+# (50 requests for a row on a host trickling a byte a second once held all 40, and every other
+# request timed out). A person is waiting: 2 attempts of 10 s, not a batch job's 4 of 20.
+THUMBNAIL_FETCHES = 16
+THUMBNAIL_FETCHES_PER_HOST = 4
+THUMBNAIL_FETCH_TIMEOUT_S = 10.0
+THUMBNAIL_FETCH_ATTEMPTS = 2
+RETRY_AFTER_S = 5
 
 
 class ServeError(Exception):
     """An answer other than 200 (a missing row, an unreadable image), with its message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+
+
+class FetchSlots:
+    """Fetches in flight, in all and per host; a fetch that would pass either limit is refused."""
+
+    def __init__(self, total: int, per_host: int):
+        self.total, self.per_host = total, per_host
+        self._by_host: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, uri: str) -> str | None:
+        """The host's key, its slot taken; None when none is free."""
+        host = _host_of(uri)
+        with self._lock:
+            if sum(self._by_host.values()) >= self.total or self._by_host.get(host, 0) >= self.per_host:
+                return None
+            self._by_host[host] = self._by_host.get(host, 0) + 1
+            return host
+
+    def give_back(self, host: str) -> None:
+        with self._lock:
+            self._by_host[host] -= 1
+            if not self._by_host[host]:
+                del self._by_host[host]
+
+
+def _host_of(uri: str) -> str:
+    """Where a URI's bytes come from: a URL's host, a bucket; local files are one place."""
+    parts = urllib.parse.urlsplit(uri.split("::")[-1])
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}" if parts.netloc else "local"
 
 
 class Searcher:
@@ -72,7 +114,10 @@ class Searcher:
         self.query.load_towers()
         self.model, self.dtype, self.table = self.query.model, self.query.dtype, self.query.table
         self.policy = FetchPolicy(self.storage_options, allow_local_paths=True,
-                                  allow_private_urls=allow_private_urls)
+                                  allow_private_urls=allow_private_urls,
+                                  http_timeout_s=THUMBNAIL_FETCH_TIMEOUT_S,
+                                  http_attempts=THUMBNAIL_FETCH_ATTEMPTS)
+        self._fetches = FetchSlots(THUMBNAIL_FETCHES, THUMBNAIL_FETCHES_PER_HOST)
         self._table_lock = threading.Lock()
         self._checked = time.monotonic()
         self._view: TableView | None = None
@@ -181,6 +226,10 @@ class Searcher:
             raise ServeError(404, f"row {row_id!r} has no image ({failed.split(':', 1)[0]})")
         if not uri:
             raise ServeError(404, f"row {row_id!r} has no image URI (its image was inline)")
+        host = self._fetches.take(uri)
+        if host is None:
+            raise ServeError(503, f"row {row_id!r}: too many images are being read from its host; "
+                             "try again shortly", {"Retry-After": str(RETRY_AFTER_S)})
         try:
             data = read_bytes(uri, self.policy)
             jpeg = render_thumbnail(data, size)
@@ -188,6 +237,8 @@ class Searcher:
             kind = str(exc).split(":", 1)[0]
             status = 404 if kind == "not_found" else 502
             raise ServeError(status, f"row {row_id!r}: cannot read its image ({kind})") from None
+        finally:
+            self._fetches.give_back(host)
         digest = sha or hashlib.sha256(data).hexdigest()
         entry = (jpeg, f'"{digest[:20]}-{size}"')
         self._thumbnails.put(key, entry)

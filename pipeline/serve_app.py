@@ -212,7 +212,9 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
                             "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                         304: {"description": "Not modified (ETag)."},
                         400: _error("A size not offered."), **NOT_FOUND,
-                        502: _error("The image could not be read or decoded.")})
+                        502: _error("The image could not be read or decoded."),
+                        503: _error("Too many images are being read from the row's host: try "
+                                    "again after Retry-After seconds.")})
     def thumbnail(row_id: Annotated[str, Path(alias="id", description="The row's `id`.")],
                   request: Request,
                   size: Annotated[int, Query(description="The longest side, in pixels.",
@@ -312,7 +314,7 @@ def _answer_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ServeError)
     async def unanswerable(request: Request, exc: ServeError):
-        return NoStoreJSON({"error": exc.message}, exc.status)
+        return NoStoreJSON({"error": exc.message}, exc.status, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -591,3 +591,78 @@ def test_scores_are_cosines_on_a_table_with_an_ann_index(corpus, tmp_path):
     assert hits[0]["id"] == "r7"
     for hit in hits:
         assert abs(hit["score"] - float(vectors[by_id[hit["id"]]] @ vectors[7])) < 1e-4, hit
+
+
+def test_a_host_that_turns_slow_cannot_take_the_servers_workers(tiny_model, ray_session, tmp_path,
+                                                                monkeypatch):
+    """A row's host answered at embed time and trickles a byte at a time now: 50 thumbnail
+    requests for that row take a few of the server's workers, the rest are refused at once, and
+    every other request is answered as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline import searcher as searcher_module
+
+    png = _png_bytes()
+    slow = threading.Event()
+
+    class Host(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            try:
+                for start in range(0, len(png), 1 if slow.is_set() else len(png)):
+                    self.wfile.write(png[start:start + (1 if slow.is_set() else len(png))])
+                    if slow.is_set():
+                        time.sleep(0.5)
+            except OSError:
+                pass
+
+    host = ThreadingHTTPServer(("127.0.0.1", 0), Host)
+    host.daemon_threads = True
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    (tmp_path / "ok.png").write_bytes(png)
+    manifest = pa.table({"id": ["ok", "remote"], "caption": ["a", "b"],
+                         "image": ["ok.png", f"http://127.0.0.1:{host.server_address[1]}/a.png"]})
+    pq.write_table(manifest, tmp_path / "m.parquet")
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
+            "--db", tmp_path / "db", "--allow-private-urls")
+    slow.set()
+
+    monkeypatch.setattr(searcher_module, "THUMBNAIL_FETCH_TIMEOUT_S", 3.0)
+    httpd = make_server(Searcher(str(tmp_path / "db"), "embeddings", allow_private_urls=True),
+                        "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        statuses = []
+        requests = [threading.Thread(target=lambda: statuses.append(
+            http(f"{base}/api/thumbnail/remote?size=96")[:2])) for _ in range(50)]
+        for thread in requests:
+            thread.start()
+        time.sleep(1.0)  # the first fetches are in flight, trickling
+        started = time.monotonic()
+        assert http(f"{base}/api/info")[0] == 200
+        status, headers, body = http(f"{base}/api/thumbnail/ok?size=96")
+        assert status == 200 and body[:2] == b"\xff\xd8"
+        assert get_json(search_url(base, text="a"))[0] == 200
+        # Had the slow host all 40 workers, these would wait 6.5 s for its two attempts.
+        assert time.monotonic() - started < 4
+        for thread in requests:
+            thread.join(timeout=60)
+        # At most THUMBNAIL_FETCHES_PER_HOST reads of the slow host, each cut off after its two
+        # attempts (a 502); the others were refused at once, saying when to come back.
+        assert len(statuses) == 50
+        refused = [headers for status, headers in statuses if status == 503]
+        assert len(refused) >= 50 - searcher_module.THUMBNAIL_FETCHES_PER_HOST
+        assert all(headers["Retry-After"] == str(searcher_module.RETRY_AFTER_S) for headers in refused)
+        assert {status for status, _ in statuses} <= {502, 503}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        host.shutdown()
