@@ -1,7 +1,9 @@
 """SQL over the table and the Parquet outputs with DuckDB, reading them in place (no copy into
-Python): the table is visible by its name, the outputs as `outputs`."""
+Python): the table is visible by its name, the outputs as `outputs`, and nothing else."""
 
 from __future__ import annotations
+
+import re
 
 import duckdb
 import pyarrow as pa
@@ -13,9 +15,13 @@ from pipeline.writer import outputs_dataset
 
 
 def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None,
-            storage_options: dict | None = None) -> pa.Table:
+            storage_options: dict | None = None, allow_file_access: bool = False) -> pa.Table:
     """The query's result. Vector columns are DuckDB arrays: `array_cosine_similarity`,
-    `array_inner_product` and `array_distance` work on them."""
+    `array_inner_product` and `array_distance` work on them.
+
+    Unless `allow_file_access`, the query can read only the table and the outputs: reading or
+    writing files (`read_csv`, `COPY`, `ATTACH` of a file), `INSTALL`/`LOAD` of an extension and
+    any `SET` are refused (see lock_out_external_access)."""
     con = duckdb.connect()
     visible = []
     if db_uri:
@@ -29,14 +35,48 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
             raise ConfigError(f"{named('parquet')} {outputs} holds no part-*.parquet files")
         con.register("outputs", readable_by_duckdb(dataset))
         visible.append(f"outputs (the Parquet under {outputs})")
+    if not allow_file_access:
+        # After registering: the table and outputs are Arrow datasets, read by Python, not by
+        # DuckDB's file system, so they stay readable with the lock on.
+        lock_out_external_access(con)
     try:
         result = con.sql(query).to_arrow_table()
     except duckdb.CatalogException as exc:
         raise ConfigError(f"SQL: {str(exc).splitlines()[0]} The query can name: "
                           f"{'; '.join(visible)}") from None
     except duckdb.Error as exc:
+        refused = None if allow_file_access else refused_by_lock(exc)
+        if refused:
+            raise ConfigError(f"SQL: {refused}, which altclip sql does not allow unless "
+                              f"{named('allow_file_access')}") from None
         raise ConfigError(f"SQL: {str(exc).splitlines()[0]}") from None
     return result.rename_columns(unique_names(result.column_names))
+
+
+def lock_out_external_access(con: duckdb.DuckDBPyConnection) -> None:
+    """Leave the connection only what is already registered in it: no file read or written
+    (`read_csv`, `COPY ... TO`, `ATTACH 'file'`, `EXPORT DATABASE`; DuckDB's own spilling to its
+    temp folder still works), no URL, no extension installed or loaded, no secret stored. Then
+    lock every setting: enable_external_access cannot be turned back on once off, but other
+    settings would reach the file system again (`temp_directory` spills into any folder), so no
+    `SET` or `PRAGMA` setting is left to the query."""
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def refused_by_lock(exc: duckdb.Error) -> str | None:
+    """What the query tried that lock_out_external_access refused (None: something else failed)."""
+    message = str(exc).splitlines()[0]
+    if isinstance(exc, duckdb.PermissionException):
+        # "Permission Error: Cannot access file "/etc/passwd" - file system operations are
+        # disabled by configuration": the file, without DuckDB's words for the lock.
+        return (f"the query tried to read or write files or load extensions "
+                f"({message.split(': ', 1)[-1].split(' - ')[0]})")
+    setting = re.search(r'option "([^"]+)" - the configuration has been locked', message)
+    if setting:
+        return (f"the query tried to change the DuckDB setting {setting[1]} (settings are locked "
+                f"so that no query can read or write files or load extensions)")
+    return None
 
 
 def readable_by_duckdb(dataset: pads.Dataset) -> pads.Dataset:

@@ -45,6 +45,60 @@ def test_sql_over_the_table_and_the_outputs(db):
     assert "SQL: " in result.stderr and "nope" in result.stderr
 
 
+REFUSED = "which altclip sql does not allow unless --allow-file-access"
+
+
+@pytest.mark.parametrize("statement, touches", [
+    ("SELECT * FROM read_csv('{tmp}/secret.csv')", None),
+    ("COPY (SELECT id FROM embeddings) TO '{tmp}/copied.csv'", "copied.csv"),
+    ("ATTACH '{tmp}/attached.duckdb' AS other", "attached.duckdb"),
+    ("INSTALL httpfs", None),
+    ("LOAD httpfs", None),
+    ("LOAD '{tmp}/planted.duckdb_extension'", None),
+], ids=["read_csv", "copy-to", "attach", "install", "load", "load-file"])
+def test_sql_refuses_files_and_extensions(db, tmp_path, statement, touches):
+    (tmp_path / "secret.csv").write_text("password\nhunter2\n")
+    (tmp_path / "planted.duckdb_extension").write_bytes(b"not an extension")
+    result = altclip("sql", db / "db", statement.format(tmp=tmp_path), expect_exit=1)
+    assert result.stderr.startswith("Error: SQL: the query tried to read or write files or load "
+                                    "extensions") and REFUSED in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "hunter2" not in result.stdout
+    if touches:
+        assert not (tmp_path / touches).exists()
+
+
+@pytest.mark.parametrize("statement", [
+    "SET enable_external_access = true",
+    "PRAGMA enable_external_access = true",
+    "RESET enable_external_access",
+    "SET allowed_directories = ['/']",
+    # Not a file access itself, but spilling would write into any folder.
+    "SET temp_directory = '/'",
+    "SET lock_configuration = false",
+])
+def test_sql_settings_cannot_reopen_file_access(db, statement):
+    result = altclip("sql", db / "db", statement, expect_exit=1)
+    assert result.stderr.startswith("Error: SQL: the query tried to change the DuckDB setting ")
+    assert REFUSED in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_sql_allow_file_access_opts_back_in(db, tmp_path):
+    (tmp_path / "extra.csv").write_text("id,note\nrow-02,kept\n")
+    query = (f"SELECT e.id, x.note FROM embeddings e JOIN read_csv('{tmp_path}/extra.csv') x "
+             "USING (id)")
+    joined = [json.loads(line) for line in altclip(
+        "sql", db / "db", query, "--allow-file-access", "--json").stdout.splitlines()]
+    assert joined == [{"id": "row-02", "note": "kept"}]
+    altclip("sql", db / "db", f"COPY (SELECT id FROM embeddings) TO '{tmp_path}/ids.csv'",
+            "--allow-file-access")
+    assert (tmp_path / "ids.csv").read_text().splitlines()[0] == "id"
+
+    # With the lock on, the table and the outputs are still read, together and as --csv.
+    both = altclip("sql", db / "db", "SELECT count(*) AS n FROM embeddings JOIN outputs USING (id)",
+                   "--parquet", db / "out", "--csv").stdout.splitlines()
+    assert both == ["\"n\"", str(len(read_output(db / "out")))]
+
+
 def test_zero_shot_labels_equal_altclip_logits(db, tiny_model, tmp_path):
     from transformers import AltCLIPModel, AltCLIPProcessor, CLIPImageProcessorPil
 
