@@ -198,6 +198,9 @@ _JOB_OPTIONS = [
     click.option("--fetch-timeout", "fetch_timeout_s", default=None, type=float, show_default="20",
                  help="Seconds an image URL has to answer in full (headers and body), per attempt; "
                       "4 attempts, then the row's error is timeout."),
+    click.option("--decode-timeout", "decode_timeout_s", default=None, type=float, show_default="120",
+                 help="Seconds one image may take to decode; past it the row's error is timeout "
+                      "(the hangs of a batch overlap: several cost one timeout)."),
     click.option("--storage-patience", "storage_patience_s", default=300.0,
                  type=float, help="Seconds to wait out an unreachable store before stopping "
                                   "(the outputs so far are kept: rerun to resume)."),

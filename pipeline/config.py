@@ -89,6 +89,8 @@ class EmbedConfig:
     storage_patience_s: float = 300.0
     # Wall-clock seconds per attempt at an image URL (None: pipeline.fetch.HTTP_TIMEOUT_S).
     fetch_timeout_s: float | None = None
+    # Seconds one image may take to decode (None: pipeline.isolation.ROW_TIMEOUT_S).
+    decode_timeout_s: float | None = None
     # Not empty: embed again only the rows of OUT whose error is of these kinds, in place.
     retry_kinds: tuple[str, ...] = ()
 
@@ -120,8 +122,10 @@ class EmbedConfig:
             raise ConfigError(f"{named('rows_per_shard')} {self.rows_per_shard}: must be at least 1")
         if self.partition_rows < 1:
             raise ConfigError(f"{named('partition_rows')} {self.partition_rows}: must be at least 1")
-        if self.fetch_timeout_s is not None and not self.fetch_timeout_s > 0:
-            raise ConfigError(f"{named('fetch_timeout_s')} {self.fetch_timeout_s}: seconds, more than 0")
+        for setting in ("fetch_timeout_s", "decode_timeout_s"):
+            seconds = getattr(self, setting)
+            if seconds is not None and not seconds > 0:
+                raise ConfigError(f"{named(setting)} {seconds}: seconds, more than 0")
         if self.storage_patience_s < 0:
             raise ConfigError(f"{named('storage_patience_s')} {self.storage_patience_s}: seconds, 0 or more")
         for kind in self.retry_kinds:

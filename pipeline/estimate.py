@@ -82,14 +82,16 @@ def time_inputs(batches: list[pa.Table], config: EmbedConfig, model,
     image, text = "image" in config.towers, "text" in config.towers
     # Once per worker, not per row: the decoding child process starts, the tokenizer loads.
     if image:
-        preprocess_images(batches[0].slice(0, 1), model.preprocessing, policy, config.preprocess)
+        preprocess_images(batches[0].slice(0, 1), model.preprocessing, policy, config.preprocess,
+                          decode_timeout_s=config.decode_timeout_s)
     if text:
         tokenize_captions(batches[0].slice(0, 1), model)
     first_call = time.perf_counter() - started
     ready, times = [], {stage: [] for stage in CPU_STAGES}
     for batch in batches:
         if image:
-            batch = preprocess_images(batch, model.preprocessing, policy, config.preprocess)
+            batch = preprocess_images(batch, model.preprocessing, policy, config.preprocess,
+                                      decode_timeout_s=config.decode_timeout_s)
             spent = {r["stage"]: r["seconds"] for r in stage_records(batch)}
             times["fetch"].append((batch.num_rows, spent["fetch"]))
             times["decode"].append((batch.num_rows, spent["decode"]))

@@ -223,15 +223,16 @@ def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def preprocess_images(
     batch: pa.Table, preprocessing: ImagePreprocessing, policy: FetchPolicy = FetchPolicy(),
-    mode: str = "exact", max_pixels: int = MAX_IMAGE_PIXELS,
+    mode: str = "exact", max_pixels: int = MAX_IMAGE_PIXELS, decode_timeout_s: float | None = None,
 ) -> pa.Table:
     """Ray Data stage: fetch + decode + preprocess every row; failures become `image_error`.
 
     `exact`: pixels bit-identical to the reference. `fast`: JPEGs are decoded at reduced scale
     (short side >= 2x the resize target) before the same bicubic resize. Fetching runs in this
     process's threads; decoding in a child process (pipeline/isolation.py), so an image that
-    crashes the decoder fails alone. Fetch and decode are timed apart: one waits on storage,
-    the other on cores.
+    crashes the decoder fails alone, and one that decodes longer than `decode_timeout_s`
+    (default isolation.ROW_TIMEOUT_S) is a `timeout`. Fetch and decode are timed apart: one
+    waits on storage, the other on cores.
     """
     started = time.perf_counter()
     draft_short_side = None
@@ -246,7 +247,7 @@ def preprocess_images(
     for i in todo:
         hashes[i] = hashlib.sha256(fetched[i]).hexdigest()
     decoded = map_isolated(pixels_of, [(fetched[i], hashes[i]) for i in todo],
-                           (preprocessing, draft_short_side, max_pixels))
+                           (preprocessing, draft_short_side, max_pixels), decode_timeout_s)
     for i, result in zip(todo, decoded):
         if isinstance(result, RowFailure):
             errors[i] = error(result.kind, result.message)

@@ -1,27 +1,49 @@
-"""Per-row work in a child process: a row that crashes its decoder, or hangs it, fails alone.
+"""Per-row work in child processes: a row that crashes its decoder, hangs it, or outgrows the
+child's memory bound fails alone.
 
-A damaged file can crash a native decoder (a segfault, an abort) or make the kernel kill the
-process for memory. In the Ray worker that would fail the task, Ray would retry it on the same
-rows until the job failed, and the rerun would fail on the same row. Here the rows of a batch go
-to one long-lived child process that answers row by row: when it dies or stops answering, the
-row it was on is known exactly, gets `worker_crash` (or `timeout`), a new child takes the rows
-after it, and every other row of the batch is done as usual.
+A damaged file can crash a native decoder (a segfault, an abort), make it loop for ever, or
+make it allocate gigabytes. In the Ray worker a crash would fail the task, Ray would retry it
+on the same rows until the job failed, and the rerun would fail on the same row; an
+allocation would bring the kernel's OOM killer, which may pick the Ray worker or the driver.
+Here rows go one at a time to long-lived child processes, each with a bound on its memory:
+when a child dies or stops answering, the row it was on is known exactly and gets
+`worker_crash` (or `timeout`), an allocation past the bound is that row's `too_large`, and
+every other row is done as usual.
+
+A row that runs long is left to finish (or reach its deadline) in its child while the next rows
+go to another, so the hangs of one batch overlap: N of them cost one timeout, not N.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
 # A row that has not come back after this long is given up (its child is killed).
 ROW_TIMEOUT_S = 120.0
+# A row still running after this long is a straggler: the next rows go to another child. A
+# decode of the largest image taken (179 MP) takes a few seconds on one core.
+STRAGGLER_S = 5.0
+# Children one call may hold at once (the first, and stragglers beyond it), and children a
+# process runs at once over all its threads (the query server decodes uploads in parallel).
+CHILDREN_PER_CALL = 5
+MAX_CHILDREN = max(4, os.cpu_count() or 1)
+IDLE_CHILDREN_KEPT = 2
+# Memory a child may add to what it holds once its code is imported (its address space, as
+# RLIMIT_AS counts it): a 2.9 MB 13000x13000 RGBA PNG took a decoder to 3.1 GB, and 16
+# workers meeting such images at once would need 50 GB. Past it, allocations fail in the
+# child: the row's MemoryError (`too_large`), or its crash.
+CHILD_MEMORY_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -36,9 +58,12 @@ class _Child:
     def __init__(self):
         to_child_r, self._to_child_w = os.pipe()
         self._from_child_r, from_child_w = os.pipe()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+                   # One thread of native code each: the bound counts every thread's stack.
+                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from pipeline.isolation import serve; serve({to_child_r}, {from_child_w})"],
+            [sys.executable, "-c",
+             f"from pipeline.isolation import serve; serve({to_child_r}, {from_child_w}, {CHILD_MEMORY_BYTES})"],
             # Decoders of damaged files write warnings and libtiff's complaints to stderr by the
             # thousand; each row's error says what matters.
             pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL,
@@ -48,6 +73,9 @@ class _Child:
         os.close(from_child_w)
         self.send = Connection(self._to_child_w, readable=False)
         self.receive = Connection(self._from_child_r, writable=False)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -70,69 +98,143 @@ class _Child:
         return f"exited with status {code}"
 
 
-_child: _Child | None = None
-_lock = threading.Lock()  # one batch at a time per process (the query server has threads)
+class _Children:
+    """This process's children: those between rows, kept for the next call, and a bound on how
+    many run at once."""
+
+    def __init__(self):
+        self._idle: list[_Child] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CHILDREN)
+
+    def take(self, wait_for_slot: bool) -> _Child | None:
+        """A child for one call (None: no slot free and not waiting for one)."""
+        if not self._slots.acquire(blocking=wait_for_slot):
+            return None
+        with self._lock:
+            while self._idle:
+                child = self._idle.pop()
+                if child.alive():
+                    return child
+                child.close()
+        try:
+            return _Child()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def give_back(self, child: _Child) -> None:
+        """A child between rows: kept for the next call, or stopped."""
+        with self._lock:
+            if child.alive() and len(self._idle) < IDLE_CHILDREN_KEPT:
+                self._idle.append(child)
+                child = None
+        if child is not None:
+            child.close()
+        self._slots.release()
+
+    def stop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for child in idle:
+            child.close()
+
+
+_children = _Children()
 
 
 def map_isolated(function, items: list, args: tuple = (), timeout_s: float | None = None) -> list:
-    """`[function(item, *args) for item in items]`, computed in a child process; the item that
-    crashes or hangs the child gets a RowFailure in its place. `function` must be importable
+    """`[function(item, *args) for item in items]`, computed in child processes; the item that
+    crashes or hangs its child gets a RowFailure in its place. `function` must be importable
     by name and must not raise (it returns its errors as values)."""
-    global _child
     timeout_s = ROW_TIMEOUT_S if timeout_s is None else timeout_s
     name = (function.__module__, function.__qualname__)
-    results: list = []
-    with _lock:
-        while len(results) < len(items):
-            if _child is None or _child.process.poll() is not None:
-                if _child is not None:
-                    _child.close()
-                _child = _Child()
-            start = len(results)
-            try:
-                _child.send.send_bytes(pickle.dumps((name, args, items[start:]), pickle.HIGHEST_PROTOCOL))
-            except (BrokenPipeError, OSError):
-                _child.close()
-                _child = None
-                continue
-            for item in range(start, len(items)):
-                failure = None
-                try:
-                    if _child.receive.poll(timeout_s):
-                        results.append(pickle.loads(_child.receive.recv_bytes()))
+    results: list = [None] * len(items)
+    pending = collections.deque(range(len(items)))
+    free: list[_Child] = []  # this call's children between rows
+    running: dict[_Child, tuple[int, float]] = {}  # child -> (the item it is on, since when)
+    try:
+        while pending or running:
+            now = time.monotonic()
+            # The next row goes to a child when none is on a row, or all are stragglers.
+            if pending and all(now - since >= STRAGGLER_S for _, since in running.values()):
+                child = free.pop() if free else _children.take(wait_for_slot=not running)
+                if child is not None and len(running) < CHILDREN_PER_CALL:
+                    index = pending.popleft()
+                    try:
+                        child.send.send_bytes(pickle.dumps((name, args, items[index]), pickle.HIGHEST_PROTOCOL))
+                    except (BrokenPipeError, OSError):  # died between rows: the row goes to another
+                        pending.appendleft(index)
+                        child.close()
+                        _children.give_back(child)
                         continue
-                    _child.process.kill()
-                    failure = RowFailure("timeout", f"no result after {timeout_s:.0f} s; the process was stopped")
+                    running[child] = (index, now)
+                    continue
+                if child is not None:
+                    free.append(child)
+            # Wait for an answer, or until a row becomes a straggler or reaches its deadline.
+            moments = [since + timeout_s for _, since in running.values()]
+            if pending:
+                moments += [since + STRAGGLER_S for _, since in running.values() if now - since < STRAGGLER_S]
+            left = max(0.0, min(moments) - now) if moments else 0.0
+            by_connection = {child.receive: child for child in running}
+            for connection in wait(list(by_connection), timeout=left):
+                child = by_connection[connection]
+                index, _ = running.pop(child)
+                try:
+                    results[index] = pickle.loads(child.receive.recv_bytes())
+                    free.append(child)
                 except (EOFError, OSError):
-                    failure = RowFailure("worker_crash", f"the decoding process {_child.death()} on this row")
-                _child.close()
-                _child = None
-                results.append(failure)
-                break
+                    results[index] = RowFailure("worker_crash", f"the decoding process {child.death()} on this row")
+                    child.close()
+                    _children.give_back(child)
+            now = time.monotonic()
+            for child, (index, since) in list(running.items()):
+                if now - since >= timeout_s:
+                    del running[child]
+                    results[index] = RowFailure("timeout", f"no result after {timeout_s:g} s; the process was stopped")
+                    child.close()
+                    _children.give_back(child)
+    finally:
+        for child in list(running):  # interrupted: rows in flight are abandoned with their child
+            child.close()
+            _children.give_back(child)
+        for child in free:
+            _children.give_back(child)
     return results
 
 
 def stop() -> None:
-    """Stop this process's child, if any; the next batch starts a new one (which reads the
+    """Stop this process's idle children; the next call starts new ones (which read the
     environment anew)."""
-    global _child
-    with _lock:
-        if _child is not None:
-            _child.close()
-            _child = None
+    _children.stop_idle()
 
 
-def serve(read_fd: int, write_fd: int) -> None:
-    """The child: batches in, one result per row out, until the parent goes away."""
+def serve(read_fd: int, write_fd: int, memory_bytes: int) -> None:
+    """The child: rows in, one result per row out, until the parent goes away."""
     receive = Connection(read_fd, writable=False)
     send = Connection(write_fd, readable=False)
+    bounded = False
     while True:
         try:
-            (module, qualname), args, items = pickle.loads(receive.recv_bytes())
+            (module, qualname), args, item = pickle.loads(receive.recv_bytes())
         except EOFError:
             return
         function = importlib.import_module(module)
         for part in qualname.split("."):
             function = getattr(function, part)
-        for item in items:
-            send.send_bytes(pickle.dumps(function(item, *args), pickle.HIGHEST_PROTOCOL))
+        if not bounded:  # once the code is in, its own size is not the rows'
+            _bound_memory(memory_bytes)
+            bounded = True
+        send.send_bytes(pickle.dumps(function(item, *args), pickle.HIGHEST_PROTOCOL))
+
+
+def _bound_memory(extra_bytes: int) -> None:
+    try:
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: no bound
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = size + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))

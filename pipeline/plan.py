@@ -210,7 +210,7 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
         ds = ds.map_batches(
             preprocess_images,
             fn_kwargs={"preprocessing": model.preprocessing, "mode": config.preprocess,
-                       "policy": fetch_policy(config)},
+                       "policy": fetch_policy(config), "decode_timeout_s": config.decode_timeout_s},
             batch_format="pyarrow", batch_size=config.batch_size,
         )
     else:

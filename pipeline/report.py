@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 
 import numpy as np
-from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ConfigError, named
 from pipeline.fetch import FetchPolicy, read_bytes
 from pipeline.summary import SUMMARY_NAME
+from pipeline.thumbnails import make_thumbnails
 from pipeline.writer import outputs_dataset
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from schemas.manifest import CAPTION, ID, IMAGE
@@ -60,18 +59,22 @@ def _throughput_svg(timeline: dict[str, list], width: int = 720, height: int = 2
     return "".join(parts)
 
 
-def _thumbnail(uri: str | None, storage_options: dict | None) -> str | None:
-    if not uri:
-        return None
-    try:
-        data = read_bytes(uri, FetchPolicy(storage_options or {}, allow_local_paths=True))
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception:  # any image that cannot be shown is shown as missing
-        return None
-    image.thumbnail((160, 160))
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+THUMBNAIL_SIZE = 160
+
+
+def _thumbnails(uris: list[str | None], storage_options: dict | None) -> list[str | None]:
+    """Each image as a data: URI of its thumbnail; None for any that cannot be shown."""
+    policy = FetchPolicy(storage_options or {}, allow_local_paths=True)
+    read: dict[int, bytes] = {}
+    for n, uri in enumerate(uris):
+        try:
+            if uri:
+                read[n] = read_bytes(uri, policy)
+        except Exception:  # any image that cannot be read is shown as missing
+            continue
+    made = dict(zip(read, make_thumbnails(list(read.values()), THUMBNAIL_SIZE)))
+    return ["data:image/jpeg;base64," + base64.b64encode(made[n]).decode()
+            if isinstance(made.get(n), bytes) else None for n in range(len(uris))]
 
 
 def _contact_sheet(out: str, storage_options: dict | None, samples: int) -> str:
@@ -87,10 +90,10 @@ def _contact_sheet(out: str, storage_options: dict | None, samples: int) -> str:
         return "<p>No rows with both kinds of vectors to show.</p>"
     text_matrix = np.asarray([r[TEXT_EMBEDDING] for r in texts], dtype=np.float32)
     cells = []
-    for row in images:
+    thumbs = _thumbnails([row[IMAGE] for row in images], storage_options)
+    for row, thumb in zip(images, thumbs):
         scores = text_matrix @ np.asarray(row[IMAGE_EMBEDDING], dtype=np.float32)
         best = int(np.argmax(scores))
-        thumb = _thumbnail(row[IMAGE], storage_options)
         picture = f'<img src="{thumb}" alt="{html.escape(row[ID])}">' if thumb else "<div>(no image)</div>"
         own = " (its own)" if texts[best][ID] == row[ID] else ""
         cells.append(

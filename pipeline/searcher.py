@@ -23,7 +23,7 @@ from pipeline.config import ConfigError
 from pipeline.fetch import FetchPolicy, ImageError, read_bytes
 from pipeline.filters import Column, Filters, sql_equals
 from pipeline.query import open_query_table
-from pipeline.thumbnails import ThumbnailCache, render_thumbnail
+from pipeline.thumbnails import ThumbnailCache, make_thumbnails
 from schemas.embeddings import (
     CAPTION_TRUNCATED,
     HEIGHT,
@@ -232,13 +232,15 @@ class Searcher:
                              "try again shortly", {"Retry-After": str(RETRY_AFTER_S)})
         try:
             data = read_bytes(uri, self.policy)
-            jpeg = render_thumbnail(data, size)
         except ImageError as exc:
             kind = str(exc).split(":", 1)[0]
             status = 404 if kind == "not_found" else 502
             raise ServeError(status, f"row {row_id!r}: cannot read its image ({kind})") from None
         finally:
             self._fetches.give_back(host)
+        jpeg = make_thumbnails([data], size)[0]
+        if isinstance(jpeg, str):
+            raise ServeError(502, f"row {row_id!r}: cannot make its thumbnail ({jpeg.split(':', 1)[0]})")
         digest = sha or hashlib.sha256(data).hexdigest()
         entry = (jpeg, f'"{digest[:20]}-{size}"')
         self._thumbnails.put(key, entry)

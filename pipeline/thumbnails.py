@@ -3,14 +3,20 @@ bounded cache of the ones made recently."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import signal
 import threading
 from collections import OrderedDict
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.images import decode, to_rgb
+from pipeline.fetch import ImageError
+from pipeline.images import CRASH_TEST_VARIABLE, decode, to_rgb
+from pipeline.isolation import RowFailure, map_isolated
+from schemas.embeddings import error
 
 SIZES = (96, 128, 192, 256, 384, 512)
 DEFAULT_SIZE = 256
@@ -31,6 +37,30 @@ def render_thumbnail(data: bytes, size: int) -> bytes:
     out = io.BytesIO()
     image.save(out, "JPEG", quality=85, optimize=True, progressive=True)
     return out.getvalue()
+
+
+def make_thumbnails(images: list[bytes], size: int) -> list[bytes | str]:
+    """Each image's thumbnail (render_thumbnail), or its error (`kind: message`), made in the
+    decoding children (pipeline/isolation.py): an image that crashes or hangs the decoder, or
+    outgrows its memory bound, fails alone, never the server or the report."""
+    made = map_isolated(thumbnail_of, [(data, size) for data in images])
+    return [error(m.kind, m.message) if isinstance(m, RowFailure) else m for m in made]
+
+
+def thumbnail_of(item: tuple[bytes, int]) -> bytes | str:
+    """One thumbnail or its error: run in the decoding process, never raises."""
+    data, size = item
+    crash_on = os.environ.get(CRASH_TEST_VARIABLE)
+    if crash_on and hashlib.sha256(data).hexdigest() == crash_on:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    try:
+        return render_thumbnail(data, size)
+    except ImageError as exc:
+        return str(exc)
+    except MemoryError:
+        return error("too_large", "out of memory making its thumbnail")
+    except Exception as exc:  # whatever else this image's data causes is still this image's
+        return error("decode_error", f"{type(exc).__name__}: {exc}")
 
 
 def _display_rgb(image: Image.Image) -> Image.Image:

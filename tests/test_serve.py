@@ -554,6 +554,34 @@ def test_rows_the_job_did_not_read_have_no_thumbnail(tiny_model, ray_session, tm
     assert raised.value.status == 404 and "forbidden" in str(raised.value)
 
 
+def test_an_image_that_crashes_the_decoder_fails_its_thumbnail_and_report_not_the_process(
+        tiny_model, ray_session, tmp_path):
+    """The row's file was a good PNG when embedded, and is now one that crashes the decoder:
+    the thumbnail is a 502 and the report shows the image as missing, in this process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.corpus import crash_image
+
+    for name in ("ok.png", "crash.png"):
+        (tmp_path / name).write_bytes(_png_bytes())
+    pq.write_table(pa.table({"id": ["ok", "crash"], "caption": ["a", "b"], "image": ["ok.png", "crash.png"]}),
+                   tmp_path / "m.parquet")
+    altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
+            "--db", tmp_path / "db")
+    (tmp_path / "crash.png").write_bytes(crash_image())
+
+    searcher = Searcher(str(tmp_path / "db"), "embeddings")
+    with pytest.raises(ServeError) as raised:
+        searcher.thumbnail("crash", 96)
+    assert raised.value.status == 502 and "worker_crash" in str(raised.value)
+    assert searcher.thumbnail("ok", 96)[0][:2] == b"\xff\xd8"
+
+    altclip("report", tmp_path / "out", "--html", tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/jpeg;base64,') == 1 and "(no image)" in page
+
+
 def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, "PNG")
