@@ -75,10 +75,10 @@ def job_schemes(*uris: str | None) -> frozenset:
 def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """An image's bytes from a path, an object-store URI or an http(s) URL, as the policy allows."""
     shown = storage.redact(uri)
+    if storage.scheme(uri) in URL_SCHEMES:  # a URL whole: `::` in it is an IPv6 address or a query
+        return fetch_url(uri, policy.allow_private_urls, policy.http_timeout_s, policy.http_attempts)
     links = uri.split("::")
     schemes = [storage.scheme(link) for link in links]
-    if len(links) == 1 and schemes[0] in URL_SCHEMES:
-        return fetch_url(uri, policy.allow_private_urls, policy.http_timeout_s, policy.http_attempts)
     chained = len(links) > 1 or schemes[0] in WRAPPER_SCHEMES
     allowed = LOCAL_SCHEMES | WRAPPER_SCHEMES | OBJECT_STORE_SCHEMES if chained else (
         LOCAL_SCHEMES | OBJECT_STORE_SCHEMES)
@@ -180,7 +180,27 @@ def resolve_host(host: str, port: int) -> list[str]:
 
 def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
+    inner = embedded_ipv4(ip) if ip.version == 6 else None
+    if inner is not None:  # judged by the IPv4 address it reaches
+        return is_public_address(str(inner))
     return ip.is_global and not ip.is_multicast
+
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and reaches: IPv4-mapped (::ffff:a.b.c.d),
+    IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::a.b.c.d)
+    and 6to4 (2002:aabb:ccdd::). Python counts most of these as global whatever they carry."""
+    packed = ip.packed
+    if ip.ipv4_mapped or ip.sixtofour:
+        return ip.ipv4_mapped or ip.sixtofour
+    if packed[:12] == bytes(12) and int(ip) > 1:  # not :: or ::1, which are themselves
+        return ipaddress.IPv4Address(packed[12:])
+    if packed[:12] == bytes(8) + b"\xff\xff\x00\x00" or any(ip in net for net in _NAT64):
+        return ipaddress.IPv4Address(packed[12:])
+    return None
 
 
 _POOLS: OrderedDict[tuple, urllib3.HTTPConnectionPool] = OrderedDict()
@@ -317,7 +337,7 @@ def _watch_current(sock) -> None:
         attempt.watch(sock)
 
 
-class _CutOffHTTPConnection(urllib3.connection.HTTPConnection):
+class _CutOff:
     """A connection whose socket the attempt's deadline can shut down: from its creation (a TLS
     handshake trickled byte by byte) and at each response (a connection kept alive)."""
 
@@ -331,9 +351,12 @@ class _CutOffHTTPConnection(urllib3.connection.HTTPConnection):
         return super().getresponse()
 
 
-class _CutOffHTTPSConnection(urllib3.connection.HTTPSConnection):
-    _new_conn = _CutOffHTTPConnection._new_conn
-    getresponse = _CutOffHTTPConnection.getresponse
+class _CutOffHTTPConnection(_CutOff, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _CutOffHTTPSConnection(_CutOff, urllib3.connection.HTTPSConnection):
+    pass
 
 
 def fetch_url(url: str, allow_private: bool = False, timeout_s: float | None = None,

@@ -14,7 +14,8 @@ import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, named
 
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+# fsspec takes `_` in protocol names too (arrow_hdfs, async_wrapper): so must the policy.
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+._-]*://")
 _S3_SCHEMES = ("s3", "s3a")
 # No storage call may hang: botocore's defaults (60 s connect, legacy retries) would let an
 # unreachable endpoint stall a job for minutes.

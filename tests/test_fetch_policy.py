@@ -210,6 +210,36 @@ def test_local_paths_are_an_allow_list(tmp_path):
     assert read_bytes(f"file://{image}", local) == PNG
     assert _kind(lambda: read_bytes("ftp://example.com/a.png", local)) == "forbidden"
     assert _kind(lambda: read_bytes("zip://inside.png::ftp://example.com/x.zip", local)) == "forbidden"
+    # fsspec's protocols with `_` in their names are schemes too, not relative paths.
+    for uri in [f"arrow_hdfs://namenode/{image}", f"async_wrapper://{image}",
+                f"zip://inside.png::arrow_hdfs://namenode/x.zip"]:
+        assert _kind(lambda: read_bytes(uri, local)) == "forbidden", uri
+
+
+@pytest.mark.parametrize("address, public", [
+    ("::ffff:127.0.0.1", False),  # IPv4-mapped
+    ("::127.0.0.1", False),  # IPv4-compatible
+    ("::ffff:0:10.0.0.1", False),  # IPv4-translated
+    ("64:ff9b::169.254.169.254", False),  # NAT64 to the metadata service
+    ("64:ff9b:1::7f00:1", False),  # local-use NAT64
+    ("2002:c0a8:101::1", False),  # 6to4 of 192.168.1.1
+    ("64:ff9b::8.8.8.8", True), ("2002:808:808::1", True), ("2606:4700::1111", True),
+    ("::1", False), ("::", False), ("8.8.8.8", True),
+])
+def test_an_ipv6_address_is_judged_by_the_ipv4_address_it_carries(address, public):
+    assert fetch.is_public_address(address) is public
+
+
+def test_a_url_with_a_double_colon_is_a_url(tmp_path):
+    """`::` in a URL (an IPv6 address, a query) is not fsspec's chaining: the URL is fetched,
+    and its address judged."""
+    server = RawServer("127.0.0.1", answers={"/ok.png": _response(200, PNG)})
+    url = f"http://127.0.0.1:{server.port}/ok.png?range=a::b"
+    assert read_bytes(url, FetchPolicy(allow_private_urls=True)) == PNG
+    assert _kind(lambda: read_bytes(url, FetchPolicy())) == "forbidden"
+    assert _kind(lambda: read_bytes(f"http://[::ffff:127.0.0.1]:{server.port}/ok.png",
+                                    FetchPolicy())) == "forbidden"
+    server.close()
 
 
 def test_every_local_read_is_bounded(tmp_path, monkeypatch):
