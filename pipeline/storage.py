@@ -10,6 +10,7 @@ import time
 import uuid
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.config import ConfigError, named
@@ -93,7 +94,20 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem | None:
     """The same filesystem for pyarrow and Ray Data readers (None: let them use the local disk)."""
     if _is_local_fs(fs):
         return None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return pafs.PyFileSystem(_FSSpecHandler(fs))
+
+
+class _FSSpecHandler(pafs.FSSpecHandler):
+    """pyarrow's handler, except that opening a file does not first ask `isfile()`, which fsspec
+    answers False on any error: an unreachable store read as a missing file (exit 1, "file not
+    found") instead of an outage (waited out, then exit 75). A missing file still raises
+    FileNotFoundError, from the open itself."""
+
+    def open_input_file(self, path):
+        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
+
+    def open_input_stream(self, path):
+        return pa.PythonFile(self.fs.open(path, mode="rb"), mode="r")
 
 
 def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:

@@ -181,3 +181,36 @@ def test_wrong_credentials_fail_before_work(tiny_model, local_run, tmp_path):
         assert "NOT-A-SECRET" not in result.stderr
     finally:
         server.kill()
+
+
+def test_an_unreachable_store_is_an_outage_when_pyarrow_opens_a_file_not_a_missing_file():
+    """pyarrow's fsspec handler asks isfile() before opening, and fsspec answers False on any
+    error: the handler the readers use lets the store's own error through."""
+    import fsspec
+    import fsspec.implementations.memory as memory
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    class Unreachable(memory.MemoryFileSystem):
+        protocol = ("unreachable",)
+        isfile = fsspec.AbstractFileSystem.isfile  # as s3fs has it: False on any error
+
+        def _open(self, path, mode="rb", **kwargs):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+        def info(self, path, **kwargs):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    store = memory.MemoryFileSystem()
+    with store.open("/bucket/m.parquet", "wb") as f:
+        pq.write_table(__import__("pyarrow").table({"id": ["a"]}), f)
+    assert pq.read_table("/bucket/m.parquet", filesystem=storage.arrow_filesystem(store)).num_rows == 1
+    with pytest.raises(FileNotFoundError):
+        pq.read_table("/bucket/missing.parquet", filesystem=storage.arrow_filesystem(store))
+    # Ray Data's readers open the files they were given, as this does.
+    with pytest.raises(FileNotFoundError):
+        storage.arrow_filesystem(store).open_input_file("/bucket/missing.parquet")
+    with pytest.raises(ConnectionRefusedError) as raised:
+        storage.arrow_filesystem(Unreachable()).open_input_file("/bucket/m.parquet")
+    assert storage.is_unavailable(raised.value)
