@@ -96,6 +96,10 @@ def open_manifest(config: EmbedConfig) -> Manifest:
             raise ConfigError(f"cannot read manifest file {path} as {fmt}: {exc}") from exc
         if len(schema):
             break
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"manifest file {storage.redact(path)} has more than one column named "
+                          f"{', '.join(repeated)}: rename or drop the copies")
     return _map_columns(config, schema, files, sizes, fmt, storage.unstrip(fs, root))
 
 

@@ -292,7 +292,11 @@ def shard_footer_totals(shard: str, storage_options: dict | None = None) -> dict
     footers held them is counted from its rows."""
     fs, path = storage.filesystem(shard, storage_options)
     with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
+        try:
+            parquet = pq.ParquetFile(f)
+        except pa.ArrowInvalid as exc:  # a file named like a shard that is none
+            raise ConfigError(f"{storage.redact(shard)} is named as an output shard but is not one "
+                              f"({str(exc).splitlines()[0]}): move it out of the output folder") from None
         raw = (parquet.schema_arrow.metadata or {}).get(TOTALS_KEY)
         return json.loads(raw) if raw else _totals_from_rows(parquet)
 

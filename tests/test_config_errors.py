@@ -44,6 +44,11 @@ def test_unreadable_and_missing_manifests(tiny_model, tmp_path):
                      tiny_model, expect_exit=1)
     assert "does not exist" in result.stderr
 
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text("id,image,caption,caption\na,a.png,one,two\n")
+    result = altclip("embed", repeated, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
+    assert f"manifest file {repeated} has more than one column named caption" in result.stderr
+
     odd = tmp_path / "manifest.xlsx"
     odd.write_bytes(b"")
     result = altclip("embed", odd, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)

@@ -251,6 +251,11 @@ def test_what_cannot_be_exported_is_refused_before_writing(tmp_path):
     _write_output(images_only, [[_row("a", 1, text=False)]], "float32")
     with pytest.raises(ConfigError, match="holds no text vectors .*: export image only"):
         export_embedding_reader(str(images_only), str(dest), ("text",))
+    (images_only / "part-notes.parquet").write_text("not a shard")
+    result = altclip("export", images_only, "--format", "embedding-reader", dest, expect_exit=1)
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"Error: {images_only}/part-notes.parquet is named as an output shard but is not one")
+    assert "Traceback" not in result.stderr
     assert not dest.exists()
 
 
