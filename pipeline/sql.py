@@ -47,7 +47,7 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     except duckdb.Error as exc:
         refused = None if allow_file_access else refused_by_lock(exc)
         if refused:
-            raise ConfigError(f"SQL: {refused}, which altclip sql does not allow unless "
+            raise ConfigError(f"SQL: {refused}, which is refused unless "
                               f"{named('allow_file_access')}") from None
         raise ConfigError(f"SQL: {str(exc).splitlines()[0]}") from None
     return result.rename_columns(unique_names(result.column_names))

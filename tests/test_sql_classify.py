@@ -45,7 +45,7 @@ def test_sql_over_the_table_and_the_outputs(db):
     assert "SQL: " in result.stderr and "nope" in result.stderr
 
 
-REFUSED = "which altclip sql does not allow unless --allow-file-access"
+REFUSED = "which is refused unless --allow-file-access"
 
 
 @pytest.mark.parametrize("statement, touches", [
