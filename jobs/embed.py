@@ -32,7 +32,7 @@ from pipeline.progress import ProgressLog, RowCounter
 from pipeline.provenance import COMPARED_PROVENANCE, provenance
 from pipeline.sink import ParquetShardSink, rows_per_write
 from pipeline.summary import summarize, write_summary
-from pipeline.table import ensure_table
+from pipeline.table import check_manifest_columns, ensure_table
 from pipeline.writer import (
     check_output_vector_dtype,
     errors_by_kind,
@@ -158,6 +158,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     model = resolve_model(config.model, config.storage_options)
     storage.check_writable(config.out, config.storage_options)
     ensure_ray(config.address)
+    check_manifest_columns(config.db, config.table_name, manifest.metadata_fields, config.storage_options)
     progress_mode = _progress_mode(config)
     configure_ray_data(progress_bars=progress_mode == "bars")
     placement = plan_placement(config)

@@ -11,7 +11,8 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import ConfigError, named
 from pipeline.filters import sql_equals
-from pipeline.lance_io import create_table, on_ray, table_uri
+from pipeline.lance_io import (create_table, on_ray, shard_batches, shard_name, shards_to_load, table_uri,
+                               takes_type)
 from pipeline.writer import list_shards, shards_dataset
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
 from schemas.table import (
@@ -126,6 +127,55 @@ def check_vector_dtype(table, vector_dtype: str, brought_by: str = "vector_dtype
                       f"into another table with {named('table_name')}")
 
 
+def check_column_types(held: pa.Schema, name: str, fields, brought_by: str = "outputs") -> None:
+    """Refuse `fields` (of the outputs being loaded, or of the manifest an embed will load) that
+    table `name`, of schema `held`, holds with a type its column does not take (see
+    lance_io.takes_type). Columns the table lacks are no obstacle: a load adds them; nor is a
+    column of nulls only, which takes any type (see _add_columns)."""
+    for field in fields:
+        if field.name not in held.names:
+            continue
+        kind = held.field(field.name).type
+        if pa.types.is_null(kind) or takes_type(kind, field.type):
+            continue
+        if brought_by == "manifest":
+            raise ConfigError(f"metadata column '{field.name}' is {field.type} in the manifest, {kind} in "
+                              f"table '{name}' (a column holds one type): rename the column in the "
+                              f"manifest, or embed into another table with {named('table_name')}")
+        raise ConfigError(f"column '{field.name}' is {field.type} in the outputs, {kind} in table "
+                          f"'{name}' (a column holds one type): load them into another table with "
+                          f"{named('table_name')}")
+
+
+def check_manifest_columns(db_uri: str | None, name: str, metadata_fields,
+                           storage_options: dict | None = None) -> None:
+    """Before an embed that loads into table `name` of `db_uri` (None: it loads nowhere), refuse
+    the manifest's metadata columns the table holds with another type (check_column_types):
+    found at the load, that would come after all the embedding. Called once Ray has started:
+    LanceDB's runtime warns at every fork after it loads (see connect)."""
+    if db_uri is None or storage.is_local(db_uri) and not os.path.isdir(storage.filesystem(db_uri)[1]):
+        return  # no database yet: the first load makes the table with the manifest's columns
+    table = open_table_if_exists(db_uri, name, storage_options)
+    if table is not None:
+        check_column_types(table.schema, name, metadata_fields, "manifest")
+
+
+def _add_columns(table, schema: pa.Schema) -> list[str]:
+    """The columns of `schema` the table lacks, added to it, null in the rows it holds (outputs
+    of a manifest with other metadata columns); returns their names. A column of nulls only
+    (type `null`, an empty manifest column) gets `schema`'s type: Lance casts no column from
+    null, so it is dropped and added again, which loses nothing."""
+    held = table.schema
+    empty = [f.name for f in schema if f.name in held.names and not pa.types.is_null(f.type)
+             and pa.types.is_null(held.field(f.name).type)]
+    if empty:
+        table.drop_columns(empty)
+    added = [f.with_nullable(True) for f in schema if f.name not in held.names or f.name in empty]
+    if added:
+        table.add_columns(added)
+    return [f.name for f in added if f.name not in empty]
+
+
 def ensure_table(db_uri: str, name: str, schema: pa.Schema, storage_options: dict | None = None) -> dict:
     """The table as it is, or created empty with the outputs' schema (a manifest without rows)."""
     db = connect(db_uri, storage_options)
@@ -139,7 +189,14 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
 
     Only shards this table has not taken from `out` before are upserted (see `_loaded_shards`):
     a resumed or extended run loads its new rows, not the whole outputs again, and the rows
-    already indexed stay in the index until it is rebuilt."""
+    already indexed stay in the index until it is rebuilt. Each id is loaded once, from its
+    newest copy (see lance_io.shards_to_load).
+
+    Columns the table lacks (the metadata of another manifest) are added to it first, null in
+    the rows it holds; a row the outputs bring without one of the table's columns is null there
+    when it is new, and keeps its value when it replaces a row (an upsert changes the columns it
+    carries). A column the table holds with another type is refused before anything is
+    written (check_column_types)."""
     shards = list_shards(out, storage_options)
     if not shards:
         raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): embed into it first")
@@ -149,7 +206,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
     if name in db.table_names():
         table = db.open_table(name)
         loaded = _loaded_shards(db, name, table, where)
-        new = [s for s in shards if _shard_name(s) not in loaded]
+        new = [s for s in shards if shard_name(s) not in loaded]
         dataset = shards_dataset(new or shards[:1], storage_options)
         existing, incoming = table_provenance(table), provenance_of(dataset.schema)
         if existing and incoming and _model_of(existing) != _model_of(incoming):
@@ -161,24 +218,35 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         if not new:  # nothing new since this table last took these outputs: no new version
             return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": 0,
                     "updated": 0, "version": table.version, "shards_already_loaded": len(shards)}
+        reading = shards_to_load(new, storage_options)
+        check_column_types(table.schema, name, reading.schema)
+        added = _add_columns(table, reading.schema)
+        # In the table's types (a narrower number widened), every column now one of the table's.
+        held = table.schema
+        schema = pa.schema([f.with_type(held.field(f.name).type) for f in reading.schema],
+                           metadata=reading.schema.metadata)
+        rows = pa.RecordBatchReader.from_batches(
+            schema, shard_batches(new, schema, storage_options, reading.left_out))
         # Vectors of failed rows are null: keep the row ("null"), never drop it.
         result = (
             table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
-            .execute(_with_dedup_cleared(table, dataset.scanner().to_reader()), on_bad_vectors="null")
+            .execute(_with_dedup_cleared(table, rows), on_bad_vectors="null")
         )
         inserted, updated = result.num_inserted_rows, result.num_updated_rows
     else:
-        new = shards
-        schema = shards_dataset(shards, storage_options).schema
-        inserted, updated = create_table(db_uri, name, shards, schema, storage_options), 0
+        new, added = shards, []
+        reading = shards_to_load(shards, storage_options)
+        inserted, updated = create_table(db_uri, name, reading, storage_options), 0
         table = db.open_table(name)
     index_table(table)
+    changes = {"repeated_rows": reading.repeated_rows, "columns_added": added}
     record_run(db, name, table.version, {
         "job": "load", "outputs": where, "inserted": inserted, "updated": updated,
-        "version_time": _version_times(table)[table.version], "shards": [_shard_name(s) for s in new]})
+        "version_time": _version_times(table)[table.version], "shards": [shard_name(s) for s in new],
+        **{k: v for k, v in changes.items() if v}})
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": inserted,
             "updated": updated, "version": table.version,
-            "shards_already_loaded": len(shards) - len(new)}
+            "shards_already_loaded": len(shards) - len(new), **changes}
 
 
 def _loaded_shards(db, name: str, table, where: str) -> set[str]:
@@ -207,10 +275,6 @@ def _loaded_shards(db, name: str, table, where: str) -> set[str]:
     return {shard for version, details in loads
             if versions.get(version) == details.get("version_time")
             for shard in details.get("shards", ())}
-
-
-def _shard_name(shard: str) -> str:
-    return shard.rsplit("/", 1)[-1]
 
 
 def _version_times(table) -> dict[int, str]:

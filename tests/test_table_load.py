@@ -17,7 +17,7 @@ from pipeline import lance_io
 from pipeline.lance_io import SHARDS_PER_TASK
 from pipeline.table import load_outputs, restore_version, table_provenance
 from pipeline.writer import outputs_dataset, remove_duplicate_rows, write_shard
-from tests.conftest import altclip
+from tests.conftest import altclip, read_output
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
 
 DIM = 8
@@ -25,15 +25,20 @@ WRITE_FRAGMENTS = lance_io._write_fragments
 PROVENANCE = {"model": "test/model", "revision": "r1", "dim": DIM, "vector_dtype": "float32"}
 
 
-def _shard(rng, start: int, rows: int) -> pa.Table:
-    schema = embeddings_schema(DIM, [pa.field("lang", pa.string())], PROVENANCE)
+def _shard(rng, start: int, rows: int, metadata: dict[str, pa.Array] | None = None) -> pa.Table:
+    """Output rows row-<start>... as an embed writes them; metadata columns: a random `lang`, or
+    `metadata`'s."""
     vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
     failed = rng.random(rows) < 0.2  # failed rows keep their row, without a vector
+    if metadata is None:
+        metadata = {"lang": pa.array(rng.choice(["en", "es", "zh"], rows).tolist(), pa.string())}
+    schema = embeddings_schema(DIM, [pa.field(name, values.type) for name, values in metadata.items()],
+                               PROVENANCE)
     columns = {name: pa.nulls(rows, schema.field(name).type) for name in schema.names}
+    columns.update(metadata)
     columns.update({
         "id": pa.array([f"row-{start + i:06d}" for i in range(rows)]),
         "caption": pa.array([f"caption {start + i}" for i in range(rows)]),
-        "lang": pa.array(rng.choice(["en", "es", "zh"], rows).tolist(), pa.string()),
         IMAGE_EMBEDDING: pa.array([None if f else v.tolist() for v, f in zip(vectors, failed)],
                                   schema.field(IMAGE_EMBEDDING).type),
         "image_error": pa.array([f"decode_error: bad {i}" if f else None for i, f in enumerate(failed)],
@@ -420,3 +425,193 @@ def test_altclip_load_with_address_writes_the_table_through_that_cluster(ray_ses
     table = lancedb.connect(str(db)).open_table("embeddings")
     assert sorted(table.to_arrow().column("id").to_pylist()) == sorted(
         outputs_dataset(str(out)).to_table(columns=["id"]).column("id").to_pylist())
+
+
+# --- Outputs of manifests with other metadata columns; repeated ids ----------------------------
+
+LANG = {"lang": lambda ids: pa.array([f"lang of {i}" for i in ids])}
+TAGS_YEAR = {"tags": lambda ids: pa.array([[f"tag {i}", "x"] for i in ids], pa.list_(pa.string())),
+             "year": lambda ids: pa.array([1900 + i for i in ids], pa.int64())}
+
+
+def _outputs(folder, rng, first: int, rows: int, columns: dict, shards: int = 2):
+    """`shards` shards of rows row-<first>... with these metadata columns (values made from the
+    row's number); returns the folder."""
+    folder.mkdir()
+    for part in np.array_split(np.arange(first, first + rows), shards):
+        ids = part.tolist()
+        write_shard(str(folder), _shard(rng, ids[0], len(ids), {n: make(ids) for n, make in columns.items()}))
+    return folder
+
+
+@pytest.mark.parametrize("first_columns, then_columns", [(LANG, TAGS_YEAR), (TAGS_YEAR, LANG)],
+                         ids=["lang-then-tags-year", "tags-year-then-lang"])
+def test_a_load_adds_the_metadata_columns_the_table_lacks(tmp_path, first_columns, then_columns):
+    """Outputs of a second manifest, whose metadata columns differ, into the first's table: the
+    new columns are added, null in the rows that came before; the second's rows are null in the
+    first's columns when new, and keep their values there when they replace a row."""
+    rng = np.random.default_rng(12)
+    first = _outputs(tmp_path / "first", rng, 0, 30, first_columns)
+    then = _outputs(tmp_path / "then", rng, 20, 30, then_columns)  # rows 20..29 in both
+    db = tmp_path / "db"
+    altclip("load", first, "--db", db)
+    shown = altclip("load", then, "--db", db).stdout
+    assert "(50 rows: 20 inserted, 10 updated;" in shown
+    assert f"columns added: {', '.join(then_columns)}" in shown
+
+    table = lancedb.connect(str(db)).open_table("embeddings")
+    assert table.count_rows() == 50 and len(set(table.to_arrow().column("id").to_pylist())) == 50
+    for name in [*first_columns, *then_columns]:  # each column in its outputs' type
+        outputs = outputs_dataset(str(first if name in first_columns else then))
+        assert table.schema.field(name).type == outputs.schema.field(name).type
+    held = {row["id"]: row for row in table.to_arrow().to_pylist()}
+    firsts, thens = _a_row_per_id(first), _a_row_per_id(then)
+    for number in range(50):
+        id_ = f"row-{number:06d}"
+        row = held[id_]
+        if number < 20:  # the first's rows alone: the second's columns null
+            assert {k: row[k] for k in firsts[id_]} == firsts[id_]
+            assert all(row[name] is None for name in then_columns)
+        else:  # the second's rows, values as it holds them
+            assert {k: row[k] for k in thens[id_]} == thens[id_]
+            for name in first_columns:  # new rows null there; replaced rows keep the first's values
+                assert row[name] == (firsts[id_][name] if number < 30 else None), (id_, name)
+    assert held["row-000025"][IMAGE_EMBEDDING] == thens["row-000025"][IMAGE_EMBEDDING]
+
+
+def test_a_column_of_another_type_is_refused_before_anything_is_written(tmp_path):
+    rng = np.random.default_rng(13)
+    db = tmp_path / "db"
+    altclip("load", _outputs(tmp_path / "a", rng, 0, 10, TAGS_YEAR), "--db", db)
+    table = lancedb.connect(str(db)).open_table("embeddings")
+    version, rows = table.version, _rows(table)
+    # `year` as text (a CSV manifest), with a column the table lacks: neither is written.
+    as_text = {"year": lambda ids: pa.array([str(1900 + i) for i in ids]), **LANG}
+    refused = altclip("load", _outputs(tmp_path / "b", rng, 5, 10, as_text), "--db", db, expect_exit=1)
+    assert refused.stderr.strip() == (
+        "Error: column 'year' is string in the outputs, int64 in table 'embeddings' (a column "
+        "holds one type): load them into another table with --table")
+    table.checkout_latest()
+    assert table.version == version and _rows(table).equals(rows) and "lang" not in table.schema.names
+
+    # Outputs whose own shards disagree (two manifests' runs into one folder): refused, naming both.
+    narrower = {"year": lambda ids: pa.array([2000 + i for i in ids], pa.int32())}
+    mixed = _outputs(tmp_path / "mixed", rng, 30, 4, narrower)
+    write_shard(str(mixed), _shard(rng, 40, 2, {"year": pa.array(["2040", "2041"])}))
+    shards = sorted(p.name for p in mixed.glob("part-*.parquet"))
+    refused = altclip("load", mixed, "--db", db, expect_exit=1)
+    assert refused.stderr.strip() == (
+        f"Error: column 'year' is int32 in shard {shards[0]} and string in shard {shards[2]} (a column "
+        "holds one type): load the shards of each kind from a folder of their own, into a table each")
+    table.checkout_latest()
+    assert table.version == version
+
+    # A narrower number is taken, as the table's type.
+    altclip("load", _outputs(tmp_path / "c", rng, 5, 10, narrower), "--db", db)
+    table.checkout_latest()
+    assert table.schema.field("year").type == pa.int64() and table.count_rows() == 15
+    assert table.search().where("id = 'row-000012'").to_arrow().column("year").to_pylist() == [2012]
+
+
+@pytest.mark.parametrize("on_ray", [False, True], ids=["in-process", "ray-tasks"])
+def test_a_repeated_id_is_loaded_once_from_its_newest_shard(tmp_path, request, monkeypatch, on_ray):
+    """Outputs holding an id more than once (shards put together by hand, an older version's
+    leftovers): a load takes each id once, the last copy of the newest shard, and says how many
+    rows it left out, on a first load and on an upsert alike."""
+    import ray
+
+    if on_ray:
+        request.getfixturevalue("ray_session")  # the id check runs as Ray tasks, in buckets
+    else:
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a plain `altclip load` runs
+    rng = np.random.default_rng(14)
+    out, db = tmp_path / "out", tmp_path / "db"
+    out.mkdir()
+
+    def shard(ids: list[int], label: str):
+        rows = _shard(rng, 0, len(ids))
+        rows = rows.set_column(0, rows.schema.field("id"), pa.array([f"row-{i:06d}" for i in ids]))
+        captions = pa.array([f"{label} {n}" for n in range(len(ids))])
+        write_shard(str(out), rows.set_column(rows.schema.get_field_index("caption"), "caption", captions))
+
+    # Shards sort by their run's stamp: each later shard is newer. More shards than a task reads.
+    shard(list(range(0, 10)), "first")
+    shard(list(range(10, 20)), "second")
+    shard([3, 4, 20, 21, 20], "third")  # 3, 4 again; 20 twice in one shard
+    for n in range(3):
+        shard(list(range(100 + 10 * n, 110 + 10 * n)), f"filler{n}")
+    shard([4, 30], "newest")
+    shown = altclip("load", out, "--db", db).stdout
+    # Left out: 3 and 4 of "first", 4 of "third", the first 20 of "third".
+    assert "4 rows of repeated ids left out (each id loaded once, from its newest shard)" in shown
+    table = lancedb.connect(str(db)).open_table("embeddings")
+    captions = dict(zip(*(table.to_arrow().column(c).to_pylist() for c in ("id", "caption"))))
+    assert table.count_rows() == len(captions) == 20 + 2 + 30 + 1
+    assert [captions[f"row-{i:06d}"] for i in (3, 4, 20, 21, 30, 5)] == [
+        "third 0", "newest 0", "third 4", "third 3", "newest 1", "first 5"]
+
+    # An upsert of shards repeating ids among themselves and the table's.
+    shard([5, 5, 40], "later")
+    shard([40, 41], "latest")
+    shown = altclip("load", out, "--db", db).stdout
+    assert "(55 rows: 2 inserted, 1 updated;" in shown and "2 rows of repeated ids left out" in shown
+    table.checkout_latest()
+    captions = dict(zip(*(table.to_arrow().column(c).to_pylist() for c in ("id", "caption"))))
+    assert table.count_rows() == len(captions) == 55
+    assert [captions[f"row-{i:06d}"] for i in (5, 40, 41)] == ["later 1", "latest 0", "latest 1"]
+
+
+def _captions_manifest(path, first: int, rows: int, columns: dict) -> str:
+    """A JSON Lines manifest of captions (embedded by the text tower alone: quick) with these
+    metadata columns, values made from the row's number."""
+    with open(path, "w") as f:
+        for number in range(first, first + rows):
+            values = {name: make([number])[0].as_py() for name, make in columns.items()}
+            f.write(json.dumps({"id": f"row-{number:06d}", "caption": f"caption {number}", **values}) + "\n")
+    return str(path)
+
+
+def test_embed_db_adds_new_columns_refuses_another_type_before_embedding_and_says_when_only_its_load_failed(
+        tiny_model, ray_session, tmp_path):
+    embed = ("--model", tiny_model, "--towers", "text", "--dtype", "float32", "--batch-size", "8")
+    # A table of another model's vectors: the embed runs, and only its load is refused.
+    other = tmp_path / "other-db"
+    altclip("load", _outputs(tmp_path / "other-out", np.random.default_rng(15), 0, 5, LANG), "--db", other)
+    first = tmp_path / "first"
+    failed = altclip("embed", _captions_manifest(tmp_path / "first.jsonl", 0, 12, LANG), "--out", first,
+                     *embed, "--db", other, expect_exit=1)
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in failed.output, failed.output
+    assert errors[0].startswith(f"Error: the embed finished and its outputs in {first} are complete, "
+                                "but their load into table 'embeddings' failed (table 'embeddings' "
+                                "holds vectors of ('test/model', 'r1', 8)")
+    assert errors[0].endswith(f"once that is fixed, load them with `altclip load {first} --db {other} "
+                              "--table embeddings`")
+    assert len(read_output(first)) == 12 and (first / "summary.json").exists()
+
+    # Loaded where the user meant, then a manifest with other columns embedded into the same table.
+    db = tmp_path / "db"
+    altclip("load", first, "--db", db)
+    then = altclip("embed", _captions_manifest(tmp_path / "then.jsonl", 8, 10, TAGS_YEAR), "--out",
+                   tmp_path / "then", *embed, "--db", db)
+    assert "(18 rows: 6 inserted, 4 updated;" in then.stderr and "columns added: tags, year" in then.stderr
+    table = lancedb.connect(str(db)).open_table("embeddings")
+    held = {row["id"]: row for row in table.to_arrow().to_pylist()}
+    assert len(held) == 18
+    assert held["row-000002"]["lang"] == "lang of 2" and held["row-000002"]["year"] is None
+    assert held["row-000009"]["lang"] == "lang of 9" and held["row-000009"]["tags"] == ["tag 9", "x"]
+    assert held["row-000017"]["lang"] is None and held["row-000017"]["year"] == 1917
+
+    # `year` as text against the table's numbers: refused before any embedding.
+    version = table.version
+    as_text = {"year": lambda ids: pa.array([f"year {i}" for i in ids])}
+    refused = altclip("embed", _captions_manifest(tmp_path / "text.jsonl", 30, 5, as_text), "--out",
+                      tmp_path / "text", *embed, "--db", db, expect_exit=1)
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "Error: metadata column 'year' is string in the manifest, int64 in table 'embeddings' (a "
+        "column holds one type): rename the column in the manifest, or embed into another table "
+        "with --table")
+    assert not list((tmp_path / "text").glob("part-*.parquet"))
+    assert not (tmp_path / "text" / "summary.json").exists()
+    table.checkout_latest()
+    assert table.version == version
