@@ -151,6 +151,10 @@ class ManifestCommand(click.Command):
             raise
 
 
+def _directives(text: str) -> tuple[str, ...]:
+    return tuple(d.strip().lower() for d in str(text).split(",") if d.strip())
+
+
 def _concurrency(text: str) -> int | tuple[int, int]:
     try:
         parts = [int(p) for p in str(text).split(",")]
@@ -198,6 +202,13 @@ _JOB_OPTIONS = [
     click.option("--fetch-timeout", "fetch_timeout_s", default=None, type=float, show_default="20",
                  help="Seconds an image URL has to answer in full (headers and body), per attempt; "
                       "4 attempts, then the row's error is timeout."),
+    click.option("--user-agent", default=None, show_default="altclip-pipeline/VERSION",
+                 help="The User-Agent of image fetches; its first word is the agent an "
+                      "X-Robots-Tag may address (`altclip-pipeline: noai`)."),
+    click.option("--disallowed-header-directives", default=None, type=_directives,
+                 metavar="D,D,...", show_default="noai,noimageai,noindex,noimageindex,none",
+                 help="X-Robots-Tag directives that opt an image out: its row is opted_out, its bytes "
+                      "unread. An empty string honours none."),
     click.option("--decode-timeout", "decode_timeout_s", default=None, type=float, show_default="120",
                  help="Seconds one image may take to decode; past it the row's error is timeout "
                       "(the hangs of a batch overlap: several cost one timeout)."),

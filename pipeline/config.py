@@ -89,6 +89,10 @@ class EmbedConfig:
     storage_patience_s: float = 300.0
     # Wall-clock seconds per attempt at an image URL (None: pipeline.fetch.HTTP_TIMEOUT_S).
     fetch_timeout_s: float | None = None
+    # What image fetches call themselves (None: pipeline.fetch.USER_AGENT), and the X-Robots-Tag
+    # directives that opt an image out (None: pipeline.fetch.DISALLOWED_DIRECTIVES; () none do).
+    user_agent: str | None = None
+    disallowed_header_directives: tuple[str, ...] | None = None
     # Seconds one image may take to decode (None: pipeline.isolation.ROW_TIMEOUT_S).
     decode_timeout_s: float | None = None
     # Not empty: embed again only the rows of OUT whose error is of these kinds, in place.

@@ -19,7 +19,7 @@ from urllib.parse import urljoin
 import urllib3
 from urllib3.util import parse_url
 
-from pipeline import storage
+from pipeline import __version__, storage
 from schemas.embeddings import error
 
 MAX_IMAGE_BYTES = 64 << 20  # an image file or download larger than this is `too_large`
@@ -27,7 +27,17 @@ HTTP_TIMEOUT_S = 20  # per attempt, wall clock: connect, redirects, headers and 
 HTTP_ATTEMPTS = 4
 HTTP_BACKOFF_S = 0.5
 MAX_REDIRECTS = 5
+# A 429 or 503 with Retry-After is tried again after that long, at most this long.
+MAX_RETRY_AFTER_S = HTTP_TIMEOUT_S
 _RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
+USER_AGENT = f"altclip-pipeline/{__version__}"
+# X-Robots-Tag directives that opt an image out, as img2dataset honours them by default (and
+# `none`, which means noindex, nofollow): the row is `opted_out`, its bytes unread.
+DISALLOWED_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex", "none"})
+# Addresses a host name resolved to, kept per process this long: a job fetches many images of
+# one host. A connection still goes to an address the policy checked.
+DNS_CACHE_S = 300.0
+DNS_CACHE_ENTRIES = 4096
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 URL_SCHEMES = frozenset({"http", "https"})
@@ -65,6 +75,8 @@ class FetchPolicy:
     # A person waiting on a page (serve's thumbnails) is given less than a batch job.
     http_timeout_s: float | None = None
     http_attempts: int | None = None
+    user_agent: str = USER_AGENT
+    disallowed_directives: frozenset = DISALLOWED_DIRECTIVES
 
 
 def job_schemes(*uris: str | None) -> frozenset:
@@ -76,7 +88,8 @@ def read_bytes(uri: str, policy: FetchPolicy = FetchPolicy()) -> bytes:
     """An image's bytes from a path, an object-store URI or an http(s) URL, as the policy allows."""
     shown = storage.redact(uri)
     if storage.scheme(uri) in URL_SCHEMES:  # a URL whole: `::` in it is an IPv6 address or a query
-        return fetch_url(uri, policy.allow_private_urls, policy.http_timeout_s, policy.http_attempts)
+        return fetch_url(uri, policy.allow_private_urls, policy.http_timeout_s, policy.http_attempts,
+                         policy.user_agent, policy.disallowed_directives)
     links = uri.split("::")
     schemes = [storage.scheme(link) for link in links]
     chained = len(links) > 1 or schemes[0] in WRAPPER_SCHEMES
@@ -172,10 +185,25 @@ def _check_regular_file(path: str, shown: str) -> None:
 
 # --- http(s) ---------------------------------------------------------------------------------
 
+_RESOLVED: OrderedDict[tuple[str, int], tuple[float, list[str]]] = OrderedDict()
+_RESOLVED_LOCK = threading.Lock()
+
+
 def resolve_host(host: str, port: int) -> list[str]:
-    """The addresses of `host`, resolved once per hop: the connection goes to one of these."""
+    """The addresses of `host` (kept DNS_CACHE_S): the connection goes to one of these."""
+    key, now = (host.lower(), port), time.monotonic()
+    with _RESOLVED_LOCK:
+        kept = _RESOLVED.get(key)
+        if kept is not None and kept[0] > now:
+            _RESOLVED.move_to_end(key)
+            return kept[1]
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    with _RESOLVED_LOCK:
+        _RESOLVED[key] = (now + DNS_CACHE_S, addresses)
+        while len(_RESOLVED) > DNS_CACHE_ENTRIES:
+            _RESOLVED.popitem(last=False)
+    return addresses
 
 
 def is_public_address(address: str) -> bool:
@@ -238,11 +266,28 @@ def close_pools() -> None:
 
 
 class _Retry(Exception):
-    """A transient failure of one attempt: `kind` if it is the last."""
+    """A transient failure of one attempt: `kind` if it is the last; `after`: seconds the server
+    asked to be left alone (Retry-After)."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, after: float | None = None):
         super().__init__(message)
         self.kind = kind
+        self.after = after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After's seconds, from a number or an HTTP date (None: absent or unreadable)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 # --- wall-clock deadlines --------------------------------------------------------------------
@@ -359,31 +404,46 @@ class _CutOffHTTPSConnection(_CutOff, urllib3.connection.HTTPSConnection):
     pass
 
 
+@dataclass(frozen=True)
+class _Ask:
+    """What one fetch sends and refuses."""
+
+    user_agent: str = USER_AGENT
+    disallowed: frozenset = DISALLOWED_DIRECTIVES
+
+
 def fetch_url(url: str, allow_private: bool = False, timeout_s: float | None = None,
-              attempts: int | None = None) -> bytes:
+              attempts: int | None = None, user_agent: str = USER_AGENT,
+              disallowed_directives: frozenset = DISALLOWED_DIRECTIVES) -> bytes:
     """GET with redirects followed by hand (each hop's scheme and address checked, and the
     connection made to the address checked), a wall-clock deadline per attempt (connect,
     redirects, headers and body: `timeout_s`, default HTTP_TIMEOUT_S), retries with backoff on
-    transient failures (`attempts` in all, default HTTP_ATTEMPTS), and a size cap."""
+    transient failures (`attempts` in all, default HTTP_ATTEMPTS; a 429 or 503 waits what its
+    Retry-After asks, up to MAX_RETRY_AFTER_S), a size cap, and an image whose X-Robots-Tag
+    carries one of `disallowed_directives` refused as `opted_out`."""
     shown = storage.redact(url)
     timeout_s = HTTP_TIMEOUT_S if timeout_s is None else timeout_s
     attempts = HTTP_ATTEMPTS if attempts is None else attempts
+    ask = _Ask(user_agent, frozenset(d.lower() for d in disallowed_directives))
     for attempt in range(attempts):
         try:
-            return _attempt(url, allow_private, timeout_s)
+            return _attempt(url, allow_private, timeout_s, ask)
         except _Retry as exc:
             if attempt == attempts - 1:
                 raise ImageError(exc.kind, f"{shown}: {exc}, {attempts} attempts") from None
-        time.sleep(HTTP_BACKOFF_S * 2**attempt)
+            wait = HTTP_BACKOFF_S * 2**attempt
+            if exc.after is not None:
+                wait = max(wait, min(exc.after, MAX_RETRY_AFTER_S))
+        time.sleep(wait)
     raise AssertionError("unreachable")
 
 
-def _attempt(url: str, allow_private: bool, timeout_s: float) -> bytes:
+def _attempt(url: str, allow_private: bool, timeout_s: float, ask: _Ask) -> bytes:
     """One attempt at `url`, cut off `timeout_s` after it starts."""
     attempt = _CURRENT.attempt = _Attempt(timeout_s)
     _DEADLINES.add(attempt)
     try:
-        data = _get(url, allow_private, attempt)
+        data = _get(url, allow_private, attempt, ask)
     except (_Retry, ImageError) as exc:
         # Past the deadline, a failure to read is the deadline's doing; an answer the server
         # gave before it (a 404, a refused address, a size) stands.
@@ -401,7 +461,7 @@ def _too_slow(attempt: _Attempt) -> str:
     return f"no complete answer in {attempt.seconds:g} s"
 
 
-def _get(url: str, allow_private: bool, attempt: _Attempt) -> bytes:
+def _get(url: str, allow_private: bool, attempt: _Attempt, ask: _Ask) -> bytes:
     first = storage.redact(url)
     for _ in range(MAX_REDIRECTS + 1):
         shown = storage.redact(url)
@@ -419,7 +479,8 @@ def _get(url: str, allow_private: bool, attempt: _Attempt) -> bytes:
         port = parts.port or (443 if scheme == "https" else 80)
         address = _checked_address(host, port, allow_private, shown)
         host_header = parts.host if parts.port is None else f"{parts.host}:{parts.port}"
-        response = _request(scheme, host, address, port, parts.request_uri, host_header, attempt)
+        response = _request(scheme, host, address, port, parts.request_uri, host_header, attempt,
+                            ask.user_agent)
         try:
             if response.status in _REDIRECTS:
                 location = response.headers.get("Location")
@@ -430,15 +491,34 @@ def _get(url: str, allow_private: bool, attempt: _Attempt) -> bytes:
             if response.status in (404, 410):
                 raise ImageError("not_found", f"{shown}: HTTP {response.status}")
             if response.status in _RETRYABLE_HTTP:
-                raise _Retry("read_error", f"HTTP {response.status}")
+                raise _Retry("read_error", f"HTTP {response.status}",
+                             _retry_after(response.headers.get("Retry-After")))
             if response.status >= 400:
                 raise ImageError("read_error", f"{shown}: HTTP {response.status}")
+            refusal = _opted_out(response.headers.getlist("X-Robots-Tag"), ask)
+            if refusal:
+                raise ImageError("opted_out", f"{shown}: X-Robots-Tag: {refusal}")
             return _read_body(response, shown, attempt)
         finally:
             if attempt.expired:
                 response.close()  # its socket is shut down: not back into the pool
             response.release_conn()
     raise ImageError("read_error", f"{first}: more than {MAX_REDIRECTS} redirects")
+
+
+def _opted_out(values: list[str], ask: _Ask) -> str | None:
+    """The X-Robots-Tag value that opts this fetch out (None: none does), read as img2dataset
+    reads it: `directive, ...` for every agent, or `agent: directive, ...` for one."""
+    token = ask.user_agent.split("/", 1)[0].strip().lower()
+    for value in values:
+        agent, colon, directives = value.partition(":")
+        if not colon:
+            agent, directives = "", value
+        if agent.strip().lower() not in ("", token, "*"):
+            continue
+        if {d.strip().lower() for d in directives.split(",")} & ask.disallowed:
+            return value.strip()
+    return None
 
 
 def _checked_address(host: str, port: int, allow_private: bool, shown: str) -> str:
@@ -457,13 +537,13 @@ def _checked_address(host: str, port: int, allow_private: bool, shown: str) -> s
 
 
 def _request(scheme: str, host: str, address: str, port: int, target: str, host_header: str,
-             attempt: _Attempt):
+             attempt: _Attempt, user_agent: str):
     pool = _pool(scheme, host, address, port)
     # Each socket operation may take what is left of the attempt, at most.
     left = max(0.01, attempt.deadline - time.monotonic())
     try:
         return pool.urlopen(
-            "GET", target, headers={"Host": host_header, "User-Agent": "altclip-pipeline",
+            "GET", target, headers={"Host": host_header, "User-Agent": user_agent,
                                     "Accept-Encoding": "identity"},
             redirect=False, retries=False, preload_content=False, assert_same_host=False,
             timeout=urllib3.Timeout(connect=left, read=left),

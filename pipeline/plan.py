@@ -168,6 +168,9 @@ def fetch_policy(config: EmbedConfig) -> FetchPolicy:
         patience_s=config.storage_patience_s,
         job_schemes=job_schemes(config.manifest, config.out, config.db),
         http_timeout_s=config.fetch_timeout_s,
+        **({"user_agent": config.user_agent} if config.user_agent else {}),
+        **({"disallowed_directives": frozenset(config.disallowed_header_directives)}
+           if config.disallowed_header_directives is not None else {}),
     )
 
 

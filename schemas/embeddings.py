@@ -36,6 +36,7 @@ ERROR_KINDS = (
     "forbidden",  # a scheme the job does not allow, a local path from a remote manifest, or a
     # URL (or a redirect) to a non-public address
     "no_image",  # the row has neither an image URI nor inline bytes
+    "opted_out",  # the server's X-Robots-Tag says its images are not for this use (noai, ...)
     "worker_crash",  # the process decoding the image died on it (a crash, killed for memory)
     "empty_caption",  # null, empty or whitespace-only caption
     "invalid_caption",  # a caption that is not text (a list, a number's absence of text,

@@ -331,3 +331,16 @@ def test_https_is_verified_against_the_name_while_connecting_to_the_checked_addr
     finally:
         fetch.close_pools()
         httpd.shutdown()
+
+
+def test_a_host_is_resolved_once_while_its_addresses_are_kept(monkeypatch):
+    calls = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kw: calls.append(args) or real(*args, **kw))
+    monkeypatch.setattr(fetch, "_RESOLVED", type(fetch._RESOLVED)())
+    assert fetch.resolve_host("localhost", 80) == fetch.resolve_host("LOCALHOST", 80)
+    assert len(calls) == 1
+    monkeypatch.setattr(fetch, "DNS_CACHE_S", 0.0)  # kept no longer: asked again
+    fetch.resolve_host("localhost", 81)
+    fetch.resolve_host("localhost", 81)
+    assert len(calls) == 3

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import fetch
+from pipeline import __version__, fetch
 from pipeline.fetch import ImageError, fetch_url
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
@@ -29,7 +30,15 @@ def server():
         def do_GET(self):
             path = self.path.split("?")[0]
             hits[path] = hits.get(path, 0) + 1
+            hits[f"agent {path}"] = self.headers.get("User-Agent")
             if path == "/ok.png" or (path == "/flaky.png" and hits[path] > 2):
+                self._send(200, PNG)
+            elif path.startswith("/robots/"):  # the X-Robots-Tag values after /robots/, by |
+                tags = urllib.parse.unquote(path[len("/robots/"):]).split("|")
+                self._send(200, PNG, [("X-Robots-Tag", tag) for tag in tags])
+            elif path == "/busy.png" and hits[path] == 1:
+                self._send(503, b"busy", [("Retry-After", "2")])
+            elif path == "/busy.png":
                 self._send(200, PNG)
             elif path == "/flaky.png":
                 self._send(503, b"busy")
@@ -56,8 +65,10 @@ def server():
                 pass
             self.close_connection = True
 
-        def _send(self, status: int, body: bytes):
+        def _send(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()):
             self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             try:
@@ -91,6 +102,35 @@ def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypat
         fetch_url(f"{base}/big.png", allow_private=True)
 
 
+@pytest.mark.parametrize("tags, opted_out", [
+    (["noai"], True), (["noindex, nofollow"], True), (["NoImageAI"], True), (["none"], True),
+    (["altclip-pipeline: noimageai"], True), (["googlebot: noindex"], False),
+    (["nofollow", "otherbot: noai"], False), (["nofollow", "noai"], True), (["max-image-preview:large"], False),
+])
+def test_images_whose_x_robots_tag_opts_out_are_not_taken(server, tags, opted_out):
+    base, _ = server
+    url = f"{base}/robots/{urllib.parse.quote('|'.join(tags))}"
+    if opted_out:
+        with pytest.raises(ImageError, match=r"^opted_out: .*X-Robots-Tag: "):
+            fetch_url(url, allow_private=True)
+        # The directives are the caller's to choose: none honoured, the image is fetched.
+        assert fetch_url(url, allow_private=True, disallowed_directives=frozenset()) == PNG
+    else:
+        assert fetch_url(url, allow_private=True) == PNG
+
+
+def test_fetches_name_the_tool_and_wait_as_retry_after_asks(server, monkeypatch):
+    base, hits = server
+    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
+    fetch_url(f"{base}/ok.png", allow_private=True)
+    assert hits["agent /ok.png"] == f"altclip-pipeline/{__version__}"
+    fetch_url(f"{base}/ok.png", allow_private=True, user_agent="my-crawler/2 (+https://example.org)")
+    assert hits["agent /ok.png"] == "my-crawler/2 (+https://example.org)"
+    started = time.monotonic()
+    assert fetch_url(f"{base}/busy.png", allow_private=True) == PNG
+    assert hits["/busy.png"] == 2 and time.monotonic() - started >= 2  # not the 0.01 s backoff
+
+
 @pytest.mark.parametrize("path", ["/trickle-headers.png", "/trickle-body.png"])
 def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(server, monkeypatch, path):
     """A byte every 0.1 s never leaves a read waiting long enough for a socket timeout: the
@@ -107,9 +147,10 @@ def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(server, monkeyp
 
 def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_path):
     base, _ = server
-    table = pa.table({"id": ["ok", "gone", "trickles"],
-                      "image": [f"{base}/ok.png", f"{base}/gone.png?token=SECRET", f"{base}/trickle-body.png"],
-                      "caption": ["un gato", "un perro", "un pájaro"]})
+    table = pa.table({"id": ["ok", "gone", "trickles", "opted-out"],
+                      "image": [f"{base}/ok.png", f"{base}/gone.png?token=SECRET", f"{base}/trickle-body.png",
+                                f"{base}/robots/noai"],
+                      "caption": ["un gato", "un perro", "un pájaro", "un pez"]})
     pq.write_table(table, tmp_path / "m.parquet")
     altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "refused", "--model", tiny_model)
     refused = read_output(tmp_path / "refused")
@@ -124,6 +165,7 @@ def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_
     assert rows["trickles"]["image_error"].startswith("timeout: ") and "no complete answer in 1 s" in \
         rows["trickles"]["image_error"]
     assert rows["trickles"]["text_embedding"] is not None
+    assert rows["opted-out"]["image_error"].startswith("opted_out: ")
     assert time.monotonic() - started < 90
     assert rows["ok"]["image_embedding"] is not None and rows["ok"]["width"] == 224
     assert rows["gone"]["image_error"].startswith("not_found:")
