@@ -360,7 +360,7 @@ def plan_text(plan: dict) -> str:
         f"{plan['sample_rows']} rows spread over the manifest timed (towers on "
         f"{plan['towers_timed_on']}, {plan['dtype']}, batch {plan['batch_size']})",
         f"cluster: {cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs, {cluster['nodes']} node(s); the run "
-        f"would start {workers['cpu_tasks']} fetch/decode/tokenize task(s) at a time and "
+        f"would start {workers['cpu_tasks']} decode/tokenize task(s) at a time and "
         f"{workers['tower_actors']} tower actor(s), each with {holds}",
         "",
         f"{'stage':<13}{'rows/s/worker':>15}{'workers':>9}{'rows/s':>10}",
@@ -390,7 +390,7 @@ def plan_text(plan: dict) -> str:
         verdict = ("enough" if workers["cpu_tasks"] >= feed else
                    f"too few: the towers will wait for their rows; give each GPU {math.ceil(per_gpu)} "
                    "free CPUs, or decode faster with --preprocess fast")
-        lines.append(f"feed: {feed} fetch/decode/tokenize task(s) keep the towers busy ({per_gpu:.1f} CPUs "
+        lines.append(f"feed: {feed} decode/tokenize task(s) keep the towers busy ({per_gpu:.1f} CPUs "
                      f"per GPU); this cluster runs {workers['cpu_tasks']} at a time: {verdict}")
     if plan["sample_errors"]:
         errors = ", ".join(f"{k} {v}" for k, v in plan["sample_errors"].items())

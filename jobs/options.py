@@ -201,7 +201,7 @@ _JOB_OPTIONS = [
                  help="Let image URLs reach loopback, link-local and private addresses."),
     click.option("--fetch-timeout", "fetch_timeout_s", default=None, type=float, show_default="20",
                  help="Seconds an image URL has to answer in full (headers and body), per attempt; "
-                      "4 attempts, then the row's error is timeout."),
+                      "a second attempt after a timeout, then the row's error is timeout."),
     click.option("--user-agent", default=None, show_default="altclip-pipeline/VERSION",
                  help="The User-Agent of image fetches; its first word is the agent an "
                       "X-Robots-Tag may address (`altclip-pipeline: noai`)."),

@@ -242,7 +242,7 @@ class ImageEmbedder(_TowerActor):
         size = self.height * self.width * 3
         errors = {i: error("decode_error", f"{len(p)} bytes of pixels, not {size}")
                   for i, p in enumerate(pixels) if p is not None and len(p) != size}
-        # preprocess_images hashes the bytes of every row it gives pixels to.
+        # decode_images hashes the bytes of every row it gives pixels to.
         hashes = batch.column(IMAGE_SHA256).to_pylist()
         new = {}  # the first row of each image this actor holds no vector for
         for i, p in enumerate(pixels):

@@ -23,8 +23,9 @@ from pipeline.embedders import ImageEmbedder, TextEmbedder
 from pipeline.images import preprocess_images
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.model import pick_device, resolve_dtype, resolve_model
-from pipeline.plan import (ACTOR_START_TIMEOUT_S, READ_CPUS, Placement, configure_ray_data, ensure_ray,
-                           fetch_policy, manifest_rows, plan_placement)
+from pipeline.plan import (ACTOR_START_TIMEOUT_S, FETCH_CALLS, FETCH_CPUS, READ_CPUS, Placement,
+                           configure_ray_data, cpu_task_cpus, ensure_ray, fetch_actors, fetch_policy,
+                           manifest_rows, plan_placement, tower_actor_count)
 from pipeline.provenance import provenance
 from pipeline.sample import count_rows, read_sample, spread_positions
 from pipeline.text import tokenize_captions
@@ -52,8 +53,9 @@ TOWER_MAX_PASSES = 10
 # partition bookkeeping. Measured with lance 14 on 10,000 and 20,000 unit vectors of 64 and
 # 768 dimensions: 196 bytes each time.
 ANN_INDEX_BYTES_PER_VECTOR = 196
-CPU_STAGES = ("fetch", "decode", "tokenize")  # run in turn in each of the run's CPU tasks
-STAGES = (*CPU_STAGES, "image_tower", "text_tower")
+CPU_STAGES = ("decode", "tokenize")  # run in turn in each of the run's CPU tasks
+# Fetching is its own stage (plan.ImageFetcher): each of its actors' calls a worker.
+STAGES = ("fetch", *CPU_STAGES, "image_tower", "text_tower")
 
 
 # --- timing the stages on the sample -------------------------------------------------------
@@ -87,7 +89,7 @@ def time_inputs(batches: list[pa.Table], config: EmbedConfig, model,
     if text:
         tokenize_captions(batches[0].slice(0, 1), model)
     first_call = time.perf_counter() - started
-    ready, times = [], {stage: [] for stage in CPU_STAGES}
+    ready, times = [], {stage: [] for stage in ("fetch", *CPU_STAGES)}
     for batch in batches:
         if image:
             batch = preprocess_images(batch, model.preprocessing, policy, config.preprocess,
@@ -213,7 +215,7 @@ def project(stages: list[Stage], rows: int, shared_cores: bool, startup_seconds:
 
 
 def cpu_tasks_to_feed(stages: list[Stage]) -> int | None:
-    """How many fetch/decode/tokenize tasks keep the towers' actors busy: the towers' rate (the
+    """How many decode/tokenize tasks keep the towers' actors busy: the towers' rate (the
     slower tower group's, every actor counted) over one CPU task's rate. None without CPU stages
     or towers timed. On GPUs the run starts a task on every CPU the actors leave free, so a
     cluster with fewer CPUs than this has idle accelerators; more CPUs per GPU than this buy
@@ -236,11 +238,10 @@ def actors_per_tower(placement: Placement) -> int:
 
 
 def cpu_task_workers(cpus: float, placement: Placement, towers: int) -> int:
-    """How many fetch/decode/tokenize tasks run at once: each reserves a CPU, out of what the
-    tower actors (placement.num_cpus each) and a manifest read (READ_CPUS) leave."""
-    # On CPUs one actor holds both towers (embedders.TowersEmbedder); on GPUs each has its own.
-    actors = actors_per_tower(placement) * (towers if placement.on_gpu else 1)
-    return max(1, math.floor(cpus - actors * placement.num_cpus - READ_CPUS))
+    """How many decode/tokenize tasks run at once: each reserves plan.cpu_task_cpus, out of what
+    the tower actors, the fetch actors and a manifest read (READ_CPUS) leave."""
+    light = tower_actor_count(placement, towers) * placement.num_cpus + fetch_actors(cpus) * FETCH_CPUS
+    return max(1, math.floor((cpus - light - READ_CPUS) / cpu_task_cpus(cpus, placement, towers) + 1e-9))
 
 
 def output_bytes(rows: int, bytes_per_row: float, bytes_per_shard: float, rows_per_shard: int) -> int:
@@ -399,9 +400,11 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
     one_tower_each = placement.on_gpu or len(config.towers) == 1
     actors = actors_per_tower(placement)
     tasks = cpu_task_workers(cpus, placement, len(config.towers))
+    fetchers = fetch_actors(cpus) * FETCH_CALLS
     stages = [Stage(name, rows_per_second(times[name]),
-                    "cpu_tasks" if name in CPU_STAGES else name if one_tower_each else "towers",
-                    tasks if name in CPU_STAGES else actors)
+                    "fetch" if name == "fetch" else "cpu_tasks" if name in CPU_STAGES
+                    else name if one_tower_each else "towers",
+                    fetchers if name == "fetch" else tasks if name in CPU_STAGES else actors)
               for name in STAGES if times.get(name)]
     # Before the first row is out, one after the other (as Ray Data's log of a run shows): the
     # manifest and model opened, Ray, the id scan; Ray Data waits for its tower actors (a

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+import urllib.parse
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +33,11 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 # of the resize is computed (pipeline/resample.py, the same bytes); where that cannot be done
 # (no crop, a filter it does not transcribe) the image is `too_large`.
 MAX_RESIZED_PIXELS = 16_000_000
-FETCH_THREADS = 16
+# Fetches in flight in one ImageFetcher actor, and to one host from one batch. A web image is a
+# round trip of a few hundred milliseconds that takes next to no CPU: latency, not cores, sets
+# how many must be in flight to keep the decoders fed (at 250 ms, 256 in flight ~1,000 images/s).
+FETCHES_IN_FLIGHT = 256
+FETCHES_PER_HOST = 16
 # Set only by tests: the decoding process kills itself with SIGSEGV on the image with this
 # sha256, as a damaged file crashing a native decoder would.
 CRASH_TEST_VARIABLE = "ALTCLIP_TEST_CRASH_ON_SHA256"
@@ -187,32 +194,136 @@ def pixels_of(item: tuple[bytes, str], prep: ImagePreprocessing, draft_short_sid
         return None, None, None, error("decode_error", storage.redact_text(f"{type(exc).__name__}: {exc}"))
 
 
-def fetch_all(batch: pa.Table, policy: FetchPolicy) -> list[bytes | str]:
-    """Every row's image bytes (inline, or fetched in parallel threads), or its error: the one
-    the row already has, or why its bytes could not be had."""
+class ImageFetcher:
+    """Ray Data stage: an actor that fetches many batches at once (a call per batch, in its own
+    thread), their fetches sharing FETCHES_IN_FLIGHT threads. A batch waits for its slowest row;
+    a host that never answers holds one call for its timeouts while the others go on. So the
+    fetches in flight are set by latency, apart from the cores the decoders need."""
+
+    def __init__(self, policy: FetchPolicy = FetchPolicy(), in_flight: int = FETCHES_IN_FLIGHT,
+                 per_host: int = FETCHES_PER_HOST):
+        self.policy, self.per_host = policy, per_host
+        self.pool = ThreadPoolExecutor(in_flight, thread_name_prefix="fetch")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not batch.num_rows:
+            return _with_fetched(batch, [])
+        (fetched,) = fetch_images(batch, self.policy, batch.num_rows, per_host=self.per_host, pool=self.pool)
+        return fetched
+
+
+def fetch_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy(), rows_per_output: int = 64,
+                 in_flight: int = FETCHES_IN_FLIGHT, per_host: int = FETCHES_PER_HOST,
+                 pool: ThreadPoolExecutor | None = None) -> Iterator[pa.Table]:
+    """Every row with its image's bytes in INLINE_IMAGE (inline bytes as they were), or its
+    error in IMAGE_ERROR, yielded as the fetches finish, `rows_per_output` at a time (in the
+    batch's order within each). Up to `in_flight` of the batch's fetches run at once, `per_host`
+    at most to one http(s) host, in `pool`'s threads (default: a pool of the call's own)."""
+    started = time.perf_counter()
+    outcomes: dict[int, bytes | str] = {}
+    ready: list[int] = []
+
+    def output() -> pa.Table:
+        nonlocal started
+        rows = sorted(ready)
+        ready.clear()
+        table = _with_fetched(batch.take(rows), [outcomes.pop(i) for i in rows])
+        now = time.perf_counter()
+        table = add_stage_record(table, "fetch", now - started)
+        started = now
+        return table
+
     uris = batch.column(IMAGE).to_pylist()
-    inline = batch.column(INLINE_IMAGE).to_pylist()
-    known = (batch.column(IMAGE_ERROR).to_pylist() if IMAGE_ERROR in batch.column_names
-             else [None] * batch.num_rows)
+    waiting: dict[str | None, collections.deque] = collections.defaultdict(collections.deque)
+    for i in range(batch.num_rows):
+        given = _given(batch, i)
+        if given is not None:
+            outcomes[i] = given
+            ready.append(i)
+        else:
+            waiting[_host(uris[i])].append(i)
+    running: dict = {}  # future -> (row, host)
+    busy: collections.Counter = collections.Counter()
+    own = pool is None
+    pool = pool or ThreadPoolExecutor(max(1, min(in_flight, batch.num_rows)))
+    try:
+        while waiting or running:
+            # Round the hosts that have rows waiting and a free slot, a row each, until full.
+            while len(running) < in_flight:
+                hosts = [h for h in waiting if h is None or busy[h] < per_host]
+                if not hosts:
+                    break
+                for host in hosts:
+                    if len(running) >= in_flight or (host is not None and busy[host] >= per_host):
+                        continue
+                    row = waiting[host].popleft()
+                    if not waiting[host]:
+                        del waiting[host]
+                    busy[host] += 1
+                    running[pool.submit(_fetch_row, uris[row], policy)] = (row, host)
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                row, host = running.pop(future)
+                busy[host] -= 1
+                outcomes[row] = future.result()
+                ready.append(row)
+            if len(ready) >= rows_per_output:
+                yield output()
+    finally:
+        if own:
+            pool.shutdown(wait=False, cancel_futures=True)
+    if ready:
+        yield output()
 
-    def fetch(i: int) -> bytes | str:
-        if known[i] is not None:
-            return known[i]
-        if inline[i] is not None:
-            return inline[i]
-        if uris[i] is None:
-            return error("no_image", "the row has neither an image URI nor image bytes")
-        try:
-            return read_bytes(uris[i], policy)
-        except ImageError as exc:
-            return str(exc)
-        except storage.StorageUnavailable:
-            raise  # the job's store is down: the job stops, a rerun resumes
-        except Exception as exc:  # whatever else reading this row's URI raises is the row's
-            return error("read_error", f"{storage.redact(uris[i])}: {storage.describe(exc)}")
 
-    with ThreadPoolExecutor(min(FETCH_THREADS, max(1, batch.num_rows))) as pool:
-        return list(pool.map(fetch, range(batch.num_rows)))
+def _given(batch: pa.Table, i: int) -> bytes | str | None:
+    """A row's bytes or error without a fetch: the error it already has, its inline bytes, or
+    that it has neither (None: it is to be fetched)."""
+    if IMAGE_ERROR in batch.column_names and batch.column(IMAGE_ERROR)[i].is_valid:
+        return batch.column(IMAGE_ERROR)[i].as_py()
+    if batch.column(INLINE_IMAGE)[i].is_valid:
+        return batch.column(INLINE_IMAGE)[i].as_py()
+    if not batch.column(IMAGE)[i].is_valid:
+        return error("no_image", "the row has neither an image URI nor image bytes")
+    return None
+
+
+def _host(uri: str) -> str | None:
+    """The http(s) host a fetch goes to (None: object stores and files, which need no limit)."""
+    if not storage.is_url(uri):
+        return None
+    try:
+        return (urllib.parse.urlsplit(uri).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _fetch_row(uri: str, policy: FetchPolicy) -> bytes | str:
+    """A row's image bytes, or why they could not be had."""
+    try:
+        return read_bytes(uri, policy)
+    except ImageError as exc:
+        return str(exc)
+    except storage.StorageUnavailable:
+        raise  # the job's store is down: the job stops, a rerun resumes
+    except Exception as exc:  # whatever else reading this row's URI raises is the row's
+        return error("read_error", f"{storage.redact(uri)}: {storage.describe(exc)}")
+
+
+def _with_fetched(table: pa.Table, outcomes: list[bytes | str]) -> pa.Table:
+    table = _set(table, INLINE_IMAGE, pa.array([o if isinstance(o, bytes) else None for o in outcomes],
+                                                pa.binary()))
+    return _set(table, IMAGE_ERROR, pa.array([o if isinstance(o, str) else None for o in outcomes],
+                                             pa.string()))
+
+
+def fetch_all(batch: pa.Table, policy: FetchPolicy) -> list[bytes | str]:
+    """Every row's image bytes or its error, in the rows' order (see fetch_images)."""
+    if not batch.num_rows:
+        return []
+    (fetched,) = fetch_images(batch, policy, rows_per_output=batch.num_rows)  # one output, in order
+    return [failure if failure is not None else data for data, failure in
+            zip(fetched.column(INLINE_IMAGE).to_pylist(), fetched.column(IMAGE_ERROR).to_pylist())]
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -225,28 +336,35 @@ def preprocess_images(
     batch: pa.Table, preprocessing: ImagePreprocessing, policy: FetchPolicy = FetchPolicy(),
     mode: str = "exact", max_pixels: int = MAX_IMAGE_PIXELS, decode_timeout_s: float | None = None,
 ) -> pa.Table:
-    """Ray Data stage: fetch + decode + preprocess every row; failures become `image_error`.
+    """fetch_images, then decode_images, over one batch (a query's image, the plan's sample)."""
+    if not batch.num_rows:
+        return decode_images(_with_fetched(batch, []), preprocessing, mode, max_pixels, decode_timeout_s)
+    (fetched,) = fetch_images(batch, policy, rows_per_output=batch.num_rows)
+    return decode_images(fetched, preprocessing, mode, max_pixels, decode_timeout_s)
+
+
+def decode_images(batch: pa.Table, preprocessing: ImagePreprocessing, mode: str = "exact",
+                  max_pixels: int = MAX_IMAGE_PIXELS, decode_timeout_s: float | None = None) -> pa.Table:
+    """Ray Data stage: the bytes fetch_images put in INLINE_IMAGE -> pixels, width, height and
+    hash; failures become `image_error`.
 
     `exact`: pixels bit-identical to the reference. `fast`: JPEGs are decoded at reduced scale
-    (short side >= 2x the resize target) before the same bicubic resize. Fetching runs in this
-    process's threads; decoding in a child process (pipeline/isolation.py), so an image that
-    crashes the decoder fails alone, and one that decodes longer than `decode_timeout_s`
-    (default isolation.ROW_TIMEOUT_S) is a `timeout`. Fetch and decode are timed apart: one
-    waits on storage, the other on cores.
+    (short side >= 2x the resize target) before the same bicubic resize. Decoding runs in child
+    processes (pipeline/isolation.py), so an image that crashes the decoder fails alone, and one
+    that decodes longer than `decode_timeout_s` (default isolation.ROW_TIMEOUT_S) is a `timeout`.
     """
     started = time.perf_counter()
     draft_short_side = None
     if mode == "fast":
         draft_short_side = 2 * (preprocessing.shortest_edge or max(preprocessing.output_hw()))
-    fetched = fetch_all(batch, policy)
-    fetched_at = time.perf_counter()
     n = batch.num_rows
+    data = batch.column(INLINE_IMAGE).to_pylist()
+    errors = batch.column(IMAGE_ERROR).to_pylist()
     pixels, widths, heights, hashes = [None] * n, [None] * n, [None] * n, [None] * n
-    errors = [d if isinstance(d, str) else None for d in fetched]
-    todo = [i for i, d in enumerate(fetched) if not isinstance(d, str)]
+    todo = [i for i in range(n) if errors[i] is None and data[i] is not None]
     for i in todo:
-        hashes[i] = hashlib.sha256(fetched[i]).hexdigest()
-    decoded = map_isolated(pixels_of, [(fetched[i], hashes[i]) for i in todo],
+        hashes[i] = hashlib.sha256(data[i]).hexdigest()
+    decoded = map_isolated(pixels_of, [(data[i], hashes[i]) for i in todo],
                            (preprocessing, draft_short_side, max_pixels), decode_timeout_s)
     for i, result in zip(todo, decoded):
         if isinstance(result, RowFailure):
@@ -259,8 +377,7 @@ def preprocess_images(
     table = _set(table, HEIGHT, pa.array(heights, pa.int32()))
     table = _set(table, IMAGE_SHA256, pa.array(hashes, pa.string()))
     table = _set(table, IMAGE_ERROR, pa.array(errors, pa.string()))
-    table = add_stage_record(table, "fetch", fetched_at - started)
-    return add_stage_record(table, "decode", time.perf_counter() - fetched_at)
+    return add_stage_record(table, "decode", time.perf_counter() - started)
 
 
 def hash_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy()) -> pa.Table:

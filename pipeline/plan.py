@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import math
 import os
 import socket
 import threading
@@ -17,7 +18,7 @@ from pipeline.config import TOWERS, ConfigError, EmbedConfig, named
 from pipeline.embedders import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline import storage
 from pipeline.fetch import FetchPolicy, job_schemes
-from pipeline.images import preprocess_images
+from pipeline.images import ImageFetcher, decode_images
 from pipeline.ids import select_rows
 from pipeline.manifest import Manifest, read_manifest, to_contract_columns
 from pipeline.model import ModelSpec
@@ -35,6 +36,16 @@ ACTOR_START_TIMEOUT_S = 600
 # and a read paused with a full output queue would never let it start. Reading is I/O: a quarter
 # leaves a decode task its core.
 READ_CPUS = 0.25
+# The fetch stage is its own Ray Data stage, apart from decoding: a fetch waits on the network,
+# a decode on a core, and a task that did both in turn left its core idle for each batch's
+# round trips (0.20x img2dataset's rate on the same URLs and cores). ImageFetcher actors take
+# FETCH_CALLS batches at once each, so a batch held by a host that never answers holds one of
+# them (with 1% of URLs never answering, half of all 64-row batches wait out a timeout: at 32
+# calls they soon held them all); an actor reserves a quarter of a CPU (parsing, TLS), one per FETCH_ACTOR_CPUS CPUs of
+# the cluster (at least one), leaving the cores to the decoders.
+FETCH_CPUS = 0.25
+FETCH_CALLS = 128
+FETCH_ACTOR_CPUS = 8
 
 
 # Seconds a cluster's address has to accept a connection (see _check_cluster_answers).
@@ -145,7 +156,7 @@ def manifest_rows(manifest: Manifest, plans: tuple[FilePlan, ...] | None, rows_p
     # Small blocks so decode tasks and tower actors work side by side from the first rows on.
     ds = _reserving(ds.repartition(target_num_rows_per_block=rows_per_block), READ_CPUS)
     return ds.map_batches(to_contract_columns, fn_kwargs={"manifest": manifest},
-                          batch_format="pyarrow", batch_size=None)
+                          batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS)
 
 
 def _reserving(ds, num_cpus: float):
@@ -209,20 +220,31 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
         num_gpus=placement.num_gpus,
         num_cpus=placement.num_cpus,
     )
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    # Decoding and tokenizing fuse into one CPU task (same request).
+    task_cpus = cpu_task_cpus(cpus, placement, len(config.towers))
     if "image" in config.towers:
         ds = ds.map_batches(
-            preprocess_images,
+            ImageFetcher, fn_constructor_kwargs={"policy": fetch_policy(config)},
+            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=FETCH_CPUS,
+            compute=ray.data.ActorPoolStrategy(
+                size=fetch_actors(cpus), max_tasks_in_flight_per_actor=FETCH_CALLS,
+                max_concurrent_calls_per_actor=FETCH_CALLS, enable_true_multi_threading=True),
+        )
+        ds = ds.map_batches(
+            decode_images,
             fn_kwargs={"preprocessing": model.preprocessing, "mode": config.preprocess,
-                       "policy": fetch_policy(config), "decode_timeout_s": config.decode_timeout_s},
-            batch_format="pyarrow", batch_size=config.batch_size,
+                       "decode_timeout_s": config.decode_timeout_s},
+            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=task_cpus,
         )
     else:
-        ds = ds.map_batches(lambda t: t.drop_columns([INLINE_IMAGE]), batch_format="pyarrow")
+        ds = ds.map_batches(lambda t: t.drop_columns([INLINE_IMAGE]), batch_format="pyarrow",
+                            num_cpus=task_cpus)
     if "text" in config.towers:
         ds = ds.map_batches(
             tokenize_captions,
             fn_kwargs={"model": model},
-            batch_format="pyarrow", batch_size=config.batch_size,
+            batch_format="pyarrow", batch_size=config.batch_size, num_cpus=task_cpus,
         )
     actors = tower_actors(config, placement)
     for n, actor in enumerate(actors):
@@ -234,6 +256,35 @@ def embed_dataset(ds, config: EmbedConfig, model: ModelSpec, dtype: str, placeme
             kwargs["compile_batch"] = config.batch_size
         ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, **actor_args)
     return ds
+
+
+def cpu_task_cpus(cpus: float, placement: Placement, towers: int) -> float:
+    """What a decode/tokenize task reserves: a CPU where the towers are on GPUs. Where they are
+    on the CPUs, a task per core: the light reservations of the tower actor, the fetch actors and
+    the manifest's read (which run on the same cores, in turns with the decoding) are taken from
+    the tasks' shares, or on 2 cores their half and quarter CPU left one decode task at a time (a
+    core idle while the bench's fetched images waited to be decoded)."""
+    if placement.on_gpu:
+        return 1.0
+    light = (tower_actor_count(placement, towers) * placement.num_cpus + fetch_actors(cpus) * FETCH_CPUS
+             + READ_CPUS)
+    share = max(0.25, (cpus - light) / max(1, math.floor(cpus)))
+    # Not the tower actor's own request: Ray Data fuses a stage into the actor after it when
+    # their requests match, and the decoding would run inside the tower actor, in turn with it.
+    return share - 0.01 if math.isclose(share, placement.num_cpus) else share
+
+
+def tower_actor_count(placement: Placement, towers: int) -> int:
+    """The tower actors a run starts: its pool's size (or the most an autoscaling pool grows
+    to), per tower on GPUs; on CPUs one actor holds both towers (embedders.TowersEmbedder)."""
+    pool = placement.concurrency
+    per_tower = pool[1] if isinstance(pool, tuple) else pool
+    return per_tower * (towers if placement.on_gpu else 1)
+
+
+def fetch_actors(cpus: float) -> int:
+    """ImageFetcher actors for a cluster of `cpus` CPUs (see FETCH_CPUS)."""
+    return max(1, int(cpus // FETCH_ACTOR_CPUS))
 
 
 def tower_actors(config: EmbedConfig, placement: Placement) -> list[type]:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EmbedConfig
+from pipeline.plan import cpu_task_cpus
 from pipeline.estimate import (ANN_INDEX_BYTES_PER_VECTOR, Stage, cpu_task_workers, cpu_tasks_to_feed,
                                index_bytes, output_bytes, project)
 from pipeline.manifest import open_manifest
@@ -69,7 +70,7 @@ def test_plan_projects_the_run_and_writes_nothing(manifest, tiny_model, ray_sess
 
     on_gpus = {**plan, "device": "gpu", "cluster": {**plan["cluster"], "gpus": 4},
                "cpu_tasks_to_feed_towers": 35, "workers": {**plan["workers"], "cpu_tasks": 20}}
-    assert ("feed: 35 fetch/decode/tokenize task(s) keep the towers busy (8.8 CPUs per GPU); this "
+    assert ("feed: 35 decode/tokenize task(s) keep the towers busy (8.8 CPUs per GPU); this "
             "cluster runs 20 at a time: too few: the towers will wait for their rows; give each "
             "GPU 9 free CPUs") in plan_text(on_gpus)
     on_gpus["workers"]["cpu_tasks"] = 35
@@ -161,10 +162,13 @@ def test_on_shared_cores_the_groups_times_add():
 
 def test_workers_and_sizes():
     gpu = Placement(num_gpus=0.5, num_cpus=1.0, concurrency=4, torch_threads=0)
-    assert cpu_task_workers(64, gpu, towers=2) == 55  # 64 - 8 actors' CPUs - a read's quarter
+    # 64 - 8 actors' CPUs - 8 fetch actors' quarters - a read's quarter
+    assert cpu_task_workers(64, gpu, towers=2) == 53
     cpu = Placement(num_gpus=0.0, num_cpus=0.5, concurrency=1, torch_threads=2)
-    assert cpu_task_workers(2, cpu, towers=2) == 1
+    assert cpu_task_workers(2, cpu, towers=2) == 2  # a task per core, the actors' shares taken from them
     assert cpu_task_workers(2, Placement(0.0, 0.5, (1, 4), 1), towers=2) == 1  # never fewer than 1
+    # A decode task never asks what the tower actor asks: Ray Data would fuse it into the actor.
+    assert cpu_task_cpus(2, cpu, towers=2) != cpu.num_cpus
 
     assert output_bytes(25_000, bytes_per_row=100.0, bytes_per_shard=500, rows_per_shard=10_000) == 2_501_500
     vectors = {"image_embedding": 4_999, "text_embedding": 10_000}  # the first below the index's threshold

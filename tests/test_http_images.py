@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import __version__, fetch
-from pipeline.fetch import ImageError, fetch_url
+from pipeline.fetch import FetchPolicy, ImageError, fetch_url
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
 
@@ -36,6 +36,11 @@ def server():
             elif path.startswith("/robots/"):  # the X-Robots-Tag values after /robots/, by |
                 tags = urllib.parse.unquote(path[len("/robots/"):]).split("|")
                 self._send(200, PNG, [("X-Robots-Tag", tag) for tag in tags])
+            elif path.startswith("/latency/"):  # the image after half a second
+                time.sleep(0.5)
+                self._send(200, PNG)
+            elif path.startswith("/silent/"):  # headers never come
+                time.sleep(30)
             elif path == "/busy.png" and hits[path] == 1:
                 self._send(503, b"busy", [("Retry-After", "2")])
             elif path == "/busy.png":
@@ -76,7 +81,11 @@ def server():
             except BrokenPipeError:
                 pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 512  # hundreds of fetches connect at once
+        daemon_threads = True
+
+    httpd = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", hits
     httpd.shutdown()
@@ -93,7 +102,7 @@ def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypat
 
     monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 0.3)
     started = time.monotonic()
-    with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no complete answer in 0.3 s, 4 attempts"):
+    with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no complete answer in 0.3 s, 2 attempts"):
         fetch_url(f"{base}/slow.png?signature=SECRET", allow_private=True)
     assert time.monotonic() - started < 5
 
@@ -131,6 +140,43 @@ def test_fetches_name_the_tool_and_wait_as_retry_after_asks(server, monkeypatch)
     assert hits["/busy.png"] == 2 and time.monotonic() - started >= 2  # not the 0.01 s backoff
 
 
+def test_fetches_in_flight_are_set_by_latency_not_by_batches(server):
+    """300 images that each take half a second arrive in about one round trip per window of
+    fetches in flight (one host: as many windows as its limit makes), and a URL that never
+    answers holds only its own batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    from pipeline.images import ImageFetcher
+    from schemas.manifest import INLINE_IMAGE
+
+    base, _ = server
+    fetcher = ImageFetcher(FetchPolicy(allow_private_urls=True, http_timeout_s=3), per_host=100)
+
+    def batch(urls):
+        return pa.table({"image": urls, INLINE_IMAGE: pa.array([None] * len(urls), pa.binary())})
+
+    started = time.monotonic()
+    fetched = fetcher(batch([f"{base}/latency/{n}.png" for n in range(300)]))
+    assert time.monotonic() - started < 4  # 3 windows of 100; one at a time: 150 s
+    assert fetched.column(INLINE_IMAGE).to_pylist() == [PNG] * 300
+    started = time.monotonic()
+    ImageFetcher(FetchPolicy(allow_private_urls=True), per_host=16)(
+        batch([f"{base}/latency/{n}.png" for n in range(64)]))
+    assert time.monotonic() - started >= 4 * 0.5  # 16 at a time to one host
+
+    held = batch([f"{base}/latency/a.png", f"{base}/silent/never.png"])
+    with ThreadPoolExecutor(2) as calls:  # the actor's calls, as Ray Data makes them
+        slow = calls.submit(fetcher, held)
+        time.sleep(0.2)
+        started = time.monotonic()
+        quick = calls.submit(fetcher, batch([f"{base}/latency/{n}.png" for n in range(64)])).result()
+        assert time.monotonic() - started < 3 and quick.column("image_error").null_count == 64
+        errors = slow.result().column("image_error").to_pylist()
+    assert errors[0] is None and errors[1].startswith("timeout: ")
+
+
 @pytest.mark.parametrize("path", ["/trickle-headers.png", "/trickle-body.png"])
 def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(server, monkeypatch, path):
     """A byte every 0.1 s never leaves a read waiting long enough for a socket timeout: the
@@ -161,7 +207,7 @@ def test_http_images_through_the_embed_job(server, tiny_model, ray_session, tmp_
     altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
             "--allow-private-urls", "--fetch-timeout", "1")
     rows = read_output(tmp_path / "out")
-    # 4 attempts of 1 s and the backoff between them (3.5 s); the job's start-up besides.
+    # 2 attempts of 1 s (a timeout is tried once more) and the backoff; the job's start-up besides.
     assert rows["trickles"]["image_error"].startswith("timeout: ") and "no complete answer in 1 s" in \
         rows["trickles"]["image_error"]
     assert rows["trickles"]["text_embedding"] is not None
