@@ -21,3 +21,13 @@ def allocate(nbytes: int) -> str:
         return "ok"
     except MemoryError:
         return "MemoryError"
+
+
+def crash_or_echo(item: str) -> str:
+    """`item`, except that "crash" kills the process as a segfaulting decoder would."""
+    if item == "crash":
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return item

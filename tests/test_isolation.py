@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import isolation
 from pipeline.images import ImagePreprocessing, pixels_of
 from pipeline.isolation import RowFailure, map_isolated
-from tests.child_work import allocate, hang_or_echo
+from tests.child_work import allocate, crash_or_echo, hang_or_echo
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +35,22 @@ def test_the_hangs_of_one_batch_overlap(monkeypatch):
     # One after another the three would cost 12 s; overlapped, one timeout and the straggler
     # waits before each.
     assert elapsed < 4 + 3 * 0.5 + 2.5, elapsed
+
+
+def test_a_crash_fails_its_row_alone_whatever_was_sent_behind_it():
+    """Rows are sent ahead of answers: those queued behind a crash go to a new child."""
+    items = ["a", "crash", "b", "c", "crash", "crash", "d", "e"]
+    results = map_isolated(crash_or_echo, items)
+    assert [r for r in results if isinstance(r, str)] == ["a", "b", "c", "d", "e"]
+    crashed = [n for n, r in enumerate(results) if isinstance(r, RowFailure)]
+    assert crashed == [1, 4, 5] and all(results[n].kind == "worker_crash" and "SIGSEGV" in results[n].message
+                                        for n in crashed)
+
+
+def test_large_rows_both_ways_do_not_block_the_pipes():
+    """Rows and answers larger than a pipe holds, several in flight: neither side waits on the other."""
+    items = ["x" * (1 << 20) + str(n) for n in range(20)]
+    assert map_isolated(hang_or_echo, items) == items
 
 
 def test_more_hangs_than_a_call_may_hold_children_are_all_timed_out(monkeypatch):
