@@ -41,8 +41,8 @@ READ_CPUS = 0.25
 # round trips (0.20x img2dataset's rate on the same URLs and cores). ImageFetcher actors take
 # FETCH_CALLS batches at once each, so a batch held by a host that never answers holds one of
 # them (with 1% of URLs never answering, half of all 64-row batches wait out a timeout: at 32
-# calls they soon held them all); an actor reserves a quarter of a CPU (parsing, TLS), one per FETCH_ACTOR_CPUS CPUs of
-# the cluster (at least one), leaving the cores to the decoders.
+# calls they soon held them all). An actor reserves a quarter of a CPU (parsing, TLS), one per
+# FETCH_ACTOR_CPUS CPUs of the cluster (at least one), leaving the cores to the decoders.
 FETCH_CPUS = 0.25
 FETCH_CALLS = 128
 FETCH_ACTOR_CPUS = 8
