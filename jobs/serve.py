@@ -71,6 +71,8 @@ def run_serve_ray(options, host: str = "127.0.0.1", port: int = 8000,
         except OSError as exc:
             raise ConfigError(f"--host {host} --port {port}: cannot listen there "
                               f"({exc.strerror or exc})") from None
+    if local:  # the proxy this Ray starts frames requests as the single-process server does
+        os.environ.setdefault(serve_ray.PROXY_CALLBACK_VARIABLE, serve_ray.PROXY_CALLBACK)
     ensure_ray(address)
     # No database, no table: said now, not by each replica as it fails to start. (After Ray
     # starts: LanceDB's runtime in this process would be copied into the processes Ray forks.)

@@ -240,3 +240,21 @@ def stop(shutdown_serve: bool) -> None:
         serve.delete(APP_NAME)
     if shutdown_serve and not serve.status().applications:
         serve.shutdown()
+
+
+# Ray Serve calls this in its proxy as it starts, where the environment names it (see
+# PROXY_CALLBACK); `altclip serve --ray` sets that before it starts Ray.
+PROXY_CALLBACK_VARIABLE = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "pipeline.serve_ray:strict_http_parser"
+
+
+def strict_http_parser() -> list:
+    """The proxy's uvicorn parses requests with h11, as `altclip serve` does (serve_http), not
+    with httptools, which `ray[serve]` installs and uvicorn's "auto" prefers: two parsers frame
+    some requests differently (where a proxy in front and the server disagree on where a request
+    ends, the rest is read as another). Adds no middleware."""
+    import uvicorn.protocols.http.auto as auto
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    auto.AutoHTTPProtocol = H11Protocol
+    return []

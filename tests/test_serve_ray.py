@@ -10,6 +10,7 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import lancedb
@@ -25,6 +26,8 @@ from pipeline.query import open_query_table
 from pipeline.searcher import Searcher
 from pipeline.serve_app import make_server
 from tests.conftest import _free_port, embedded_corpus
+
+REPO = Path(__file__).resolve().parents[1]
 from tests.test_serve import get_json, http, image_row, search_url
 
 # Fixed at two replicas; a quarter CPU each, so that both fit beside the session's other work on
@@ -256,3 +259,25 @@ def test_the_serve_command_with_ray(corpus, ray_session, tmp_path):
     assert f"on http://127.0.0.1:{port}/" in log.getvalue()
     assert "replicas: 1, 0.25 CPUs and 0 GPUs each, on cpu" in log.getvalue()
     assert not serve.status().applications and not serve.status().proxies  # Serve shut down
+
+
+def test_the_proxy_callback_makes_serves_uvicorn_parse_with_h11(monkeypatch):
+    """What `altclip serve --ray` (and the RayService manifest) name in
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: Serve's proxy builds its uvicorn with
+    http="auto", which would take httptools (installed by ray[serve]); after the callback it
+    takes h11, the parser `altclip serve` uses."""
+    import uvicorn
+    import uvicorn.protocols.http.auto as auto
+    from ray._common.utils import import_attr
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    monkeypatch.setattr(auto, "AutoHTTPProtocol", auto.AutoHTTPProtocol)  # restored afterwards
+    config = uvicorn.Config(lambda scope, receive, send: None, http="auto", lifespan="off")
+    config.load()
+    assert config.http_protocol_class is not H11Protocol  # httptools, where it is installed
+    assert import_attr(serve_ray.PROXY_CALLBACK)() == []  # no middleware added
+    config = uvicorn.Config(lambda scope, receive, send: None, http="auto", lifespan="off")
+    config.load()
+    assert config.http_protocol_class is H11Protocol
+    manifest = (REPO / "deploy" / "rayservice.yaml").read_text()
+    assert f"value: {serve_ray.PROXY_CALLBACK}" in manifest
