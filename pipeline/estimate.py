@@ -24,7 +24,7 @@ from pipeline.images import preprocess_images
 from pipeline.manifest import Manifest, open_manifest
 from pipeline.model import pick_device, resolve_dtype, resolve_model
 from pipeline.plan import (ACTOR_START_TIMEOUT_S, FETCH_CALLS, FETCH_CPUS, READ_CPUS, Placement,
-                           configure_ray_data, cpu_task_cpus, ensure_ray, fetch_actors, fetch_policy,
+                           actors_per_tower, configure_ray_data, cpu_task_cpus, ensure_ray, fetch_actors, fetch_policy,
                            manifest_rows, plan_placement, tower_actor_count)
 from pipeline.provenance import provenance
 from pipeline.sample import count_rows, read_sample, spread_positions
@@ -231,12 +231,6 @@ def cpu_tasks_to_feed(stages: list[Stage]) -> int | None:
     return math.ceil(towers / per_task)
 
 
-def actors_per_tower(placement: Placement) -> int:
-    """The tower actors the run starts: its pool's size, or the most an autoscaling pool grows to."""
-    pool = placement.concurrency
-    return pool[1] if isinstance(pool, tuple) else pool
-
-
 def cpu_task_workers(cpus: float, placement: Placement, towers: int) -> int:
     """How many decode/tokenize tasks run at once: each reserves plan.cpu_task_cpus, out of what
     the tower actors, the fetch actors and a manifest read (READ_CPUS) leave."""
@@ -398,7 +392,7 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
 
     # On CPUs one actor holds both towers (embedders.TowersEmbedder); on GPUs each has its own.
     one_tower_each = placement.on_gpu or len(config.towers) == 1
-    actors = actors_per_tower(placement)
+    actors = actors_per_tower(placement)  # one tower's
     tasks = cpu_task_workers(cpus, placement, len(config.towers))
     fetchers = fetch_actors(cpus) * FETCH_CALLS
     stages = [Stage(name, rows_per_second(times[name]),

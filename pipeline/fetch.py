@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import urllib3
 from urllib3.util import parse_url
@@ -81,6 +81,13 @@ class FetchPolicy:
     http_attempts: int | None = None
     user_agent: str = USER_AGENT
     disallowed_directives: frozenset = DISALLOWED_DIRECTIVES
+
+
+def source_of(uri: str) -> str:
+    """Where a URI's bytes come from, as fetch limits count them: a URL's host or a store's
+    bucket (`scheme://name`); this machine's files are one source, `local`."""
+    parts = urlsplit(uri.split("::")[-1])
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}" if parts.netloc else "local"
 
 
 def job_schemes(*uris: str | None) -> frozenset:

@@ -8,7 +8,6 @@ import io
 import os
 import signal
 import time
-import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -18,7 +17,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
-from pipeline.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.fetch import FetchPolicy, ImageError, read_bytes, source_of
 from pipeline.isolation import RowFailure, map_isolated
 from pipeline.resample import FILTERS, resized_window
 from pipeline.timing import add_stage_record
@@ -293,8 +292,8 @@ def _host(uri: str) -> str | None:
     if not storage.is_url(uri):
         return None
     try:
-        return (urllib.parse.urlsplit(uri).hostname or "").lower()
-    except ValueError:
+        return source_of(uri)
+    except ValueError:  # a malformed URL: its fetch fails on its own
         return ""
 
 

@@ -274,12 +274,16 @@ def cpu_task_cpus(cpus: float, placement: Placement, towers: int) -> float:
     return share - 0.01 if math.isclose(share, placement.num_cpus) else share
 
 
-def tower_actor_count(placement: Placement, towers: int) -> int:
-    """The tower actors a run starts: its pool's size (or the most an autoscaling pool grows
-    to), per tower on GPUs; on CPUs one actor holds both towers (embedders.TowersEmbedder)."""
+def actors_per_tower(placement: Placement) -> int:
+    """A tower's actors in a run: its pool's size, or the most an autoscaling pool grows to."""
     pool = placement.concurrency
-    per_tower = pool[1] if isinstance(pool, tuple) else pool
-    return per_tower * (towers if placement.on_gpu else 1)
+    return pool[1] if isinstance(pool, tuple) else pool
+
+
+def tower_actor_count(placement: Placement, towers: int) -> int:
+    """The tower actors a run starts: actors_per_tower for each tower on GPUs; on CPUs one
+    actor holds both towers (embedders.TowersEmbedder)."""
+    return actors_per_tower(placement) * (towers if placement.on_gpu else 1)
 
 
 def fetch_actors(cpus: float) -> int:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.fetch import FetchPolicy, ImageError, read_bytes, source_of
 from pipeline.filters import Column, Filters, sql_equals
 from pipeline.query import open_query_table
 from pipeline.thumbnails import ThumbnailCache, make_thumbnails
@@ -50,7 +50,7 @@ FILTERABLE_CONTRACT_COLUMNS = (WIDTH, HEIGHT, CAPTION_TRUNCATED)
 # server's 40 worker threads at once, and one host at most THUMBNAIL_FETCHES_PER_HOST; past
 # either a thumbnail is refused at once (503), so searches and other hosts' images are answered
 # (50 requests for a row on a host trickling a byte a second once held all 40, and every other
-# request timed out). A person is waiting: 2 attempts of 10 s, not a batch job's 4 of 20.
+# request timed out). A person is waiting: 2 attempts of 10 s, not a batch job's up to 4 of 20.
 THUMBNAIL_FETCHES = 16
 THUMBNAIL_FETCHES_PER_HOST = 4
 THUMBNAIL_FETCH_TIMEOUT_S = 10.0
@@ -78,7 +78,7 @@ class FetchSlots:
 
     def take(self, uri: str) -> str | None:
         """The host's key, its slot taken; None when none is free."""
-        host = _host_of(uri)
+        host = source_of(uri)
         with self._lock:
             if sum(self._by_host.values()) >= self.total or self._by_host.get(host, 0) >= self.per_host:
                 return None
@@ -90,12 +90,6 @@ class FetchSlots:
             self._by_host[host] -= 1
             if not self._by_host[host]:
                 del self._by_host[host]
-
-
-def _host_of(uri: str) -> str:
-    """Where a URI's bytes come from: a URL's host, a bucket; local files are one place."""
-    parts = urllib.parse.urlsplit(uri.split("::")[-1])
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}" if parts.netloc else "local"
 
 
 class Searcher:
