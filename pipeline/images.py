@@ -10,7 +10,6 @@ import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -205,41 +204,20 @@ class ImageFetcher:
         self.pool = ThreadPoolExecutor(in_flight, thread_name_prefix="fetch")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if not batch.num_rows:
-            return _with_fetched(batch, [])
-        (fetched,) = fetch_images(batch, self.policy, batch.num_rows, per_host=self.per_host, pool=self.pool)
-        return fetched
+        return fetch_images(batch, self.policy, per_host=self.per_host, pool=self.pool)
 
 
-def fetch_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy(), rows_per_output: int = 64,
-                 in_flight: int = FETCHES_IN_FLIGHT, per_host: int = FETCHES_PER_HOST,
-                 pool: ThreadPoolExecutor | None = None) -> Iterator[pa.Table]:
-    """Every row with its image's bytes in INLINE_IMAGE (inline bytes as they were), or its
-    error in IMAGE_ERROR, yielded as the fetches finish, `rows_per_output` at a time (in the
-    batch's order within each). Up to `in_flight` of the batch's fetches run at once, `per_host`
-    at most to one http(s) host, in `pool`'s threads (default: a pool of the call's own)."""
+def fetch_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy(), in_flight: int = FETCHES_IN_FLIGHT,
+                 per_host: int = FETCHES_PER_HOST, pool: ThreadPoolExecutor | None = None) -> pa.Table:
+    """The batch with each row's image bytes in INLINE_IMAGE (inline bytes as they were), or its
+    error in IMAGE_ERROR. Up to `in_flight` of its fetches run at once, `per_host` at most to
+    one http(s) host, in `pool`'s threads (default: a pool of the call's own)."""
     started = time.perf_counter()
-    outcomes: dict[int, bytes | str] = {}
-    ready: list[int] = []
-
-    def output() -> pa.Table:
-        nonlocal started
-        rows = sorted(ready)
-        ready.clear()
-        table = _with_fetched(batch.take(rows), [outcomes.pop(i) for i in rows])
-        now = time.perf_counter()
-        table = add_stage_record(table, "fetch", now - started)
-        started = now
-        return table
-
     uris = batch.column(IMAGE).to_pylist()
+    outcomes: list[bytes | str | None] = [_given(batch, i) for i in range(batch.num_rows)]
     waiting: dict[str | None, collections.deque] = collections.defaultdict(collections.deque)
-    for i in range(batch.num_rows):
-        given = _given(batch, i)
-        if given is not None:
-            outcomes[i] = given
-            ready.append(i)
-        else:
+    for i, given in enumerate(outcomes):
+        if given is None:
             waiting[_host(uris[i])].append(i)
     running: dict = {}  # future -> (row, host)
     busy: collections.Counter = collections.Counter()
@@ -265,14 +243,10 @@ def fetch_images(batch: pa.Table, policy: FetchPolicy = FetchPolicy(), rows_per_
                 row, host = running.pop(future)
                 busy[host] -= 1
                 outcomes[row] = future.result()
-                ready.append(row)
-            if len(ready) >= rows_per_output:
-                yield output()
     finally:
         if own:
             pool.shutdown(wait=False, cancel_futures=True)
-    if ready:
-        yield output()
+    return add_stage_record(_with_fetched(batch, outcomes), "fetch", time.perf_counter() - started)
 
 
 def _given(batch: pa.Table, i: int) -> bytes | str | None:
@@ -318,9 +292,7 @@ def _with_fetched(table: pa.Table, outcomes: list[bytes | str]) -> pa.Table:
 
 def fetch_all(batch: pa.Table, policy: FetchPolicy) -> list[bytes | str]:
     """Every row's image bytes or its error, in the rows' order (see fetch_images)."""
-    if not batch.num_rows:
-        return []
-    (fetched,) = fetch_images(batch, policy, rows_per_output=batch.num_rows)  # one output, in order
+    fetched = fetch_images(batch, policy)
     return [failure if failure is not None else data for data, failure in
             zip(fetched.column(INLINE_IMAGE).to_pylist(), fetched.column(IMAGE_ERROR).to_pylist())]
 
@@ -336,10 +308,7 @@ def preprocess_images(
     mode: str = "exact", max_pixels: int = MAX_IMAGE_PIXELS, decode_timeout_s: float | None = None,
 ) -> pa.Table:
     """fetch_images, then decode_images, over one batch (a query's image, the plan's sample)."""
-    if not batch.num_rows:
-        return decode_images(_with_fetched(batch, []), preprocessing, mode, max_pixels, decode_timeout_s)
-    (fetched,) = fetch_images(batch, policy, rows_per_output=batch.num_rows)
-    return decode_images(fetched, preprocessing, mode, max_pixels, decode_timeout_s)
+    return decode_images(fetch_images(batch, policy), preprocessing, mode, max_pixels, decode_timeout_s)
 
 
 def decode_images(batch: pa.Table, preprocessing: ImagePreprocessing, mode: str = "exact",
