@@ -6,6 +6,7 @@ import errno
 import os
 import posixpath
 import re
+import sys
 import time
 import uuid
 
@@ -67,14 +68,48 @@ def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     link's, the store where the bytes are.
     """
     links = uri.split("::")
+    if len(links) > 1:
+        target = links[-1]
+        options = {scheme(target): _fsspec_options(target, storage_options)}
+    else:
+        options = _fsspec_options(uri, storage_options)
     try:
-        if len(links) > 1:
-            target = links[-1]
-            options = {scheme(target): _fsspec_options(target, storage_options)}
+        try:
             return fsspec.core.url_to_fs(uri, **options)
-        return fsspec.core.url_to_fs(uri, **_fsspec_options(uri, storage_options))
+        except (ImportError, AttributeError) as exc:
+            torn = _packages_being_imported(exc.__traceback__)
+            if not torn:
+                raise
+            _forget(torn)
+            return fsspec.core.url_to_fs(uri, **options)
     except ImportError as exc:
         raise ConfigError(f"{redact(uri)}: {exc}") from None
+
+
+def _packages_being_imported(tb) -> set[str]:
+    """The top-level packages whose module code was running when an import failed."""
+    packages, importing = set(), False
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if name.startswith(("importlib", "_frozen_importlib")):
+            importing = True
+        elif importing and name:
+            packages.add(name.split(".")[0])
+        tb = tb.tb_next
+    return packages
+
+
+def _forget(packages: set[str]) -> None:
+    """Drop `packages` from the module cache so the next import runs them afresh.
+
+    Ray Data cancels a stopped stage's tasks with a KeyboardInterrupt, which can land while a
+    worker is first importing a store's client (s3fs -> aiobotocore -> aiohttp, about a second).
+    The interrupted package leaves its finished submodules cached; importing it again binds
+    none of them as attributes ("module aiohttp has no attribute http_exceptions"), and every
+    later task on that worker would fail the same way.
+    """
+    for name in [n for n in sys.modules if n.split(".")[0] in packages]:
+        del sys.modules[name]
 
 
 def lance_storage_options(uri: str, storage_options: dict | None = None) -> dict | None:

@@ -214,3 +214,23 @@ def test_an_unreachable_store_is_an_outage_when_pyarrow_opens_a_file_not_a_missi
     with pytest.raises(ConnectionRefusedError) as raised:
         storage.arrow_filesystem(Unreachable()).open_input_file("/bucket/m.parquet")
     assert storage.is_unavailable(raised.value)
+
+
+def test_a_store_client_whose_first_import_was_interrupted_loads_on_the_next_task():
+    """Ray Data cancels a stopped stage's tasks with a KeyboardInterrupt, which can land in a
+    worker's first import of s3fs: aiohttp's finished submodules stay cached without the
+    package, and a plain import again finds `aiohttp` without them. The next task's store
+    must still open (in a child: the test tears this process's module cache on purpose)."""
+    script = """
+import sys
+import aiohttp.http_exceptions
+for name in [n for n in sys.modules if n.split(".")[0] in ("aiohttp", "aiobotocore", "s3fs")
+             and "." not in n]:
+    del sys.modules[name]  # as an interrupted import of the package leaves it
+from pipeline import storage
+fs, path = storage.filesystem("s3://bucket/manifest.parquet", {"anon": True})
+print(type(fs).__name__, path)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["S3FileSystem", "bucket/manifest.parquet"]
