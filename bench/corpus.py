@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.make_test_model import _train_tokenizer, make_test_model, sample_captions
-from pipeline.model import cache_root
+from pipeline.embed.model import cache_root
 
 CONFIGS = ("tiny", "base", "full")
 # Bump when the generators below change, so that stale caches are not reused.

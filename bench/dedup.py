@@ -12,7 +12,7 @@ of each other), after the table's vector index is built as `load` builds it.
     python -m bench.dedup --rows 1000000 [--dim 768] [--new-rows 1000] [--json OUT.json]
                           [--variant GUEST_MARGIN=0 ...]
 
-`--variant` adds a full run with some of pipeline/dedup.py's constants changed, on the same table
+`--variant` adds a full run with some of pipeline/table/dedup.py's constants changed, on the same table
 (the figures behind its comments: KMEANS_SAMPLE, GUEST_MARGIN, CLUSTER_ROWS).
 
 Each dedup runs in a child process of its own, so its peak RSS is its own (VmHWM); `baseline`
@@ -109,10 +109,10 @@ def build(folder: str, rows: int, dim: int, seed: int = 0):
 
 
 def _child(args) -> None:
-    """One dedup in this process (`--set` overriding pipeline.dedup's constants); prints its
+    """One dedup in this process (`--set` overriding pipeline.table.dedup's constants); prints its
     result and this process's peak RSS."""
-    import pipeline.dedup as dedup
-    from pipeline.table import open_table
+    import pipeline.table.dedup as dedup
+    from pipeline.table.store import open_table
 
     for name, value in (pair.split("=") for pair in args.set):
         setattr(dedup, name, type(getattr(dedup, name))(value))
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--new-rows", type=int, default=1000,
                         help="rows added for the incremental run; 0: no index, no incremental run")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                        help="also a full run with pipeline.dedup's constants changed (repeatable)")
+                        help="also a full run with pipeline.table.dedup's constants changed (repeatable)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the table's folder")
     parser.add_argument("--child", choices=["baseline", "full", "incremental"], help=argparse.SUPPRESS)
@@ -187,7 +187,7 @@ def main() -> None:
     if args.child:
         return _child(args)
 
-    from pipeline.table import open_table
+    from pipeline.table.store import open_table
 
     folder = tempfile.mkdtemp(prefix="bench-dedup-")
     try:
@@ -213,7 +213,7 @@ def main() -> None:
 
 def _incremental(folder: str, new_rows: int, planted: dict, old: dict, draw, rng, baseline: dict) -> dict:
     """New rows after the table is indexed as `load` indexes it, then an incremental run."""
-    from pipeline.table import index_table, open_table
+    from pipeline.table.store import index_table, open_table
 
     started = time.perf_counter()
     index_table(open_table(folder, "embeddings"))  # opened again: the children changed the table

@@ -27,7 +27,7 @@ if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; 
          "no GPU visible); run it on a CUDA machine with a CUDA build of torch" >&2
     exit 1
 fi
-if ! "$PYTHON" -c "import jobs.cli, pipeline.model, ray, transformers" 2>/dev/null; then
+if ! "$PYTHON" -c "import jobs.cli, pipeline.embed.model, ray, transformers" 2>/dev/null; then
     echo "bench/gpu.sh: the project is not importable with $PYTHON; pip install -e . first" >&2
     exit 1
 fi

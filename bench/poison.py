@@ -17,7 +17,7 @@ import time
 
 import pyarrow as pa
 
-from pipeline.images import ImagePreprocessing, preprocess_images
+from pipeline.decode.images import ImagePreprocessing, preprocess_images
 from schemas.embeddings import IMAGE_ERROR
 from schemas.manifest import IMAGE, INLINE_IMAGE
 

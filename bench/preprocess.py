@@ -15,7 +15,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from pipeline.images import ImagePreprocessing, decode, preprocess
+from pipeline.decode.images import ImagePreprocessing, decode, preprocess
 
 SIZES = [(2000, 1500), (2448, 3264), (3000, 2000), (4000, 3000)]  # 3, 8, 6, 12 MP
 

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from bench.query import Clustered
-from pipeline.recall import index_recall
-from pipeline.table import index_table, load_outputs, open_table
-from pipeline.writer import outputs_dataset, write_shard
+from pipeline.table.recall import index_recall
+from pipeline.table.store import index_table, load_outputs, open_table
+from pipeline.write.shards import outputs_dataset, write_shard
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
 from schemas.table import KEY
 

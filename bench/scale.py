@@ -158,7 +158,7 @@ WRAPPED = (
     ("jobs.embed", "remove_duplicate_rows", "duplicates", "duplicates"),
     ("jobs.embed", "write_summary", "summary", "end"),
     ("jobs.embed", "run_load", "load into LanceDB", "end"),
-    ("pipeline.table", "index_table", "index build", "load into LanceDB"),
+    ("pipeline.table.store", "index_table", "index build", "load into LanceDB"),
 )
 PHASE_ORDER = ("start", "open manifest", "resolve model", "check options", "start Ray",
                "resume: partitions done", "scan ids", "plan", "stream", "totals", "duplicates", "summary",
@@ -191,7 +191,7 @@ class PublishStaged:
         import ray
 
         from pipeline.timing import summarize_records
-        from pipeline.writer import shard_footer_totals, shard_partition
+        from pipeline.write.shards import shard_footer_totals, shard_partition
 
         for name, rows in self.staged:
             path = os.path.join(sink.out, name)
@@ -276,14 +276,14 @@ def measure_load_alone(params: dict) -> dict:
     """The phases run's outputs loaded into a new table by `load_outputs` in this process alone,
     as `altclip load OUT --db DB` without `--address` does (no Ray), the index apart: the
     single-process load the phases run's load on Ray is compared with, on the same shards."""
-    import pipeline.table
+    import pipeline.table.store
     from schemas.table import DEFAULT_TABLE_NAME
 
     recorder = PhaseRecorder()
-    recorder.wrap(pipeline.table, "load_outputs", "load in one process", "end")
-    pipeline.table.index_table = lambda table, *args, **kwargs: {}  # timed by the phases run
+    recorder.wrap(pipeline.table.store, "load_outputs", "load in one process", "end")
+    pipeline.table.store.index_table = lambda table, *args, **kwargs: {}  # timed by the phases run
     before = os.times()
-    pipeline.table.load_outputs(params["out"], params["db"], DEFAULT_TABLE_NAME)
+    pipeline.table.store.load_outputs(params["out"], params["db"], DEFAULT_TABLE_NAME)
     after = os.times()
     return {"phases": recorder.report(), "cpu_seconds": round(after.user - before.user + after.system
                                                              - before.system, 1)}
@@ -352,7 +352,7 @@ def _kill_tree(pid: int) -> None:
 def published_rows(out: str) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.writer import SHARD_PREFIX
+    from pipeline.write.shards import SHARD_PREFIX
 
     rows = 0
     for path in glob.glob(os.path.join(out, f"{SHARD_PREFIX}*.parquet")):
@@ -365,7 +365,7 @@ def published_rows(out: str) -> int:
 
 def committed_rows(out: str) -> int:
     """Rows of the partitions the output's commit records say are done."""
-    from pipeline.partitions import read_records
+    from pipeline.write.ledger import read_records
 
     return sum(r["rows"] for r in read_records(out).values())
 
@@ -433,8 +433,8 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
     import pyarrow.parquet as pq
 
     import jobs.embed
-    from pipeline.partitions import write_record
-    from pipeline.writer import conform, run_stamp, shards_totals, write_shard
+    from pipeline.write.ledger import write_record
+    from pipeline.write.shards import conform, run_stamp, shards_totals, write_shard
 
     manifest, out, staged_dir, scratch = (os.path.join(size_dir, d) for d in
                                           ("manifest", "out", "staged", "scratch"))
@@ -569,7 +569,7 @@ def run_e2e(args, model_dir: str, workdir: str, log, save) -> dict:
     killed = run_child("e2e", p, os.path.join(workdir, "e2e-killed"),
                        kill_when=lambda: published_rows(p["out"]) >= rows / 2)
     time.sleep(2)  # the tree's last processes go
-    from pipeline.writer import SHARD_PREFIX
+    from pipeline.write.shards import SHARD_PREFIX
 
     killed.update(rows_published=published_rows(p["out"]), rows_committed=committed_rows(p["out"]),
                   shards_half_written=len(glob.glob(os.path.join(p["out"], f".{SHARD_PREFIX}*.tmp"))),

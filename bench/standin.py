@@ -73,7 +73,7 @@ def replace_towers() -> None:
         sys.meta_path.insert(0, _PatchOnImport())
 
 
-TOWERS_MODULE = "pipeline.embedders"
+TOWERS_MODULE = "pipeline.embed.towers"
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -102,12 +102,12 @@ class _PatchingLoader(importlib.abc.Loader):
         _patch(module)
 
 
-def _patch(embedders) -> None:
+def _patch(towers) -> None:
     """Give `ImageEmbedder` and `TextEmbedder` (and so `TowersEmbedder`) the stand-in's
     constructor and `__call__`."""
-    from pipeline.images import PIXELS
+    from pipeline.decode.images import PIXELS
     from pipeline.progress import report_progress, report_started
-    from pipeline.text import INPUT_IDS
+    from pipeline.decode.text import INPUT_IDS
     from pipeline.timing import add_stage_record
     from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 
@@ -121,7 +121,7 @@ def _patch(embedders) -> None:
     def embed(self, batch: pa.Table, inputs: str, output: str, present) -> pa.Table:
         started = time.perf_counter()
         rows = np.flatnonzero(present(batch.column(inputs)))
-        vectors = embedders.vector_column(_unit_vectors(self.rng, len(rows), self.dim), rows,
+        vectors = towers.vector_column(_unit_vectors(self.rng, len(rows), self.dim), rows,
                                           batch.num_rows, self.dim, **self.storage)
         out = batch.drop_columns([inputs]).append_column(output, vectors)
         out = add_stage_record(out, self.stage, time.perf_counter() - started)
@@ -135,7 +135,7 @@ def _patch(embedders) -> None:
     def has_tokens(column) -> np.ndarray:
         return pc.fill_null(pc.greater(pc.list_value_length(column), 0), False).to_numpy(zero_copy_only=False)
 
-    embedders.ImageEmbedder.__init__ = __init__
-    embedders.ImageEmbedder.__call__ = lambda self, batch: embed(self, batch, PIXELS, IMAGE_EMBEDDING, has_pixels)
-    embedders.TextEmbedder.__init__ = __init__
-    embedders.TextEmbedder.__call__ = lambda self, batch: embed(self, batch, INPUT_IDS, TEXT_EMBEDDING, has_tokens)
+    towers.ImageEmbedder.__init__ = __init__
+    towers.ImageEmbedder.__call__ = lambda self, batch: embed(self, batch, PIXELS, IMAGE_EMBEDDING, has_pixels)
+    towers.TextEmbedder.__init__ = __init__
+    towers.TextEmbedder.__call__ = lambda self, batch: embed(self, batch, INPUT_IDS, TEXT_EMBEDDING, has_tokens)

@@ -9,7 +9,7 @@ On one corpus (photo-sized JPEGs and multilingual captions, generated once and c
 - naive: PIL opens each image; `AltCLIPProcessor` preprocesses and tokenizes a batch;
   `AltCLIPModel.get_image_features` / `get_text_features` embed it; one process, in each dtype
   asked for (like for like with ours).
-- ceiling: the two towers alone (`pipeline.model.load_tower`) on inputs already in memory (random
+- ceiling: the two towers alone (`pipeline.embed.model.load_tower`) on inputs already in memory (random
   pixels, and the corpus's own token ids padded per batch): no I/O, decoding or tokenizing. The
   same dtype and batch size as ours. Nothing that reads the corpus can be faster than this.
 - ours: `altclip embed` end to end on the corpus, as a separate process.
@@ -123,7 +123,7 @@ def vector_agreement(naive_vectors: str, ours_out: str) -> dict:
     import pyarrow.dataset as ds
 
     naive = np.load(naive_vectors)
-    from pipeline.writer import list_shards
+    from pipeline.write.shards import list_shards
 
     table = ds.dataset(list_shards(ours_out), format="parquet").to_table(
         columns=["id", "image_embedding", "text_embedding"]).sort_by("id")  # ids follow manifest order
@@ -143,8 +143,8 @@ def measure_ceiling(params: dict) -> dict:
     """The towers alone, on inputs prepared before the clock starts."""
     import torch
 
-    from pipeline.model import load_tower, resolve_model
-    from pipeline.text import load_tokenizer, token_ids
+    from pipeline.embed.model import load_tower, resolve_model
+    from pipeline.decode.text import load_tokenizer, token_ids
 
     device = _setup(params)
     dtype = getattr(torch, params["dtype"])

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from jobs.options import parse_storage_options, run_job, storage_option, table_name
 from pipeline import storage
-from pipeline.classify import (
+from pipeline.query.classify import (
     LABEL,
     LABEL_SCORE,
     TOP_LABELS,
@@ -19,8 +19,8 @@ from pipeline.classify import (
     read_labels,
 )
 from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig
-from pipeline.query import open_query_table
-from pipeline.table import connect, record_run
+from pipeline.query.query_table import open_query_table
+from pipeline.table.store import connect, record_run
 from schemas.embeddings import IMAGE_EMBEDDING
 from schemas.manifest import ID
 from schemas.table import KEY

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.options import parse_storage_options, run_job, storage_option, table_name
-from pipeline.dedup import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig, dedup_table
+from pipeline.table.dedup import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig, dedup_table
 
 
 @click.command("dedup")

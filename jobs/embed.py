@@ -20,20 +20,20 @@ from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job
                           results_on_stdout, run_job)
 from pipeline import storage
 from pipeline.config import PARTITION_ROWS, ConfigError, EmbedConfig, LoadConfig
-from pipeline.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
-from pipeline.ids import scan_ids
-from pipeline.manifest import open_manifest
-from pipeline.partitions import (drop_changed, output_totals, read_records, remove_records, remove_unlisted_shards,
-                                 shards_by_partition, start_ledger, write_record)
-from pipeline.model import resolve_dtype, resolve_model
-from pipeline.plan import (TowerStartWatch, configure_ray_data, embed_dataset, ensure_ray, manifest_rows,
+from pipeline.run.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
+from pipeline.read.ids import scan_ids
+from pipeline.read.manifest import open_manifest
+from pipeline.write.ledger import (drop_changed, output_totals, read_records, remove_records, remove_unlisted_shards,
+                                   shards_by_partition, start_ledger, write_record)
+from pipeline.embed.model import resolve_dtype, resolve_model
+from pipeline.run.stages import (TowerStartWatch, configure_ray_data, embed_dataset, ensure_ray, manifest_rows,
                            plan_placement)
 from pipeline.progress import ProgressLog, RowCounter
-from pipeline.provenance import COMPARED_PROVENANCE, provenance
-from pipeline.sink import ParquetShardSink, rows_per_write
-from pipeline.summary import summarize, write_summary
-from pipeline.table import check_manifest_columns, ensure_table
-from pipeline.writer import (
+from pipeline.embed.provenance import COMPARED_PROVENANCE, provenance
+from pipeline.write.sink import ParquetShardSink, rows_per_write
+from pipeline.write.summary import summarize, write_summary
+from pipeline.table.store import check_manifest_columns, ensure_table
+from pipeline.write.shards import (
     check_output_vector_dtype,
     errors_by_kind,
     failed_ids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.options import parse_storage_options, run_job, storage_option
-from pipeline.export import FORMATS, SIDES, export_embedding_reader
+from pipeline.write.export import FORMATS, SIDES, export_embedding_reader
 
 SIDE_CHOICES = {**{side: (side,) for side in SIDES}, "both": tuple(SIDES)}
 

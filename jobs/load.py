@@ -10,7 +10,7 @@ from jobs.options import cluster_option, db_option, join_cluster, parse_storage_
 from pipeline import storage
 from pipeline.config import ConfigError, LoadConfig, named
 from pipeline.storage import outage_in
-from pipeline.table import load_outputs
+from pipeline.table.store import load_outputs
 
 
 def run_load(config: LoadConfig, after_embed: bool = True) -> dict:

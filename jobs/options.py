@@ -56,7 +56,7 @@ def join_cluster(address: str | None) -> None:
     import os
 
     if address or os.environ.get("RAY_ADDRESS"):
-        from pipeline.plan import ensure_ray
+        from pipeline.run.stages import ensure_ray
 
         ensure_ray(address)
 

@@ -18,15 +18,16 @@ import pyarrow.compute as pc
 import ray
 
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
-from pipeline import storage, table as tables
-from pipeline.filters import sql_equals
-from pipeline.changes import ChangePlan, plan_changes
+from pipeline import storage
+from pipeline.table import store as tables
+from pipeline.table.sql_text import sql_equals
+from pipeline.table.changes import ChangePlan, plan_changes
 from pipeline.config import ReembedConfig
-from pipeline.images import hash_images
-from pipeline.ids import scan_ids
-from pipeline.manifest import open_manifest
-from pipeline.model import resolve_dtype, resolve_model
-from pipeline.plan import (
+from pipeline.decode.images import hash_images
+from pipeline.read.ids import scan_ids
+from pipeline.read.manifest import open_manifest
+from pipeline.embed.model import resolve_dtype, resolve_model
+from pipeline.run.stages import (
     TowerStartWatch,
     configure_ray_data,
     embed_dataset,
@@ -36,10 +37,10 @@ from pipeline.plan import (
     plan_placement,
 )
 from pipeline.progress import RowCounter
-from pipeline.provenance import COMPARED_PROVENANCE, provenance
-from pipeline.text import caption_hashes
+from pipeline.embed.provenance import COMPARED_PROVENANCE, provenance
+from pipeline.decode.text import caption_hashes
 from pipeline.timing import pop_figures
-from pipeline.writer import conform, write_shard
+from pipeline.write.shards import conform, write_shard
 from schemas.embeddings import (
     CAPTION_SHA256,
     CAPTION_TRUNCATED,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.options import parse_storage_options, run_job, storage_option
-from pipeline.report import render_report
+from pipeline.write.report import render_report
 
 
 @click.command("report")

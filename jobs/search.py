@@ -8,7 +8,7 @@ import click
 
 from jobs.options import parse_storage_options, print_rows, run_job, storage_option, table_name
 from pipeline.config import SearchConfig
-from pipeline.search import search
+from pipeline.query.search import search
 from schemas.table import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 

@@ -20,8 +20,8 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
               storage_options: dict | None = None, allow_private_urls: bool = False,
               quiet: bool = False) -> None:
     """Load the table's model, then serve until interrupted."""
-    from pipeline.serve_app import Searcher, make_server
-    from pipeline.serve_http import listen
+    from pipeline.serve.app import Searcher, make_server
+    from pipeline.serve.server import listen
 
     try:  # listen first: a port in use fails at once, not after the model has loaded
         sock = listen(host, port)
@@ -54,15 +54,16 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
 
 def run_serve_ray(options, host: str = "127.0.0.1", port: int = 8000,
                   address: str | None = None) -> None:
-    """Run the app (pipeline.serve_ray.ServeOptions) on Ray Serve, joining the cluster at
+    """Run the app (pipeline.serve.on_ray.ServeOptions) on Ray Serve, joining the cluster at
     `address` (or RAY_ADDRESS) or starting Ray here; then wait until interrupted, or until the
     app is deleted from the cluster."""
     import ray
 
-    from pipeline import serve_ray, storage
-    from pipeline.plan import ensure_ray
-    from pipeline.serve_http import listen
-    from pipeline.table import open_table
+    from pipeline.serve import on_ray as serve_ray
+    from pipeline import storage
+    from pipeline.run.stages import ensure_ray
+    from pipeline.serve.server import listen
+    from pipeline.table.store import open_table
 
     local = not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
     if local:  # the proxy will listen here: a port in use fails now, before Ray starts
@@ -131,7 +132,7 @@ RAY_ONLY = ("address", "replicas", "num_gpus", "num_cpus", "batch_size", "batch_
               show_default="1 when the cluster has GPUs, else 0", help="GPUs per replica.")
 @click.option("--num-cpus", default=1.0, type=click.FloatRange(min=0, min_open=True),
               help="CPUs per replica.")
-# The defaults are pipeline.serve_ray's MAX_BATCH_SIZE and BATCH_WAIT_MS, written out: that module
+# The defaults are pipeline.serve.on_ray's MAX_BATCH_SIZE and BATCH_WAIT_MS, written out: that module
 # imports Ray Serve, which no other command needs at start-up.
 @click.option("--batch-size", default=None, type=click.IntRange(min=1), show_default="16",
               help="Text queries embedded together, one forward pass for concurrent requests.")
@@ -152,8 +153,8 @@ def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, qu
 
     def start() -> None:
         if use_ray:
-            from pipeline.serve_http import LOOPBACK_NAMES, is_loopback
-            from pipeline.serve_ray import parse_options
+            from pipeline.serve.server import LOOPBACK_NAMES, is_loopback
+            from pipeline.serve.on_ray import parse_options
 
             # As the single-process server: served on loopback, only requests sent to loopback.
             allowed = ",".join(sorted(LOOPBACK_NAMES | {host})) if is_loopback(host) else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.options import parse_storage_options, print_rows, renamed, run_job, storage_option, table_name
-from pipeline.sql import run_sql
+from pipeline.query.sql import run_sql
 
 
 @click.command("sql")

@@ -1,4 +1,5 @@
-"""The library: one module per stage of the embed flow."""
+"""The library, in rooms in the order the data flows through them: read, decode, embed, write,
+run, table, query, serve; config, storage, timing and progress at the top serve them all."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -74,7 +74,7 @@ class EmbedConfig:
     concurrency: int | tuple[int, int] | None = None
     num_gpus: float | None = None  # per actor; None: share one GPU between the towers if any
     rows_per_shard: int = 10_000
-    # Rows of a partition, the unit of resume, at most (see pipeline.partitions).
+    # Rows of a partition, the unit of resume, at most (see pipeline.read.partitions).
     partition_rows: int = PARTITION_ROWS
     storage_options: dict = field(default_factory=dict)
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or an in-process Ray
@@ -87,13 +87,13 @@ class EmbedConfig:
     progress_interval_s: float = 10.0
     # Seconds an unreachable store is waited out before the job stops (rerun to resume).
     storage_patience_s: float = 300.0
-    # Wall-clock seconds per attempt at an image URL (None: pipeline.fetch.HTTP_TIMEOUT_S).
+    # Wall-clock seconds per attempt at an image URL (None: pipeline.decode.fetch.HTTP_TIMEOUT_S).
     fetch_timeout_s: float | None = None
-    # What image fetches call themselves (None: pipeline.fetch.USER_AGENT), and the X-Robots-Tag
-    # directives that opt an image out (None: pipeline.fetch.DISALLOWED_DIRECTIVES; () none do).
+    # What image fetches call themselves (None: pipeline.decode.fetch.USER_AGENT), and the X-Robots-Tag
+    # directives that opt an image out (None: pipeline.decode.fetch.DISALLOWED_DIRECTIVES; () none do).
     user_agent: str | None = None
     disallowed_header_directives: tuple[str, ...] | None = None
-    # Seconds one image may take to decode (None: pipeline.isolation.ROW_TIMEOUT_S).
+    # Seconds one image may take to decode (None: pipeline.decode.isolation.ROW_TIMEOUT_S).
     decode_timeout_s: float | None = None
     # Not empty: embed again only the rows of OUT whose error is of these kinds, in place.
     retry_kinds: tuple[str, ...] = ()

@@ -13,7 +13,7 @@ import ray
 from click.testing import CliRunner
 
 from jobs.cli import main
-from pipeline.images import CRASH_TEST_VARIABLE
+from pipeline.decode.images import CRASH_TEST_VARIABLE
 from tests.corpus import crash_image, write_corpus
 
 

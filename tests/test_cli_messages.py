@@ -174,7 +174,7 @@ def test_lancedb_names_everywhere(db, tmp_path):
 def test_ray_that_does_not_start_in_time_is_tried_again_then_named(monkeypatch):
     import ray
 
-    from pipeline import plan
+    from pipeline.run import stages as plan
     from pipeline.config import ConfigError
 
     calls = []
@@ -218,7 +218,7 @@ def test_a_database_on_an_unreachable_store_is_one_line_and_exit_75(command, mon
 def test_a_cluster_address_nothing_answers_at_fails_in_seconds_saying_what_to_change(tmp_path):
     # Nothing listens on port 1 of loopback. ray.init alone waits there for minutes, silent.
     from pipeline.config import ConfigError
-    from pipeline.plan import _check_cluster_answers
+    from pipeline.run.stages import _check_cluster_answers
 
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1"):
         with pytest.raises(ConfigError, match="no Ray cluster answers there"):

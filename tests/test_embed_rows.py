@@ -77,7 +77,7 @@ def test_bad_rows_get_errors_and_the_job_succeeds(tiny_model, ray_session, tmp_p
 
     # Each shard's writer put its own totals in its footer: the summary adds those up, reading
     # no rows; a shard without them (written by an older version) is counted from its rows.
-    from pipeline.writer import TOTALS_KEY, output_totals, shard_totals
+    from pipeline.write.shards import TOTALS_KEY, output_totals, shard_totals
 
     shards = sorted(out.glob("part-*.parquet"))
     for shard in shards:
@@ -107,7 +107,7 @@ def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path)
 def test_a_file_without_read_permission_is_its_rows_read_error(tmp_path, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.fetch import ImageError, read_bytes
+    from pipeline.decode.fetch import ImageError, read_bytes
 
     path = tmp_path / "locked.jpg"
     path.write_bytes(_jpeg())

@@ -12,8 +12,8 @@ import s3fs
 from embedding_reader import EmbeddingReader
 
 from pipeline.config import ConfigError
-from pipeline.export import export_embedding_reader
-from pipeline.writer import conform, write_shard
+from pipeline.write.export import export_embedding_reader
+from pipeline.write.shards import conform, write_shard
 from schemas.embeddings import embeddings_schema
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images, write_corpus

@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from pipeline import fetch
-from pipeline.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.decode import fetch
+from pipeline.decode.fetch import FetchPolicy, ImageError, read_bytes
 from tests.corpus import odd_images
 from tests.fuzz import BAD_URLS
 

@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import __version__, fetch
-from pipeline.fetch import FetchPolicy, ImageError, fetch_url
+from pipeline import __version__
+from pipeline.decode import fetch
+from pipeline.decode.fetch import FetchPolicy, ImageError, fetch_url
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
 
@@ -148,7 +149,7 @@ def test_fetches_in_flight_are_set_by_latency_not_by_batches(server):
 
     import pyarrow as pa
 
-    from pipeline.images import ImageFetcher
+    from pipeline.decode.images import ImageFetcher
     from schemas.manifest import INLINE_IMAGE
 
     base, _ = server

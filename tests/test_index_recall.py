@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.recall import index_recall
-from pipeline.table import index_table
+from pipeline.table.recall import index_recall
+from pipeline.table.store import index_table
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from tests.conftest import altclip
 

@@ -10,9 +10,9 @@ import time
 import pytest
 from PIL import Image
 
-from pipeline import isolation
-from pipeline.images import ImagePreprocessing, pixels_of
-from pipeline.isolation import RowFailure, map_isolated
+from pipeline.decode import isolation
+from pipeline.decode.images import ImagePreprocessing, pixels_of
+from pipeline.decode.isolation import RowFailure, map_isolated
 from tests.child_work import allocate, crash_or_echo, hang_or_echo
 
 

@@ -1,5 +1,6 @@
-"""The code's layout: imports go jobs -> pipeline -> schemas, and no module imports itself back
-through others (an import inside a function counts: it is a dependency all the same)."""
+"""The code's layout: imports go jobs -> pipeline -> schemas; inside pipeline/ they follow the
+data's flow through its rooms; and no module imports itself back through others (an import
+inside a function counts: it is a dependency all the same)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("jobs", "pipeline", "schemas")
 LAYER = {"schemas": 0, "pipeline": 1, "jobs": 2}
+# pipeline/'s rooms in the order of the data's flow; a room imports only rooms before it and the
+# modules at pipeline/'s top (config, storage, timing, progress), which import no room.
+ROOMS = ("read", "decode", "embed", "write", "run", "table", "query", "serve")
 
 
 def _modules() -> dict[str, Path]:
     return {".".join(path.relative_to(REPO).with_suffix("").parts): path
-            for package in PACKAGES for path in sorted((REPO / package).glob("*.py"))
+            for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
             if path.name != "__init__.py"}
+
+
+def _room(module: str) -> int:
+    """0 for a module at pipeline/'s top, else 1 + its room's place in the flow."""
+    parts = module.split(".")
+    return 1 + ROOMS.index(parts[1]) if len(parts) > 2 else 0
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
@@ -44,6 +54,21 @@ def test_imports_go_one_way():
     assert not wrong, wrong
 
 
+def test_every_module_of_pipeline_is_at_its_top_or_in_a_room():
+    stray = [m for m in _modules() if m.startswith("pipeline.") and len(m.split(".")) > 2
+             and m.split(".")[1] not in ROOMS]
+    assert not stray, stray
+    assert len([m for m in _modules() if m.startswith("pipeline.") and len(m.split(".")) == 2]) <= 5
+
+
+def test_rooms_import_along_the_flow():
+    """read < decode < embed < write < run < table < query < serve: no import runs back."""
+    wrong = [f"{module} imports {target}" for module, targets in _graph().items()
+             if module.startswith("pipeline.") for target in targets
+             if target.startswith("pipeline.") and _room(target) > _room(module)]
+    assert not wrong, wrong
+
+
 def test_no_import_cycle():
     graph = _graph()
     state, cycles = {}, []
@@ -66,8 +91,11 @@ def test_no_import_cycle():
 def test_the_check_sees_imports():
     """The walk finds what it is meant to (else the tests above could pass on nothing)."""
     graph = _graph()
-    assert "pipeline.provenance" in graph["jobs.embed"] and "jobs.options" in graph["jobs.cli"]
-    assert "pipeline.storage" in graph["pipeline.fetch"]  # `from pipeline import storage`
+    assert "pipeline.embed.provenance" in graph["jobs.embed"] and "jobs.options" in graph["jobs.cli"]
+    assert "pipeline.storage" in graph["pipeline.decode.fetch"]  # `from pipeline import storage`
+    assert "pipeline.read.webdataset" in graph["pipeline.read.ids"]  # `from pipeline.read import webdataset`
+    assert "pipeline.decode.images" in graph["pipeline.embed.model"]  # a later room on an earlier one
+    assert _room("pipeline.read.ids") < _room("pipeline.serve.app") and _room("pipeline.storage") == 0
 
 
 # --- Library errors speak of values; the CLI names the flags ----------------------------------

@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, EmbedConfig
-from pipeline.ids import scan_ids
-from pipeline.manifest import _file_blocks, open_manifest
-from pipeline.partitions import (FilePlan, PartitionLedger, drop_changed, file_partitions, read_records,
-                                 remove_unlisted_shards, write_record)
-from pipeline.plan import manifest_rows
-from pipeline.writer import list_shards, output_totals, shard_partition, write_shard
+from pipeline.read.ids import scan_ids
+from pipeline.read.manifest import _file_blocks, open_manifest
+from pipeline.read.partitions import FilePlan, file_partitions
+from pipeline.write.ledger import PartitionLedger, drop_changed, read_records, remove_unlisted_shards, write_record
+from pipeline.run.stages import manifest_rows
+from pipeline.write.shards import list_shards, output_totals, shard_partition, write_shard
 from schemas.manifest import PARTITION
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
@@ -182,7 +182,7 @@ def test_the_ledger_commits_a_partition_once_all_its_rows_are_out(tmp_path):
     out.mkdir()
     ledger = PartitionLedger(str(out), {"a" * 16: {"path": "m/a", "rows": 3},
                                         "b" * 16: {"path": "m/b", "rows": 0}}, None, 1.0)
-    from pipeline.writer import shard_totals
+    from pipeline.write.shards import shard_totals
 
     def tell(key, ids):
         name = _shard(out, key, ids)

@@ -44,9 +44,9 @@ def test_the_jobs_ray_data_settings_reach_its_datasets(tiny_model, ray_session, 
     import ray
 
     from pipeline.config import EmbedConfig
-    from pipeline.manifest import open_manifest
-    from pipeline.model import resolve_model
-    from pipeline.plan import configure_ray_data, embed_dataset, manifest_rows, plan_placement
+    from pipeline.read.manifest import open_manifest
+    from pipeline.embed.model import resolve_model
+    from pipeline.run.stages import configure_ray_data, embed_dataset, manifest_rows, plan_placement
 
     pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "m.parquet")
     config = EmbedConfig(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"),
@@ -69,11 +69,11 @@ def test_tower_actors_that_do_not_start_fail_the_job_and_a_rerun_finishes_it(tin
     # Reads and decodes start while the tower actors load; an actor no node can place would
     # leave the job waiting for ever. A limit shorter than any actor takes to import torch
     # stands in for that actor here.
-    import pipeline.plan
+    import pipeline.run.stages
 
     manifest = write_corpus(tmp_path)
     rows = pq.read_table(manifest).num_rows
-    monkeypatch.setattr(pipeline.plan, "ACTOR_START_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(pipeline.run.stages, "ACTOR_START_TIMEOUT_S", 0.3)
     result = altclip("embed", manifest, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
     assert "no tower actor started in 0.3 s" in result.stderr
     assert "--num-gpus" in result.stderr and "--concurrency" in result.stderr

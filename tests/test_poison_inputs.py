@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import isolation
-from pipeline.images import PIXELS, ImagePreprocessing, preprocess_images
-from pipeline.resample import resized_window
+from pipeline.decode import isolation
+from pipeline.decode.images import PIXELS, ImagePreprocessing, preprocess_images
+from pipeline.decode.resample import resized_window
 from schemas.embeddings import ERROR_KINDS, IMAGE_ERROR
 from schemas.manifest import IMAGE, INLINE_IMAGE
 from tests.conftest import altclip, read_output
@@ -246,7 +246,7 @@ def test_unreadable_manifest_lines_are_named(tiny_model, tmp_path):
 
 
 def test_ids_of_every_arrow_type_are_one_text_each(tiny_model, ray_session, tmp_path):
-    from pipeline.formats import id_text
+    from pipeline.read.formats import id_text
 
     columns = {
         "int8": pa.array([1, -2, None], pa.int8()), "uint64": pa.array([2**64 - 1, 0, 1], pa.uint64()),
@@ -283,7 +283,7 @@ def test_an_outage_of_the_jobs_own_image_store_stops_the_job_with_its_message(ra
 
     import ray
 
-    from pipeline.fetch import FetchPolicy
+    from pipeline.decode.fetch import FetchPolicy
     from pipeline.storage import outage_in
 
     with socket.socket() as probe:  # nothing listens here: the store is down
@@ -304,7 +304,7 @@ def test_an_outage_of_the_jobs_own_image_store_stops_the_job_with_its_message(ra
 
 
 def test_a_long_caption_is_tokenized_from_its_start_with_the_same_ids(tiny_model):
-    from pipeline.text import load_tokenizer, token_ids
+    from pipeline.decode.text import load_tokenizer, token_ids
 
     tokenizer = load_tokenizer(tiny_model)
     words = "una foto de un gato en la nieve кошка в снегу ein Hund im Schnee ".split()

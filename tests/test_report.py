@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.embedders import accelerator_stats
-from pipeline.ids import scan_ids
+from pipeline.embed.towers import accelerator_stats
+from pipeline.read.ids import scan_ids
 from pipeline.progress import format_progress
 from tests.conftest import altclip
 from tests.corpus import odd_images, write_corpus

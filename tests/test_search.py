@@ -83,7 +83,7 @@ def test_rows_without_the_vector_are_never_hits(db, tmp_path, against, column):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.writer import write_shard
+    from pipeline.write.shards import write_shard
 
     # The corpus's rows, and copies of them under new ids that failed on this side.
     out = tmp_path / "out"

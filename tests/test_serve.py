@@ -25,9 +25,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.serve import serve_command
-from pipeline.filters import Filters
-from pipeline.searcher import Searcher, ServeError
-from pipeline.serve_app import MAX_JSON_BYTES, MAX_UPLOAD_BYTES, make_server
+from pipeline.query.filters import Filters
+from pipeline.serve.searcher import Searcher, ServeError
+from pipeline.serve.app import MAX_JSON_BYTES, MAX_UPLOAD_BYTES, make_server
 from tests.conftest import _free_port, altclip, embedded_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def test_requests_for_another_host_are_refused(server):
     assert status == 404 and body["error"] == "no such path: /nope"
     status, body = get_json(f"{server}/api/info", method="DELETE")
     assert status == 405 and "DELETE is not allowed" in body["error"]
-    assert http(f"{server}/static/..%2F..%2Fserve_app.py")[0] == 404
+    assert http(f"{server}/static/..%2Fapp.py")[0] == 404
 
 
 def test_every_answer_has_the_security_headers_and_a_failure_names_only_its_type(server):
@@ -594,7 +594,7 @@ def test_scores_are_cosines_on_a_table_with_an_ann_index(corpus, tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.table import index_table
+    from pipeline.table.store import index_table
     from schemas.table import ANN_INDEX_MIN_ROWS
 
     source = lancedb.connect(str(corpus / "db")).open_table("embeddings").to_arrow()
@@ -630,7 +630,7 @@ def test_a_host_that_turns_slow_cannot_take_the_servers_workers(tiny_model, ray_
     import pyarrow.parquet as pq
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from pipeline import searcher as searcher_module
+    from pipeline.serve import searcher as searcher_module
 
     png = _png_bytes()
     slow = threading.Event()

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from ray import serve
 
 from jobs.serve import serve_command
-from pipeline import serve_ray
+from pipeline.serve import on_ray as serve_ray
 from pipeline.config import ConfigError
-from pipeline.query import open_query_table
-from pipeline.searcher import Searcher
-from pipeline.serve_app import make_server
+from pipeline.query.query_table import open_query_table
+from pipeline.serve.searcher import Searcher
+from pipeline.serve.app import make_server
 from tests.conftest import _free_port, embedded_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def same_results(ours: dict, theirs: dict) -> None:
 class TestTwoReplicas:
     @pytest.fixture(scope="class")
     def replicas(self, corpus):
-        """The app built as `serve run pipeline.serve_ray:app db=DB ...` builds it (string
+        """The app built as `serve run pipeline.serve.on_ray:app db=DB ...` builds it (string
         args), behind Serve's proxy on a free port of 127.0.0.1; Serve is shut down after."""
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -1,0 +1,1 @@
+"""Bytes in, tensors out: fetching images, decoding them in bounded children, tokenizing captions."""

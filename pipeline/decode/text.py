@@ -1,0 +1,113 @@
+"""Tokenize captions with the model's own tokenizer: text -> token ids the text tower takes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+
+import pyarrow as pa
+
+from pipeline.decode.barrier import per_row
+from pipeline.timing import add_stage_record
+from schemas.embeddings import CAPTION_SHA256, CAPTION_TRUNCATED, TEXT_ERROR, error
+from schemas.manifest import CAPTION, INTERNAL_PREFIX
+
+INPUT_IDS = INTERNAL_PREFIX + "input_ids"  # list<int32>, between the tokenize stage and the text tower
+# A caption longer than this many characters per allowed token is tokenized from its start
+# only (a 1 MB caption costs the tokenizer 32 KB for a 512-token model), cut at a space so no
+# word is split; when that start holds fewer tokens than the limit (long runs of spaces, which
+# the tokenizer drops) the whole caption is tokenized. Either way the ids are those of the
+# whole caption (tested).
+CHARACTERS_PER_TOKEN = 64
+
+
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(model_dir: str):
+    """The tokenizer saved with the model; loaded once per worker process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _start_of(caption: str, limit: int) -> str:
+    if len(caption) <= limit:
+        return caption
+    start = caption[:limit]
+    space = max(start.rfind(" "), start.rfind("\n"), start.rfind("\t"))
+    return start[:space] if space > limit // 2 else start
+
+
+def token_ids(tokenizer, captions: list[str], max_tokens: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids per caption, at most `max_tokens` with `<s>`/`</s>` kept, and which were cut."""
+    limit = (max_tokens + 1) * CHARACTERS_PER_TOKEN
+    starts = [_start_of(c, limit) for c in captions]
+    # One token past the limit tells a caption that fits exactly from one that was cut.
+    encoded = tokenizer(starts, truncation=True, max_length=max_tokens + 1)["input_ids"]
+    for i, (caption, start) in enumerate(zip(captions, starts)):
+        if start is not caption and len(encoded[i]) <= max_tokens:
+            encoded[i] = tokenizer([caption], truncation=True, max_length=max_tokens + 1)["input_ids"][0]
+    ids, truncated = [], []
+    for row in encoded:
+        cut = len(row) > max_tokens
+        ids.append(row[: max_tokens - 1] + [tokenizer.eos_token_id] if cut else row)
+        truncated.append(cut)
+    return ids, truncated
+
+
+def caption_hashes(captions: list[str | None]) -> list[str | None]:
+    """sha256 of each caption's UTF-8 bytes: what change detection compares."""
+    return [None if c is None else hashlib.sha256(c.encode("utf-8")).hexdigest() for c in captions]
+
+
+def tokenize_captions(batch: pa.Table, model) -> pa.Table:
+    """Ray Data stage: caption -> token ids; empty captions become `text_error`.
+
+    A batch the tokenizer fails on is tokenized row by row: the captions it fails on alone get
+    `invalid_caption`. If it fails on every caption alone the fault is not the captions' and
+    the stage fails.
+    """
+    started = time.perf_counter()
+    captions = batch.column(CAPTION).to_pylist()
+    hashes = caption_hashes(captions)
+    known = (batch.column(TEXT_ERROR).to_pylist() if TEXT_ERROR in batch.column_names
+             else [None] * batch.num_rows)
+    errors = [
+        known[i] if known[i] is not None
+        else error("empty_caption", "caption is null" if c is None else "caption is empty or whitespace")
+        if c is None or not c.strip()
+        else None
+        for i, c in enumerate(captions)
+    ]
+    todo = [i for i, e in enumerate(errors) if e is None]
+    ids = [None] * batch.num_rows
+    truncated = [None] * batch.num_rows
+    if todo:
+        tokenizer = load_tokenizer(model.local_dir())
+        try:
+            got = list(zip(*token_ids(tokenizer, [captions[i] for i in todo], model.max_tokens)))
+        except Exception:
+            got = _one_by_one(tokenizer, [captions[i] for i in todo], model.max_tokens)
+        for i, result in zip(todo, got):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                ids[i], truncated[i] = result
+    table = batch
+    for name, values in ((INPUT_IDS, pa.array(ids, pa.list_(pa.int32()))),
+                         (CAPTION_SHA256, pa.array(hashes, pa.string())),
+                         (TEXT_ERROR, pa.array(errors, pa.string())),
+                         (CAPTION_TRUNCATED, pa.array(truncated, pa.bool_()))):
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, values)
+        else:
+            table = table.append_column(name, values)
+    return add_stage_record(table, "tokenize", time.perf_counter() - started)
+
+
+def _one_by_one(tokenizer, captions: list[str], max_tokens: int) -> list:
+    def tokenize(caption: str) -> tuple[list[int], bool]:
+        ids, cut = token_ids(tokenizer, [caption], max_tokens)
+        return ids[0], cut[0]
+
+    return per_row(tokenize, captions, "invalid_caption", "the tokenizer")

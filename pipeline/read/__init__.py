@@ -1,0 +1,1 @@
+"""Read the manifest: formats, ids, the sample, and how each file splits into partitions."""

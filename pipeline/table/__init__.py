@@ -1,0 +1,1 @@
+"""The LanceDB table: loading outputs, indexes, changes, duplicates and recall."""
