@@ -31,8 +31,8 @@ import pyarrow as pa
 
 from pipeline.table import store as table_module
 from pipeline.table.store import index_table
-from schemas.table import ROWS_PER_PARTITION, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
+from schemas.table import ROWS_PER_PARTITION, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 
 def _unit(rng, n: int, dim: int) -> np.ndarray:

@@ -215,8 +215,9 @@ def _phases_config(params: dict):
 def measure_phases(params: dict) -> dict:
     # lancedb is not imported here: the job imports it when it first opens a table (after Ray
     # has forked its processes), and that import is part of the load's cost.
-    import jobs.embed
     import ray
+
+    import jobs.embed
 
     real_resolve, real_embed_dataset = jobs.embed.resolve_model, jobs.embed.embed_dataset
 
@@ -247,9 +248,9 @@ def _summary_figures(summary: dict) -> dict:
 
 
 def measure_e2e(params: dict) -> dict:
-    import jobs.embed  # noqa: F401  (before the clock, as `altclip embed` imports it before its job)
     import ray
 
+    import jobs.embed  # noqa: F401  (before the clock, as `altclip embed` imports it before its job)
     from bench import standin
     from jobs.cli import main as altclip
 
@@ -398,8 +399,15 @@ class SyntheticRows:
         import numpy as np
         import pyarrow as pa
 
-        from schemas.embeddings import (CAPTION_SHA256, HEIGHT, IMAGE_EMBEDDING, IMAGE_ERROR,
-                                        IMAGE_SHA256, TEXT_EMBEDDING, WIDTH)
+        from schemas.embeddings import (
+            CAPTION_SHA256,
+            HEIGHT,
+            IMAGE_EMBEDDING,
+            IMAGE_ERROR,
+            IMAGE_SHA256,
+            TEXT_EMBEDDING,
+            WIDTH,
+        )
 
         table = self.manifest(start, stop)
         n, span = stop - start, range(start, stop)

@@ -106,8 +106,8 @@ def _patch(towers) -> None:
     """Give `ImageEmbedder` and `TextEmbedder` (and so `TowersEmbedder`) the stand-in's
     constructor and `__call__`."""
     from pipeline.decode.images import PIXELS
-    from pipeline.progress import report_progress, report_started
     from pipeline.decode.text import INPUT_IDS
+    from pipeline.progress import report_progress, report_started
     from pipeline.timing import add_stage_record
     from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 

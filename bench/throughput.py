@@ -143,8 +143,8 @@ def measure_ceiling(params: dict) -> dict:
     """The towers alone, on inputs prepared before the clock starts."""
     import torch
 
-    from pipeline.embed.model import load_tower, resolve_model
     from pipeline.decode.text import load_tokenizer, token_ids
+    from pipeline.embed.model import load_tower, resolve_model
 
     device = _setup(params)
     dtype = getattr(torch, params["dtype"])

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from jobs.options import parse_storage_options, run_job, storage_option, table_name
 from pipeline import storage
+from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig
 from pipeline.query.classify import (
     LABEL,
     LABEL_SCORE,
@@ -18,7 +19,6 @@ from pipeline.query.classify import (
     label_vectors,
     read_labels,
 )
-from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig
 from pipeline.query.query_table import open_query_table
 from pipeline.table.store import connect, record_run
 from schemas.embeddings import IMAGE_EMBEDDING

@@ -16,23 +16,25 @@ import pyarrow.dataset as pads
 import ray
 
 from jobs.load import described_load, run_load
-from jobs.options import (CONTEXT, ManifestCommand, db_option, embed_config, job_options,
-                          results_on_stdout, run_job)
-from pipeline import storage
+from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, results_on_stdout, run_job
 from pipeline.config import PARTITION_ROWS, ConfigError, EmbedConfig, LoadConfig
-from pipeline.run.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
-from pipeline.read.ids import scan_ids
-from pipeline.read.manifest import open_manifest
-from pipeline.write.ledger import (drop_changed, output_totals, read_records, remove_records, remove_unlisted_shards,
-                                   shards_by_partition, start_ledger, write_record)
-from pipeline.embed.model import resolve_dtype, resolve_model
-from pipeline.run.stages import (TowerStartWatch, configure_ray_data, embed_dataset, ensure_ray, manifest_rows,
-                           plan_placement)
+from pipeline.embed.provenance import changed_provenance
 from pipeline.progress import ProgressLog, RowCounter
-from pipeline.embed.provenance import COMPARED_PROVENANCE, provenance
-from pipeline.write.sink import ParquetShardSink, rows_per_write
-from pipeline.write.summary import summarize, write_summary
+from pipeline.read.ids import scan_ids
+from pipeline.run.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
+from pipeline.run.prepare import prepare_run
+from pipeline.run.stages import TowerStartWatch, embed_dataset, manifest_rows
 from pipeline.table.store import check_manifest_columns, ensure_table
+from pipeline.write.ledger import (
+    drop_changed,
+    output_totals,
+    read_records,
+    remove_records,
+    remove_unlisted_shards,
+    shards_by_partition,
+    start_ledger,
+    write_record,
+)
 from pipeline.write.shards import (
     check_output_vector_dtype,
     errors_by_kind,
@@ -46,19 +48,21 @@ from pipeline.write.shards import (
     remove_unpublished,
     shards_totals,
 )
+from pipeline.write.sink import ParquetShardSink, rows_per_write
+from pipeline.write.summary import summarize, write_summary
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, TRANSIENT_ERROR_KINDS, embeddings_schema
 from schemas.manifest import ID
 
 
-def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
+def _same_provenance(config: EmbedConfig, provenance: dict) -> bool:
     """Whether OUT holds embeddings (False: none), refusing ones made differently."""
     check_output_vector_dtype(config.out, config.vector_dtype, config.storage_options)
     previous = read_output_provenance(config.out, config.storage_options)
     if previous is None:
         return False
-    changed = [k for k in COMPARED_PROVENANCE if previous.get(k) != origin.get(k)]
+    changed = changed_provenance(previous, provenance)
     if changed:
-        details = "; ".join(f"{k}: {previous.get(k)!r} there, {origin.get(k)!r} now" for k in changed)
+        details = "; ".join(f"{k}: {previous.get(k)!r} there, {provenance.get(k)!r} now" for k in changed)
         raise ConfigError(
             f"--out {config.out} holds embeddings made differently ({details}): rerun with the "
             "same options, choose another --out, or pass --overwrite to replace them"
@@ -67,7 +71,7 @@ def _same_provenance(config: EmbedConfig, origin: dict) -> bool:
     return True
 
 
-def _committed(config: EmbedConfig, origin: dict) -> dict[str, dict]:
+def _committed(config: EmbedConfig, provenance: dict) -> dict[str, dict]:
     """The commit records of partitions a previous run of the same job finished under OUT, by
     key (none with --overwrite). Shards of partitions no record commits are removed, so a run
     killed half-way leaves whole partitions only: done, and skipped now, or done again."""
@@ -75,18 +79,18 @@ def _committed(config: EmbedConfig, origin: dict) -> dict[str, dict]:
         remove_outputs(config.out, config.storage_options)
         remove_records(config.out, config.storage_options)
         return {}
-    if not _same_provenance(config, origin):
+    if not _same_provenance(config, provenance):
         return {}
     records = read_records(config.out, config.storage_options)
     remove_unlisted_shards(config.out, records, config.storage_options)
     return records
 
 
-def _rows_to_retry(config: EmbedConfig, origin: dict) -> pa.Array:
+def _rows_to_retry(config: EmbedConfig, provenance: dict) -> pa.Array:
     """Ids of OUT's rows whose error is of a kind to retry (--retry-errors, --retry-kind)."""
     if config.overwrite:
         raise ConfigError("--overwrite replaces the output, --retry-errors mends it: choose one")
-    if not _same_provenance(config, origin):
+    if not _same_provenance(config, provenance):
         raise ConfigError(f"--out {config.out} holds no embeddings to retry: run without "
                           "--retry-errors first")
     return failed_ids(config.out, config.retry_kinds, config.storage_options)
@@ -154,19 +158,13 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     """
     started, started_at = time.perf_counter(), time.time()
     # Everything that can be wrong with the options fails here, before a model starts.
-    manifest = open_manifest(config)
-    model = resolve_model(config.model, config.storage_options)
-    storage.check_writable(config.out, config.storage_options)
-    ensure_ray(config.address)
-    check_manifest_columns(config.db, config.table_name, manifest.metadata_fields, config.storage_options)
     progress_mode = _progress_mode(config)
-    configure_ray_data(progress_bars=progress_mode == "bars")
-    placement = plan_placement(config)
-    dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
-    origin = provenance(model, dtype, config.towers, config.preprocess, config.vector_dtype)
+    run = prepare_run(config, progress_bars=progress_mode == "bars")
+    manifest, model, placement, dtype, provenance = run.manifest, run.model, run.placement, run.dtype, run.provenance
+    check_manifest_columns(config.db, config.table_name, manifest.metadata_fields, config.storage_options)
     # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
-    retry = _rows_to_retry(config, origin) if config.retry_kinds else None
-    records = _committed(config, origin)
+    retry = _rows_to_retry(config, provenance) if config.retry_kinds else None
+    records = _committed(config, provenance)
     scan = scan_ids(manifest, frozenset(records), config.partition_rows)
     partitions = {p.key: plan.uri for plan in scan.plans for p in plan.partitions}
     # Records of the manifest's files that are not among their partitions now (the file changed
@@ -182,7 +180,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     ledger = None if retry is not None else start_ledger(
         config.out, {k: {"path": uri, "rows": scan.partition_kept[k]} for k, uri in partitions.items() if k not in done},
         config.storage_options, config.storage_patience_s)
-    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
+    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), provenance)
     sink = ParquetShardSink(
         config.out, schema, model.label, config.rows_per_shard, config.storage_options,
         config.storage_patience_s, counter, ledger, partitions=frozenset(records),
@@ -220,7 +218,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
         totals = output_totals(config.out, records, config.storage_options)
     if retry is not None:
         already = totals["rows"] - sum(s["rows"] for s in sink.shards)
-    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, origin,
+    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, provenance,
                         started_at)
     summary["duplicate_rows_removed"] = duplicates_removed
     if retry is not None:

@@ -6,7 +6,15 @@ import shlex
 
 import click
 
-from jobs.options import cluster_option, db_option, join_cluster, parse_storage_options, run_job, storage_option, table_name
+from jobs.options import (
+    cluster_option,
+    db_option,
+    join_cluster,
+    parse_storage_options,
+    run_job,
+    storage_option,
+    table_name,
+)
 from pipeline import storage
 from pipeline.config import ConfigError, LoadConfig, named
 from pipeline.storage import outage_in

@@ -18,27 +18,22 @@ import pyarrow.compute as pc
 import ray
 
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
-from pipeline import storage
-from pipeline.table import store as tables
-from pipeline.table.sql_text import sql_equals
-from pipeline.table.changes import ChangePlan, plan_changes
 from pipeline.config import ReembedConfig
 from pipeline.decode.images import hash_images
+from pipeline.decode.text import caption_hashes
+from pipeline.embed.provenance import changed_provenance
+from pipeline.progress import RowCounter
 from pipeline.read.ids import scan_ids
-from pipeline.read.manifest import open_manifest
-from pipeline.embed.model import resolve_dtype, resolve_model
+from pipeline.run.prepare import prepare_run
 from pipeline.run.stages import (
     TowerStartWatch,
-    configure_ray_data,
     embed_dataset,
-    ensure_ray,
     fetch_policy,
     manifest_rows,
-    plan_placement,
 )
-from pipeline.progress import RowCounter
-from pipeline.embed.provenance import COMPARED_PROVENANCE, provenance
-from pipeline.decode.text import caption_hashes
+from pipeline.table import store as tables
+from pipeline.table.changes import ChangePlan, plan_changes
+from pipeline.table.sql_text import sql_equals
 from pipeline.timing import pop_figures
 from pipeline.write.shards import conform, write_shard
 from schemas.embeddings import (
@@ -158,15 +153,8 @@ def run_reembed(config: ReembedConfig) -> dict:
     """Compare the manifest with the table, embed only new content, upsert one new version."""
     started = time.perf_counter()
     e = config.embed
-    manifest = open_manifest(e)
-    model = resolve_model(e.model, e.storage_options)
-    if e.out:
-        storage.check_writable(e.out, e.storage_options)
-    ensure_ray(e.address)
-    configure_ray_data(progress_bars=sys.stderr.isatty())
-    placement = plan_placement(e)
-    dtype = resolve_dtype(e.dtype, on_gpu=placement.on_gpu)
-    origin = provenance(model, dtype, e.towers, e.preprocess, e.vector_dtype)
+    run = prepare_run(e, progress_bars=sys.stderr.isatty())
+    manifest, model, placement, dtype, provenance = run.manifest, run.model, run.placement, run.dtype, run.provenance
     scan = scan_ids(manifest)
     # A table holds one vector type: another is refused before any work.
     table = tables.open_table_if_exists(e.db, e.table_name, e.storage_options)
@@ -178,7 +166,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     if table is not None:
         stored, stored_hashes = _stored_state(table)
         previous = tables.table_provenance(table) or {}
-        model_stale = any(previous.get(k) != origin.get(k) for k in COMPARED_PROVENANCE)
+        model_stale = bool(changed_provenance(previous, provenance))
     plan = plan_changes(current, stored, model_stale, stored_hashes)
     summary = {"rows_in": scan.rows, **plan.counts(),
                "rows_rejected": {"missing_id": scan.missing_ids, "duplicate_id": scan.duplicate_rows}}
@@ -192,7 +180,7 @@ def run_reembed(config: ReembedConfig) -> dict:
     reused, old_rows = ({}, {}) if table is None or model_stale or not len(plan.upserted) else (
         _kept_from_table(table, current, plan))
     rows = _assemble(current, plan, image_results, text_results, reused, old_rows)
-    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
+    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), provenance)
     rows = conform(rows, schema, model.label) if rows.num_rows else schema.empty_table()
     if e.out and rows.num_rows:
         write_shard(e.out, rows, e.storage_options, e.storage_patience_s)

@@ -59,9 +59,9 @@ def run_serve_ray(options, host: str = "127.0.0.1", port: int = 8000,
     app is deleted from the cluster."""
     import ray
 
-    from pipeline.serve import on_ray as serve_ray
     from pipeline import storage
     from pipeline.run.stages import ensure_ray
+    from pipeline.serve import on_ray as serve_ray
     from pipeline.serve.server import listen
     from pipeline.table.store import open_table
 
@@ -153,8 +153,8 @@ def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, qu
 
     def start() -> None:
         if use_ray:
-            from pipeline.serve.server import LOOPBACK_NAMES, is_loopback
             from pipeline.serve.on_ray import parse_options
+            from pipeline.serve.server import LOOPBACK_NAMES, is_loopback
 
             # As the single-process server: served on loopback, only requests sent to loopback.
             allowed = ",".join(sorted(LOOPBACK_NAMES | {host})) if is_loopback(host) else None

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from jobs.options import cluster_option, join_cluster, parse_storage_options, print_rows, run_job, storage_option, table_name
+from jobs.options import (
+    cluster_option,
+    join_cluster,
+    parse_storage_options,
+    print_rows,
+    run_job,
+    storage_option,
+    table_name,
+)
 from pipeline.table.recall import index_recall
 from pipeline.table.store import index_table, open_table, restore_version, table_versions
 

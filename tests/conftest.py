@@ -16,7 +16,6 @@ from jobs.cli import main
 from pipeline.decode.images import CRASH_TEST_VARIABLE
 from tests.corpus import crash_image, write_corpus
 
-
 SECRET_ACCESS_KEY = "SECRET-do-not-print-7f3a9c"
 
 

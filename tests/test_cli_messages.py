@@ -174,8 +174,8 @@ def test_lancedb_names_everywhere(db, tmp_path):
 def test_ray_that_does_not_start_in_time_is_tried_again_then_named(monkeypatch):
     import ray
 
-    from pipeline.run import stages as plan
     from pipeline.config import ConfigError
+    from pipeline.run import stages as plan
 
     calls = []
 

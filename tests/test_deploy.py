@@ -397,8 +397,8 @@ def serve_config() -> dict:
 def test_rayservice_serve_config():
     """The Serve config is one Serve takes; its app imports, its builder takes its args, and
     the cluster has room for the most replicas the app scales to."""
-    from pipeline.serve import on_ray as serve_ray
     from pipeline.config import ConfigError
+    from pipeline.serve import on_ray as serve_ray
 
     config = serve_config()
     (application,) = config["applications"]

@@ -10,12 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EmbedConfig
-from pipeline.run.stages import cpu_task_cpus
-from pipeline.run.estimate import (ANN_INDEX_BYTES_PER_VECTOR, Stage, cpu_task_workers, cpu_tasks_to_feed,
-                               index_bytes, output_bytes, project)
 from pipeline.read.manifest import open_manifest
-from pipeline.run.stages import Placement
 from pipeline.read.sample import count_rows, read_sample, spread_positions
+from pipeline.run.estimate import (
+    ANN_INDEX_BYTES_PER_VECTOR,
+    Stage,
+    cpu_task_workers,
+    cpu_tasks_to_feed,
+    index_bytes,
+    output_bytes,
+    project,
+)
+from pipeline.run.stages import Placement, cpu_task_cpus
 from tests.conftest import altclip
 from tests.corpus import write_corpus
 

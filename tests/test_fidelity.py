@@ -158,8 +158,8 @@ def test_fast_mode_stays_within_cosine_0999_of_exact(tiny_model, ray_session, tm
 def test_out_of_memory_halves_the_batch_and_keeps_every_row(tiny_model):
     import pyarrow as pa
 
-    from pipeline.embed.towers import TextEmbedder
     from pipeline.decode.text import tokenize_captions
+    from pipeline.embed.towers import TextEmbedder
 
     spec = resolve_model(tiny_model)
     embedder = TextEmbedder(spec, "float32")
@@ -185,8 +185,8 @@ def test_length_groups_keep_each_caption_its_own_vector(tiny_model):
     row gets the vector it gets alone."""
     import pyarrow as pa
 
-    from pipeline.embed.towers import TEXT_GROUP_ROWS, TextEmbedder
     from pipeline.decode.text import tokenize_captions
+    from pipeline.embed.towers import TEXT_GROUP_ROWS, TextEmbedder
 
     spec = resolve_model(tiny_model)
     embedder = TextEmbedder(spec, "float32")
@@ -208,8 +208,8 @@ def test_the_compiled_image_tower_gives_the_towers_vectors_and_compiles_once(tin
     import pyarrow as pa
     from torch._dynamo.utils import counters
 
-    from pipeline.embed.towers import ImageEmbedder
     from pipeline.decode.images import preprocess_images
+    from pipeline.embed.towers import ImageEmbedder
     from schemas.manifest import IMAGE, INLINE_IMAGE
     from tests.corpus import _pattern
 

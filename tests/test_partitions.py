@@ -16,8 +16,8 @@ from pipeline.config import ConfigError, EmbedConfig
 from pipeline.read.ids import scan_ids
 from pipeline.read.manifest import _file_blocks, open_manifest
 from pipeline.read.partitions import FilePlan, file_partitions
-from pipeline.write.ledger import PartitionLedger, drop_changed, read_records, remove_unlisted_shards, write_record
 from pipeline.run.stages import manifest_rows
+from pipeline.write.ledger import PartitionLedger, drop_changed, read_records, remove_unlisted_shards, write_record
 from pipeline.write.shards import list_shards, output_totals, shard_partition, write_shard
 from schemas.manifest import PARTITION
 from tests.conftest import altclip, read_output

@@ -44,8 +44,8 @@ def test_the_jobs_ray_data_settings_reach_its_datasets(tiny_model, ray_session, 
     import ray
 
     from pipeline.config import EmbedConfig
-    from pipeline.read.manifest import open_manifest
     from pipeline.embed.model import resolve_model
+    from pipeline.read.manifest import open_manifest
     from pipeline.run.stages import configure_ray_data, embed_dataset, manifest_rows, plan_placement
 
     pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "m.parquet")

@@ -22,7 +22,8 @@ from schemas.embeddings import ERROR_KINDS, IMAGE_ERROR
 from schemas.manifest import IMAGE, INLINE_IMAGE
 from tests.conftest import altclip, read_output
 from tests.corpus import CAPTIONS, _pattern, crash_image
-from tests.fuzz import BAD_URLS, CAPTIONS as ODD_CAPTIONS, NOT_IMAGES, long_thin_png, mutants, seed_images
+from tests.fuzz import BAD_URLS, NOT_IMAGES, long_thin_png, mutants, seed_images
+from tests.fuzz import CAPTIONS as ODD_CAPTIONS
 
 
 @pytest.fixture(scope="module")

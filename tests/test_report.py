@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pipeline.embed.towers import accelerator_stats
-from pipeline.read.ids import scan_ids
 from pipeline.progress import format_progress
+from pipeline.read.ids import scan_ids
 from tests.conftest import altclip
 from tests.corpus import odd_images, write_corpus
 

@@ -26,8 +26,8 @@ from PIL import Image
 
 from jobs.serve import serve_command
 from pipeline.query.filters import Filters
-from pipeline.serve.searcher import Searcher, ServeError
 from pipeline.serve.app import MAX_JSON_BYTES, MAX_UPLOAD_BYTES, make_server
+from pipeline.serve.searcher import Searcher, ServeError
 from tests.conftest import _free_port, altclip, embedded_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -626,9 +626,10 @@ def test_a_host_that_turns_slow_cannot_take_the_servers_workers(tiny_model, ray_
     """A row's host answered at embed time and trickles a byte at a time now: 50 thumbnail
     requests for that row take a few of the server's workers, the rest are refused at once, and
     every other request is answered as before."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from pipeline.serve import searcher as searcher_module
 

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from ray import serve
 
 from jobs.serve import serve_command
-from pipeline.serve import on_ray as serve_ray
 from pipeline.config import ConfigError
 from pipeline.query.query_table import open_query_table
-from pipeline.serve.searcher import Searcher
+from pipeline.serve import on_ray as serve_ray
 from pipeline.serve.app import make_server
+from pipeline.serve.searcher import Searcher
 from tests.conftest import _free_port, embedded_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from pipeline.table import bulk_load as lance_io
 from pipeline.table.bulk_load import SHARDS_PER_TASK
 from pipeline.table.store import load_outputs, restore_version, table_provenance
 from pipeline.write.shards import outputs_dataset, remove_duplicate_rows, write_shard
-from tests.conftest import altclip, read_output
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
+from tests.conftest import altclip, read_output
 
 DIM = 8
 WRITE_FRAGMENTS = lance_io._write_fragments
@@ -373,8 +373,7 @@ def test_on_ray_every_index_is_built_by_tasks_not_by_the_driver(ray_session, tmp
 
 
 def test_index_segments_hold_what_half_the_largest_node_can_build():
-    from pipeline.table.store import (INDEX_BYTES_PER_VALUE, INDEX_TASK_BASE_BYTES, ROWS_PER_INDEX_SEGMENT,
-                                segment_rows)
+    from pipeline.table.store import INDEX_BYTES_PER_VALUE, INDEX_TASK_BASE_BYTES, ROWS_PER_INDEX_SEGMENT, segment_rows
 
     assert segment_rows(768, 2**40) == ROWS_PER_INDEX_SEGMENT  # a 1 TiB node builds 10M rows
     assert segment_rows(768, 0) == ROWS_PER_INDEX_SEGMENT  # memory not known

@@ -18,12 +18,12 @@ from jobs.classify import run_classify
 from jobs.embed import run_embed
 from jobs.reembed import run_reembed
 from pipeline.config import ClassifyConfig, ConfigError, EmbedConfig, ReembedConfig, SearchConfig
-from pipeline.write.report import render_report
 from pipeline.query.search import search
-from pipeline.serve.searcher import Searcher
-from pipeline.serve.app import make_server
 from pipeline.query.sql import run_sql
+from pipeline.serve.app import make_server
+from pipeline.serve.searcher import Searcher
 from pipeline.table.store import load_outputs
+from pipeline.write.report import render_report
 from pipeline.write.shards import list_shards, read_output_provenance
 from schemas.embeddings import VECTOR_COLUMNS
 from tests.conftest import read_output

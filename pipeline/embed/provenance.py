@@ -34,3 +34,8 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str 
 # Provenance that changes the vectors: an output mixes runs only where these agree.
 COMPARED_PROVENANCE = ("model", "revision", "dim", "dtype", "vector_dtype", "towers", "preprocessing",
                        "max_tokens")
+
+
+def changed_provenance(previous: dict, current: dict) -> list[str]:
+    """The keys of COMPARED_PROVENANCE on which two provenances differ (none: their vectors mix)."""
+    return [key for key in COMPARED_PROVENANCE if previous.get(key) != current.get(key)]

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from pipeline.decode.barrier import per_row
 from pipeline.decode.images import PIXELS
-from pipeline.embed.model import ModelSpec, load_tower, pick_device
 from pipeline.decode.text import INPUT_IDS
+from pipeline.embed.model import ModelSpec, load_tower, pick_device
 from pipeline.progress import report_progress, report_started
 from pipeline.timing import add_stage_record
 from schemas.embeddings import (

@@ -13,14 +13,15 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import ConfigError, named
-from pipeline.embed.towers import ImageEmbedder, TextEmbedder
 from pipeline.decode.fetch import FetchPolicy
 from pipeline.decode.images import MAX_IMAGE_PIXELS, preprocess_images
-from pipeline.embed.model import ModelSpec, resolve_model
-from pipeline.table.store import open_table, table_provenance
 from pipeline.decode.text import tokenize_captions
+from pipeline.embed.model import ModelSpec, resolve_model
+from pipeline.embed.towers import ImageEmbedder, TextEmbedder
+from pipeline.table.store import open_table, table_provenance
 from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_ERROR, TEXT_EMBEDDING, TEXT_ERROR
 from schemas.manifest import CAPTION, IMAGE, INLINE_IMAGE
+from schemas.table import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 # The towers' dtype of tables written before it was recorded: they were all embedded in float32.
 UNRECORDED_DTYPE = "float32"
@@ -102,6 +103,28 @@ class QueryTable:
         return vector / norm
 
 
+def nearest(table, vector: np.ndarray, column: str, k: int, where: str | None = None,
+            columns: list[str] | None = None, nprobes: int | None = None,
+            refine_factor: int | None = None) -> list[dict]:
+    """The `k` rows of a LanceDB table nearest `vector` in `column` by cosine, best first, each
+    with its `score` (cosine similarity) and `columns` (default: all), filtered by `where` first.
+
+    A vector search never returns a row whose vector is null (indexed, unindexed or exact):
+    filtering them out anyway scanned the whole column on every query (about 325 ms against
+    8 ms at 100k rows). With an ANN index, refining re-ranks by the exact distance: the index's
+    own is a quantized squared L2, not the cosine a score is made from."""
+    query = (table.search(vector, vector_column_name=column).distance_type("cosine")
+             .nprobes(nprobes or SEARCH_NPROBES).refine_factor(refine_factor or SEARCH_REFINE_FACTOR))
+    if where:
+        query = query.where(where, prefilter=True)
+    if columns is not None:
+        query = query.select([*columns, "_distance"])
+    rows = query.limit(k).to_list()
+    for row in rows:
+        row["score"] = round(1.0 - float(row.pop("_distance")), 6)
+    return rows
+
+
 def open_query_table(db: str, name: str, model: str | None = None,
                      storage_options: dict | None = None, log=None) -> QueryTable:
     """The table, and the model it records (or `model`), checked to make vectors of its size.
@@ -110,18 +133,18 @@ def open_query_table(db: str, name: str, model: str | None = None,
     `log` (default: stderr): its scores may not be comparable."""
     log = log or (lambda message: print(message, file=sys.stderr))
     table = open_table(db, name, storage_options)
-    origin = table_provenance(table) or {}
-    if model is None and "model" not in origin:
+    provenance = table_provenance(table) or {}
+    if model is None and "model" not in provenance:
         raise ConfigError(f"the table does not record its model: name it with {named('model')}")
-    spec = resolve_model(model or origin["model"], storage_options)
-    if origin.get("revision") not in (None, spec.revision):
-        log(f"warning: the table was built with {origin['model']}@{origin['revision']}, "
+    spec = resolve_model(model or provenance["model"], storage_options)
+    if provenance.get("revision") not in (None, spec.revision):
+        log(f"warning: the table was built with {provenance['model']}@{provenance['revision']}, "
             f"queries use {spec.label}: scores may not be comparable")
-    if spec.dim != origin.get("dim", spec.dim):
+    if spec.dim != provenance.get("dim", spec.dim):
         raise ConfigError(f"{named('model')} {spec.ref} makes {spec.dim}-d vectors, the table holds "
-                          f"{origin['dim']}-d ones")
-    return QueryTable(table=table, model=spec, dtype=origin.get("dtype", UNRECORDED_DTYPE),
-                      preprocess_mode=(origin.get("preprocessing") or {}).get("mode", "exact"))
+                          f"{provenance['dim']}-d ones")
+    return QueryTable(table=table, model=spec, dtype=provenance.get("dtype", UNRECORDED_DTYPE),
+                      preprocess_mode=(provenance.get("preprocessing") or {}).get("mode", "exact"))
 
 
 def _vectors(batch: pa.Table, column: str, error_column: str) -> np.ndarray:

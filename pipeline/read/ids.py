@@ -14,8 +14,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.read import webdataset
 from pipeline.config import PARTITION_ROWS, ConfigError
+from pipeline.read import webdataset
 from pipeline.read.formats import csv_options, flatten_webdataset, id_text, json_lines
 from pipeline.read.manifest import Manifest, parse_json_file
 from pipeline.read.partitions import FilePlan, file_partitions

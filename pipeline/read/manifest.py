@@ -17,15 +17,33 @@ import ray
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import storage
-from pipeline.read import webdataset
 from pipeline.config import ConfigError, EmbedConfig, named
-from pipeline.read.formats import (csv_options, csv_schema, flatten_webdataset, id_text, is_binary,
-                              json_schema, metadata_values, parse_json_lines, value_text,
-                              webdataset_schema)
+from pipeline.read import webdataset
+from pipeline.read.formats import (
+    csv_options,
+    csv_schema,
+    flatten_webdataset,
+    id_text,
+    is_binary,
+    json_schema,
+    metadata_values,
+    parse_json_lines,
+    value_text,
+    webdataset_schema,
+)
 from pipeline.read.partitions import FilePlan, partition_key
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, error, is_reserved
-from schemas.manifest import (CAPTION, FORMATS_BY_SUFFIX, ID, IMAGE, IMAGE_BYTES, INLINE_IMAGE,
-                              INLINE_IMAGE_URI, INTERNAL_PREFIX, PARTITION)
+from schemas.manifest import (
+    CAPTION,
+    FORMATS_BY_SUFFIX,
+    ID,
+    IMAGE,
+    IMAGE_BYTES,
+    INLINE_IMAGE,
+    INLINE_IMAGE_URI,
+    INTERNAL_PREFIX,
+    PARTITION,
+)
 
 # A metadata column whose name an output column already has is kept under this prefix.
 RENAMED_METADATA_PREFIX = "manifest_"

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.read import webdataset
 from pipeline.config import ConfigError
+from pipeline.read import webdataset
 from pipeline.read.formats import flatten_webdataset
 from pipeline.read.ids import file_ids, file_rows
 from pipeline.read.manifest import Manifest, to_contract_columns

@@ -19,16 +19,27 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import TOWERS, ConfigError, EmbedConfig, named
-from pipeline.embed.towers import ImageEmbedder, TextEmbedder
 from pipeline.decode.images import preprocess_images
-from pipeline.read.manifest import Manifest, open_manifest
-from pipeline.embed.model import pick_device, resolve_dtype, resolve_model
-from pipeline.run.stages import (ACTOR_START_TIMEOUT_S, FETCH_CALLS, FETCH_CPUS, READ_CPUS, Placement,
-                           actors_per_tower, configure_ray_data, cpu_task_cpus, ensure_ray, fetch_actors, fetch_policy,
-                           manifest_rows, plan_placement, tower_actor_count)
-from pipeline.embed.provenance import provenance
-from pipeline.read.sample import count_rows, read_sample, spread_positions
 from pipeline.decode.text import tokenize_captions
+from pipeline.embed.model import pick_device
+from pipeline.embed.provenance import provenance
+from pipeline.embed.towers import ImageEmbedder, TextEmbedder
+from pipeline.read.manifest import Manifest
+from pipeline.read.sample import count_rows, read_sample, spread_positions
+from pipeline.run.prepare import prepare_run
+from pipeline.run.stages import (
+    ACTOR_START_TIMEOUT_S,
+    FETCH_CALLS,
+    FETCH_CPUS,
+    READ_CPUS,
+    Placement,
+    actors_per_tower,
+    cpu_task_cpus,
+    fetch_actors,
+    fetch_policy,
+    manifest_rows,
+    tower_actor_count,
+)
 from pipeline.timing import pop_figures, stage_records
 from pipeline.write.shards import conform, errors_by_kind
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
@@ -305,8 +316,8 @@ def _output_sizes(table: pa.Table, rows: int, config: EmbedConfig, manifest: Man
     sizes = {"output_bytes": {}, "table_bytes": {}}
     half = table.num_rows // 2
     for vector_dtype in ("float32", "float16"):
-        origin = provenance(model, dtype, config.towers, config.preprocess, vector_dtype)
-        schema = embeddings_schema(model.dim, list(manifest.metadata_fields), origin)
+        recorded = provenance(model, dtype, config.towers, config.preprocess, vector_dtype)
+        schema = embeddings_schema(model.dim, list(manifest.metadata_fields), recorded)
         out = conform(table, schema, model.label)
         per_shard = _parquet_bytes(out.slice(0, 0))
         per_row = (_parquet_bytes(out) - per_shard) / out.num_rows
@@ -363,15 +374,9 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
     if sample_rows < 1:
         raise ConfigError(f"{named('plan_rows')} {sample_rows}: must be at least 1")
     started = time.perf_counter()
-    manifest = open_manifest(config)
-    model = resolve_model(config.model, config.storage_options)
-    setup_seconds = time.perf_counter() - started
-    ray_running, starting = ray.is_initialized(), time.perf_counter()
-    ensure_ray(config.address)
-    ray_seconds = 0.0 if ray_running else time.perf_counter() - starting
-    configure_ray_data(progress_bars=False)
-    placement = plan_placement(config)
-    dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
+    run = prepare_run(config, progress_bars=False, check_out=False)
+    manifest, model, placement, dtype = run.manifest, run.model, run.placement, run.dtype
+    setup_seconds, ray_seconds = run.setup_seconds, run.ray_seconds
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 

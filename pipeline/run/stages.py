@@ -14,16 +14,16 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 
-from pipeline.config import TOWERS, ConfigError, EmbedConfig, named
-from pipeline.embed.towers import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline import storage
+from pipeline.config import TOWERS, ConfigError, EmbedConfig, named
 from pipeline.decode.fetch import FetchPolicy, job_schemes
 from pipeline.decode.images import ImageFetcher, decode_images
+from pipeline.decode.text import tokenize_captions
+from pipeline.embed.model import ModelSpec
+from pipeline.embed.towers import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline.read.ids import select_rows
 from pipeline.read.manifest import Manifest, read_manifest, to_contract_columns
-from pipeline.embed.model import ModelSpec
 from pipeline.read.partitions import FilePlan
-from pipeline.decode.text import tokenize_captions
 from schemas.manifest import INLINE_IMAGE
 
 # A tower actor that cannot be placed (a GPU nobody has) fails the job after this long instead

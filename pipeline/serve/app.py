@@ -19,18 +19,18 @@ from starlette.exceptions import HTTPException
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.decode.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
+from pipeline.decode.thumbnails import SIZES as THUMBNAIL_SIZES
 from pipeline.query.filters import MAX_FILTER_VALUES, Filters
 from pipeline.serve.searcher import MAX_LISTED_VALUES, MAX_TEXT_CHARS, Searcher, ServeError
 from pipeline.serve.server import (
     LOOPBACK_NAMES,
-    AppServer,
     Answers,
+    AppServer,
     RequestGuard,
     is_loopback,
     listen,
 )
-from pipeline.decode.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
-from pipeline.decode.thumbnails import SIZES as THUMBNAIL_SIZES
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 DEFAULT_K = 24

@@ -19,8 +19,8 @@ from ray import serve
 
 from pipeline.config import ConfigError, named
 from pipeline.embed.model import pick_device
-from pipeline.serve.searcher import Searcher
 from pipeline.serve.app import make_app
+from pipeline.serve.searcher import Searcher
 from schemas.table import DEFAULT_TABLE_NAME
 
 APP_NAME = "altclip"

@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.decode.fetch import FetchPolicy, ImageError, read_bytes, source_of
-from pipeline.query.filters import Column, Filters
-from pipeline.table.sql_text import sql_equals
-from pipeline.query.query_table import open_query_table
 from pipeline.decode.thumbnails import ThumbnailCache, make_thumbnails
+from pipeline.query.filters import Column, Filters
+from pipeline.query.query_table import nearest, open_query_table
+from pipeline.table.sql_text import sql_equals
 from schemas.embeddings import (
     CAPTION_TRUNCATED,
     HEIGHT,
@@ -35,7 +35,7 @@ from schemas.embeddings import (
     contract_column_names,
 )
 from schemas.manifest import CAPTION, ID, IMAGE, IMAGE_BYTES
-from schemas.table import SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+from schemas.table import SEARCH_COLUMNS
 
 MAX_TEXT_CHARS = 4000
 # An uploaded query image may have at most this many pixels (a 40 MP photo), read from its header
@@ -188,13 +188,7 @@ class Searcher:
         user_where = filters.where(view.filterable)
         shown = [ID, CAPTION, IMAGE, WIDTH, HEIGHT, *view.metadata]
         started = time.perf_counter()
-        # With an ANN index, refining re-ranks by the exact distance: the index's own is a
-        # quantized squared L2, not the cosine a score is made from.
-        query = (view.table.search(vector, vector_column_name=column)
-                 .distance_type("cosine").nprobes(SEARCH_NPROBES).refine_factor(SEARCH_REFINE_FACTOR))
-        if user_where:  # rows without this vector are never hits: no filter of ours (see search.py)
-            query = query.where(user_where, prefilter=True)
-        rows = query.select([c for c in shown if c in view.names] + ["_distance"]).limit(k).to_list()
+        rows = nearest(view.table, vector, column, k, user_where, [c for c in shown if c in view.names])
         hits = [_hit(row, view.metadata) for row in rows]
         return {"hits": hits, "count": len(hits), "k": k, "against": against,
                 "where": user_where, "search_ms": round((time.perf_counter() - started) * 1000, 1)}
@@ -309,7 +303,7 @@ def _hit(row: dict, metadata: list[str]) -> dict:
     image = row.get(IMAGE)
     return {
         "id": row[ID],
-        "score": round(1.0 - float(row["_distance"]), 6),
+        "score": row["score"],
         "caption": row.get(CAPTION),
         # The stored URI, redacted, as information only: the browser loads `thumbnail`.
         "image": storage.redact(image) if image else None,

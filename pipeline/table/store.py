@@ -10,9 +10,16 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import ConfigError, named
+from pipeline.table.bulk_load import (
+    create_table,
+    on_ray,
+    shard_batches,
+    shard_name,
+    shards_to_load,
+    table_uri,
+    takes_type,
+)
 from pipeline.table.sql_text import sql_equals
-from pipeline.table.bulk_load import (create_table, on_ray, shard_batches, shard_name, shards_to_load, table_uri,
-                               takes_type)
 from pipeline.write.shards import list_shards, shards_dataset
 from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
 from schemas.table import (

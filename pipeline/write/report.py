@@ -12,9 +12,9 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import ConfigError, named
 from pipeline.decode.fetch import FetchPolicy, read_bytes
-from pipeline.write.summary import SUMMARY_NAME
 from pipeline.decode.thumbnails import make_thumbnails
 from pipeline.write.shards import outputs_dataset
+from pipeline.write.summary import SUMMARY_NAME
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from schemas.manifest import CAPTION, ID, IMAGE
 

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import ConfigError, named
 from pipeline.write.summary import SUMMARY_NAME
-from schemas.manifest import ID, IMAGE
 from schemas.embeddings import (
     IMAGE_EMBEDDING,
     IMAGE_ERROR,
@@ -27,6 +26,7 @@ from schemas.embeddings import (
     provenance_of,
     vector_type,
 )
+from schemas.manifest import ID, IMAGE
 
 SHARD_PREFIX = "part-"
 # Key of a shard's own totals (rows, vectors, errors by kind) in its Parquet footer.

@@ -1,0 +1,48 @@
+"""What every run settles before its work, in one order: the manifest and the model opened
+(a wrong option fails here, before Ray starts), Ray, then where the stages go, the dtype the
+towers compute in, and the provenance the vectors will carry."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import ray
+
+from pipeline import storage
+from pipeline.config import EmbedConfig
+from pipeline.embed.model import ModelSpec, resolve_dtype, resolve_model
+from pipeline.embed.provenance import provenance
+from pipeline.read.manifest import Manifest, open_manifest
+from pipeline.run.stages import Placement, configure_ray_data, ensure_ray, plan_placement
+
+
+@dataclass(frozen=True)
+class Run:
+    config: EmbedConfig
+    manifest: Manifest
+    model: ModelSpec
+    placement: Placement
+    dtype: str  # what the towers compute in
+    provenance: dict
+    setup_seconds: float  # opening the manifest and the model
+    ray_seconds: float  # starting Ray (0: it was running)
+
+
+def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True) -> Run:
+    """The run `config` asks for, settled; with `check_out`, OUT (where given) is writable."""
+    started = time.perf_counter()
+    manifest = open_manifest(config)
+    model = resolve_model(config.model, config.storage_options)
+    if check_out and config.out:
+        storage.check_writable(config.out, config.storage_options)
+    setup_seconds = time.perf_counter() - started
+    ray_running, starting = ray.is_initialized(), time.perf_counter()
+    ensure_ray(config.address)
+    ray_seconds = 0.0 if ray_running else time.perf_counter() - starting
+    configure_ray_data(progress_bars=progress_bars)
+    placement = plan_placement(config)
+    dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
+    return Run(config, manifest, model, placement, dtype,
+               provenance(model, dtype, config.towers, config.preprocess, config.vector_dtype),
+               setup_seconds, ray_seconds)
