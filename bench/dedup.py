@@ -12,8 +12,9 @@ of each other), after the table's vector index is built as `load` builds it.
     python -m bench.dedup --rows 1000000 [--dim 768] [--new-rows 1000] [--json OUT.json]
                           [--variant GUEST_MARGIN=0 ...]
 
-`--variant` adds a full run with some of pipeline/table/dedup.py's constants changed, on the same table
-(the figures behind its comments: KMEANS_SAMPLE, GUEST_MARGIN, CLUSTER_ROWS).
+`--variant` adds a full run with some of the constants of pipeline/table/dedup.py and
+near_duplicates.py changed, on the same table (the figures behind their comments: KMEANS_SAMPLE,
+GUEST_MARGIN, CLUSTER_ROWS).
 
 Each dedup runs in a child process of its own, so its peak RSS is its own (VmHWM); `baseline`
 is the same child stopping after its imports and opening the table.
@@ -109,13 +110,16 @@ def build(folder: str, rows: int, dim: int, seed: int = 0):
 
 
 def _child(args) -> None:
-    """One dedup in this process (`--set` overriding pipeline.table.dedup's constants); prints its
-    result and this process's peak RSS."""
+    """One dedup in this process (`--set` overriding constants of pipeline.table.dedup or of
+    pipeline.table.near_duplicates, whichever holds the name); prints its result and this
+    process's peak RSS."""
     import pipeline.table.dedup as dedup
+    import pipeline.table.near_duplicates as near_duplicates
     from pipeline.table.store import open_table
 
     for name, value in (pair.split("=") for pair in args.set):
-        setattr(dedup, name, type(getattr(dedup, name))(value))
+        module = near_duplicates if hasattr(near_duplicates, name) else dedup
+        setattr(module, name, type(getattr(module, name))(value))
     started = time.perf_counter()
     if args.child == "baseline":
         open_table(args.db, "embeddings").count_rows()
@@ -177,7 +181,7 @@ def main() -> None:
     parser.add_argument("--new-rows", type=int, default=1000,
                         help="rows added for the incremental run; 0: no index, no incremental run")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                        help="also a full run with pipeline.table.dedup's constants changed (repeatable)")
+                        help="also a full run with dedup's constants changed (repeatable)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the table's folder")
     parser.add_argument("--child", choices=["baseline", "full", "incremental"], help=argparse.SUPPRESS)
@@ -213,7 +217,8 @@ def main() -> None:
 
 def _incremental(folder: str, new_rows: int, planted: dict, old: dict, draw, rng, baseline: dict) -> dict:
     """New rows after the table is indexed as `load` indexes it, then an incremental run."""
-    from pipeline.table.store import index_table, open_table
+    from pipeline.table.indexes import index_table
+    from pipeline.table.store import open_table
 
     started = time.perf_counter()
     index_table(open_table(folder, "embeddings"))  # opened again: the children changed the table

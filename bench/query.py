@@ -29,8 +29,8 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
-from pipeline.table import store as table_module
-from pipeline.table.store import index_table
+from pipeline.table import indexes as table_module
+from pipeline.table.indexes import index_table
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from schemas.table import ROWS_PER_PARTITION, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 

@@ -24,7 +24,8 @@ import pyarrow as pa
 
 from bench.query import Clustered
 from pipeline.table.recall import index_recall
-from pipeline.table.store import index_table, load_outputs, open_table
+from pipeline.table.indexes import index_table
+from pipeline.table.store import load_outputs, open_table
 from pipeline.write.shards import outputs_dataset, write_shard
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
 from schemas.table import KEY

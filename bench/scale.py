@@ -144,18 +144,18 @@ class PhaseRecorder:
                 for label, p in self.phases.items()}
 
 
-# The job's calls each phase is cut at (`jobs.embed` imports them by name; `load_outputs` calls
-# `index_table` through its module): (module, function, its phase, the phase after it returns).
+# The job's calls each phase is cut at, in the module that imports each by name (the run's
+# preamble in pipeline.run.prepare): (module, function, its phase, the phase after it returns).
 WRAPPED = (
-    ("jobs.embed", "open_manifest", "open manifest", "check options"),
-    ("jobs.embed", "resolve_model", "resolve model", "check options"),  # then: --out writable
-    ("jobs.embed", "ensure_ray", "start Ray", "plan"),  # then: Ray Data settings, placement, provenance
-    ("jobs.embed", "_committed", "resume: partitions done", "plan"),
+    ("pipeline.run.prepare", "open_manifest", "open manifest", "check options"),
+    ("pipeline.run.prepare", "resolve_model", "resolve model", "check options"),  # then: --out writable
+    ("pipeline.run.prepare", "ensure_ray", "start Ray", "plan"),  # then: Ray Data settings, placement, provenance
+    ("jobs.embed", "committed_partitions", "resume: partitions done", "plan"),
     ("jobs.embed", "scan_ids", "scan ids", "plan"),  # then: pending, counter, ledger, schema, sink
     ("jobs.embed", "manifest_rows", "plan", "plan"),
     ("jobs.embed", "embed_dataset", "plan", "stream"),  # then: the plan runs
     ("jobs.embed", "output_totals", "totals", "summary"),  # then: the duplicate check, summarize
-    ("jobs.embed", "remove_duplicate_rows", "duplicates", "duplicates"),
+    ("pipeline.run.resume", "remove_duplicate_rows", "duplicates", "duplicates"),
     ("jobs.embed", "write_summary", "summary", "end"),
     ("jobs.embed", "run_load", "load into LanceDB", "end"),
     ("pipeline.table.store", "index_table", "index build", "load into LanceDB"),

@@ -10,130 +10,27 @@ import sys
 import time
 
 import click
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import ray
 
 from jobs.load import described_load, run_load
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, results_on_stdout, run_job
-from pipeline.config import PARTITION_ROWS, ConfigError, EmbedConfig, LoadConfig
-from pipeline.embed.provenance import changed_provenance
+from pipeline.config import PARTITION_ROWS, EmbedConfig, LoadConfig
 from pipeline.progress import ProgressLog, RowCounter
 from pipeline.read.ids import scan_ids
 from pipeline.run.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
 from pipeline.run.prepare import prepare_run
+from pipeline.run.resume import committed_partitions, merge_retried, remove_copies, retry_outcome, rows_to_retry
 from pipeline.run.stages import TowerStartWatch, embed_dataset, manifest_rows
 from pipeline.table.store import check_manifest_columns, ensure_table
 from pipeline.write.ledger import (
     drop_changed,
     output_totals,
-    read_records,
-    remove_records,
     remove_unlisted_shards,
-    shards_by_partition,
     start_ledger,
-    write_record,
-)
-from pipeline.write.shards import (
-    check_output_vector_dtype,
-    errors_by_kind,
-    failed_ids,
-    has_error,
-    list_shards,
-    outputs_dataset,
-    read_output_provenance,
-    remove_duplicate_rows,
-    remove_outputs,
-    remove_unpublished,
-    shards_totals,
 )
 from pipeline.write.sink import ParquetShardSink, rows_per_write
 from pipeline.write.summary import summarize, write_summary
-from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, TRANSIENT_ERROR_KINDS, embeddings_schema
-from schemas.manifest import ID
-
-
-def _same_provenance(config: EmbedConfig, provenance: dict) -> bool:
-    """Whether OUT holds embeddings (False: none), refusing ones made differently."""
-    check_output_vector_dtype(config.out, config.vector_dtype, config.storage_options)
-    previous = read_output_provenance(config.out, config.storage_options)
-    if previous is None:
-        return False
-    changed = changed_provenance(previous, provenance)
-    if changed:
-        details = "; ".join(f"{k}: {previous.get(k)!r} there, {provenance.get(k)!r} now" for k in changed)
-        raise ConfigError(
-            f"--out {config.out} holds embeddings made differently ({details}): rerun with the "
-            "same options, choose another --out, or pass --overwrite to replace them"
-        )
-    remove_unpublished(config.out, config.storage_options)
-    return True
-
-
-def _committed(config: EmbedConfig, provenance: dict) -> dict[str, dict]:
-    """The commit records of partitions a previous run of the same job finished under OUT, by
-    key (none with --overwrite). Shards of partitions no record commits are removed, so a run
-    killed half-way leaves whole partitions only: done, and skipped now, or done again."""
-    if config.overwrite:
-        remove_outputs(config.out, config.storage_options)
-        remove_records(config.out, config.storage_options)
-        return {}
-    if not _same_provenance(config, provenance):
-        return {}
-    records = read_records(config.out, config.storage_options)
-    remove_unlisted_shards(config.out, records, config.storage_options)
-    return records
-
-
-def _rows_to_retry(config: EmbedConfig, provenance: dict) -> pa.Array:
-    """Ids of OUT's rows whose error is of a kind to retry (--retry-errors, --retry-kind)."""
-    if config.overwrite:
-        raise ConfigError("--overwrite replaces the output, --retry-errors mends it: choose one")
-    if not _same_provenance(config, provenance):
-        raise ConfigError(f"--out {config.out} holds no embeddings to retry: run without "
-                          "--retry-errors first")
-    return failed_ids(config.out, config.retry_kinds, config.storage_options)
-
-
-def _retry_outcome(config: EmbedConfig, retried: pa.Array) -> dict:
-    """How the retried rows came out: how many no longer have an error of the retried kinds."""
-    if not len(retried):
-        return {"rows": 0, "succeeded": 0, "still_failing": {}}
-    rows = outputs_dataset(config.out, config.storage_options).to_table(
-        columns=[ID, IMAGE_ERROR, TEXT_ERROR], filter=pads.field(ID).isin(retried))
-    still = {k: v for k, v in errors_by_kind(rows).items() if k.split(".", 1)[1] in config.retry_kinds}
-    failing = len(pc.unique(rows.column(ID).combine_chunks().filter(has_error(rows, config.retry_kinds))))
-    return {"rows": len(retried), "succeeded": len(retried) - failing,
-            "still_failing": dict(sorted(still.items()))}
-
-
-def _merge_retried(config: EmbedConfig, records: dict[str, dict], shards: list[dict]) -> int:
-    """Keep the newest copy of each retried row among its partition's shards; returns the rows
-    removed."""
-    base = config.out.rstrip("/")
-    written = shards_by_partition([n for s in shards for n in s["shards"]])
-    return sum(_remove_copies(config, records, [f"{base}/{n}" for n in records[key]["shards"] + names])
-               for key, names in written.items())
-
-
-def _remove_copies(config: EmbedConfig, records: dict[str, dict], shards: list[str] | None = None) -> int:
-    """Keep the newest copy of each id over `shards` (URIs; None: all of OUT's), and name in the
-    record of each partition they touch the shards left, with their totals; returns the rows
-    removed."""
-    so = config.storage_options
-    scope = shards if shards is not None else list_shards(config.out, so)
-    removed, left = remove_duplicate_rows(config.out, so, config.storage_patience_s, shards=scope)
-    now = shards_by_partition(left)
-    base = config.out.rstrip("/")
-    for key in set(shards_by_partition([s.rsplit("/", 1)[-1] for s in scope])) & set(records):
-        names = sorted(now.get(key, []))
-        if names == sorted(records[key]["shards"]):
-            continue
-        totals = shards_totals([f"{base}/{name}" for name in names], so)
-        records[key].update(rows=totals["rows"], shards=names, totals=totals)
-        write_record(config.out, key, records[key], so, config.storage_patience_s)
-    return removed
+from schemas.embeddings import TRANSIENT_ERROR_KINDS, embeddings_schema
 
 
 def _progress_mode(config: EmbedConfig) -> str:
@@ -163,17 +60,17 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     manifest, model, placement, dtype, provenance = run.manifest, run.model, run.placement, run.dtype, run.provenance
     check_manifest_columns(config.db, config.table_name, manifest.metadata_fields, config.storage_options)
     # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
-    retry = _rows_to_retry(config, provenance) if config.retry_kinds else None
-    records = _committed(config, provenance)
+    retry = rows_to_retry(config, provenance) if config.retry_kinds else None
+    records = committed_partitions(config, provenance)
     scan = scan_ids(manifest, frozenset(records), config.partition_rows)
-    partitions = {p.key: plan.uri for plan in scan.plans for p in plan.partitions}
+    partitions = {p.key: slices.uri for slices in scan.file_slices for p in slices.partitions}
     # Records of the manifest's files that are not among their partitions now (the file changed
     # size, or --partition-rows another value) go with their shards: those rows are done again.
     records = drop_changed(config.out, records, partitions, config.storage_options)
     # A retry reads every file for its rows; a run, the partitions not committed yet.
     done = frozenset() if retry is not None else frozenset(records)
-    plans = [dataclasses.replace(plan, done=done & {p.key for p in plan.partitions}) for plan in scan.plans]
-    todo = [i for i, plan in enumerate(plans) if any(p.key not in plan.done for p in plan.partitions)]
+    file_slices = [dataclasses.replace(slices, done=done & {p.key for p in slices.partitions}) for slices in scan.file_slices]
+    todo = [i for i, slices in enumerate(file_slices) if any(p.key not in slices.done for p in slices.partitions)]
     already = sum(records[k]["rows"] for k in partitions if k in records)
     pending = len(retry) if retry is not None else sum(n for k, n in scan.partition_kept.items() if k not in done)
     counter = RowCounter.remote()
@@ -187,15 +84,15 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
         rows_per_write=rows_per_write(scan.partition_kept, done),
     )
     if pending > 0:
-        rows = manifest_rows(manifest.only(todo), tuple(plans[i] for i in todo),
+        rows = manifest_rows(manifest.only(todo), tuple(file_slices[i] for i in todo),
                              config.batch_size, retry)
-        plan = embed_dataset(rows, config, model, dtype, placement, counter)
+        dataset = embed_dataset(rows, config, model, dtype, placement, counter)
         with _progress(progress_mode, config, counter, pending, progress_stream) as progress, \
                 TowerStartWatch(counter, config, placement):
             # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
             # machine, a write asking for one would wait for ever while the stages before it
             # wait on its queue.
-            plan.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
             if progress is not None:
                 progress.expect(sum(s["rows"] for s in sink.shards))
     duplicates_removed = 0
@@ -206,7 +103,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
                                f"(rows expected, written): {dict(list(unfinished.items())[:5])}")
         records.update(committed)
     else:
-        duplicates_removed += _merge_retried(config, records, sink.shards)
+        duplicates_removed += merge_retried(config, records, sink.shards)
     # Copies a retried write published after its partition was committed.
     remove_unlisted_shards(config.out, records, config.storage_options)
     totals = output_totals(config.out, records, config.storage_options)
@@ -214,7 +111,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     # the records do not count) can repeat ids the partitions hold: only then is every shard's
     # id column read to remove copies.
     if totals["rows"] > max(scan.distinct_ids, sum(r["rows"] for r in records.values())):
-        duplicates_removed += _remove_copies(config, records)
+        duplicates_removed += remove_copies(config, records)
         totals = output_totals(config.out, records, config.storage_options)
     if retry is not None:
         already = totals["rows"] - sum(s["rows"] for s in sink.shards)
@@ -222,7 +119,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
                         started_at)
     summary["duplicate_rows_removed"] = duplicates_removed
     if retry is not None:
-        summary["retried"] = _retry_outcome(config, retry)
+        summary["retried"] = retry_outcome(config, retry)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
     if config.db and totals["rows"] == 0:  # a manifest without rows: the table as it is
         summary["table"] = ensure_table(config.db, config.table_name, schema, config.storage_options)

@@ -14,7 +14,6 @@ import time
 
 import click
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
@@ -32,26 +31,16 @@ from pipeline.run.stages import (
     manifest_rows,
 )
 from pipeline.table import store as tables
-from pipeline.table.changes import ChangePlan, plan_changes
-from pipeline.table.sql_text import sql_equals
+from pipeline.table.changes import find_changes, kept_from_table, stored_state
 from pipeline.timing import pop_figures
 from pipeline.write.shards import conform, write_shard
 from schemas.embeddings import (
     CAPTION_SHA256,
-    CAPTION_TRUNCATED,
-    HEIGHT,
     IMAGE_EMBEDDING,
-    IMAGE_ERROR,
-    IMAGE_SHA256,
     TEXT_EMBEDDING,
-    TEXT_ERROR,
-    WIDTH,
     embeddings_schema,
 )
-from schemas.manifest import CAPTION, ID, IMAGE, INLINE_IMAGE
-
-IMAGE_SIDE = (IMAGE_EMBEDDING, WIDTH, HEIGHT, IMAGE_ERROR)
-TEXT_SIDE = (TEXT_EMBEDDING, TEXT_ERROR, CAPTION_TRUNCATED)
+from schemas.manifest import CAPTION
 
 
 def _collect(ds) -> pa.Table:
@@ -60,13 +49,6 @@ def _collect(ds) -> pa.Table:
     if not parts:
         return pa.table({})
     return pop_figures(pa.concat_tables(parts, promote_options="default"))[0]
-
-
-def _stored_state(table) -> tuple[pa.Table, pa.Array]:
-    """(id, hashes) of every row, and the image hashes the table holds a vector for."""
-    state = tables.read_columns(table, [ID, IMAGE_SHA256, CAPTION_SHA256])
-    with_vectors = tables.read_columns(table, [IMAGE_SHA256], f"{IMAGE_EMBEDDING} IS NOT NULL")
-    return state, pc.unique(with_vectors.column(IMAGE_SHA256).combine_chunks().drop_null())
 
 
 def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, counter) -> pa.Table:
@@ -80,69 +62,14 @@ def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, counter)
         return _collect(embed_dataset(ds, one_tower, model, dtype, placement, counter))
 
 
-def _assemble(current: pa.Table, plan: ChangePlan, image_results: pa.Table, text_results: pa.Table,
-              reused: dict, old_rows: dict) -> pa.Table:
-    """The upserted rows in full: fresh sides from the towers, the rest from the table."""
-    by_hash = {r[ID]: r for r in image_results.to_pylist()} if image_results.num_rows else {}
-    by_id = {r[ID]: r for r in text_results.to_pylist()} if text_results.num_rows else {}
-    image_redo = set(plan.new.to_pylist()) | set(plan.image_changed.to_pylist())
-    text_redo = set(plan.new.to_pylist()) | set(plan.caption_changed.to_pylist())
-    rows = []
-    for row in current.filter(pc.is_in(current.column(ID), value_set=plan.upserted)).to_pylist():
-        if row[ID] in image_redo:
-            source = by_hash.get(row[IMAGE_SHA256]) or reused.get(row[IMAGE_SHA256])
-            if source is not None:
-                row.update({k: source.get(k) for k in IMAGE_SIDE})
-            else:  # the fetch failed: the hash pass has the error
-                row.update({IMAGE_EMBEDDING: None, WIDTH: None, HEIGHT: None})
-        else:
-            row.update({k: old_rows[row[ID]].get(k) for k in IMAGE_SIDE})
-        if row[ID] in text_redo:
-            row.update({k: by_id[row[ID]].get(k) for k in TEXT_SIDE})
-        else:
-            row.update({k: old_rows[row[ID]].get(k) for k in TEXT_SIDE})
-        row.pop(INLINE_IMAGE, None)
-        rows.append(row)
-    return pa.Table.from_pylist(rows)
-
-
 def _current_rows(manifest, scan, config, policy) -> pa.Table:
     """What the manifest holds now: its rows with the hashes of their image bytes and captions."""
     current = _collect(
-        manifest_rows(manifest, scan.plans, config.batch_size)
+        manifest_rows(manifest, scan.file_slices, config.batch_size)
         .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
     )
     return current.append_column(
         CAPTION_SHA256, pa.array(caption_hashes(current.column(CAPTION).to_pylist()), pa.string()))
-
-
-def _tower_inputs(plan: ChangePlan) -> tuple[pa.Table, pa.Table]:
-    """The towers' rows: each distinct new image (by its hash) and each new caption."""
-    images = plan.images_to_embed
-    image_input = pa.table({ID: images.column(IMAGE_SHA256), IMAGE: images.column(IMAGE),
-                            INLINE_IMAGE: images.column(INLINE_IMAGE),
-                            CAPTION: pa.nulls(images.num_rows, pa.string())})
-    captions = plan.captions_to_embed
-    text_input = pa.table({ID: captions.column(ID), IMAGE: pa.nulls(captions.num_rows, pa.string()),
-                           INLINE_IMAGE: pa.nulls(captions.num_rows, pa.binary()),
-                           CAPTION: captions.column(CAPTION), TEXT_ERROR: captions.column(TEXT_ERROR)})
-    return image_input, text_input
-
-
-def _kept_from_table(table, current: pa.Table, plan: ChangePlan) -> tuple[dict, dict]:
-    """What the upserted rows take from the table: image vectors it already holds for the same
-    bytes (by hash), and each row's unchanged side."""
-    reused, old_rows = {}, {}
-    wanted = pc.unique(pa.concat_arrays([plan.new, plan.image_changed]))
-    hashes = current.filter(pc.is_in(current.column(ID), value_set=wanted)).column(IMAGE_SHA256)
-    hashes = pc.unique(hashes.combine_chunks().drop_null()).to_pylist()
-    if hashes:
-        where = f"{IMAGE_EMBEDDING} IS NOT NULL AND {sql_equals(IMAGE_SHA256, hashes)}"
-        for r in tables.read_columns(table, [IMAGE_SHA256, *IMAGE_SIDE], where).to_pylist():
-            reused.setdefault(r[IMAGE_SHA256], r)
-    where = sql_equals(ID, plan.upserted.to_pylist())
-    old_rows = {r[ID]: r for r in tables.read_columns(table, [ID, *IMAGE_SIDE, *TEXT_SIDE], where).to_pylist()}
-    return reused, old_rows
 
 
 def _embedded(results: pa.Table, column: str) -> int:
@@ -164,22 +91,22 @@ def run_reembed(config: ReembedConfig) -> dict:
 
     stored, stored_hashes, model_stale = None, pa.array([], pa.string()), False
     if table is not None:
-        stored, stored_hashes = _stored_state(table)
+        stored, stored_hashes = stored_state(table)
         previous = tables.table_provenance(table) or {}
         model_stale = bool(changed_provenance(previous, provenance))
-    plan = plan_changes(current, stored, model_stale, stored_hashes)
-    summary = {"rows_in": scan.rows, **plan.counts(),
+    changes = find_changes(current, stored, model_stale, stored_hashes)
+    summary = {"rows_in": scan.rows, **changes.counts(),
                "rows_rejected": {"missing_id": scan.missing_ids, "duplicate_id": scan.duplicate_rows}}
     if config.dry_run:
         return {"dry_run": True, **summary}
 
-    image_input, text_input = _tower_inputs(plan)
+    image_input, text_input = changes.tower_inputs()
     counter = RowCounter.remote() if image_input.num_rows or text_input.num_rows else None
     image_results = _embed(image_input, "image", e, model, dtype, placement, counter)
     text_results = _embed(text_input, "text", e, model, dtype, placement, counter)
-    reused, old_rows = ({}, {}) if table is None or model_stale or not len(plan.upserted) else (
-        _kept_from_table(table, current, plan))
-    rows = _assemble(current, plan, image_results, text_results, reused, old_rows)
+    reused, old_rows = ({}, {}) if table is None or model_stale or not len(changes.upserted) else (
+        kept_from_table(table, current, changes))
+    rows = changes.assemble(current, image_results, text_results, reused, old_rows)
     schema = embeddings_schema(model.dim, list(manifest.metadata_fields), provenance)
     rows = conform(rows, schema, model.label) if rows.num_rows else schema.empty_table()
     if e.out and rows.num_rows:
@@ -187,10 +114,10 @@ def run_reembed(config: ReembedConfig) -> dict:
 
     deleting = config.prune or model_stale
     result = tables.apply_changes(
-        e.db, e.table_name, rows, deleted=plan.deleted if deleting else None,
+        e.db, e.table_name, rows, deleted=changes.deleted if deleting else None,
         replace=table is None or model_stale, storage_options=e.storage_options,
-        record={"job": "reembed", "model": model.label, **plan.counts(),
-                "deleted": len(plan.deleted) if deleting else 0},
+        record={"job": "reembed", "model": model.label, **changes.counts(),
+                "deleted": len(changes.deleted) if deleting else 0},
     )
     summary.update({
         "image_tower_rows": _embedded(image_results, IMAGE_EMBEDDING),

@@ -14,7 +14,8 @@ from jobs.options import (
     table_name,
 )
 from pipeline.table.recall import index_recall
-from pipeline.table.store import index_table, open_table, restore_version, table_versions
+from pipeline.table.indexes import index_table
+from pipeline.table.store import open_table, restore_version, table_versions
 
 
 @click.group("table")

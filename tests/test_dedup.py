@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.table.dedup import DEFAULT_THRESHOLD, KEPT, Clusters, group_rows
+from pipeline.table.dedup import DEFAULT_THRESHOLD
+from pipeline.table.near_duplicates import KEPT, Clusters, group_rows
 from tests.conftest import altclip
 from tests.corpus import CAPTIONS
 
@@ -359,7 +360,7 @@ def test_grouping_properties(seed, monkeypatch):
     clusters = Clusters.train(vectors[::3], 600, cluster_rows=50, spill_rows=100)
     assert clusters.centroids is not None and clusters.spill_group.max() > 0
     # Many rows compared in two clusters, so that settling across clusters is exercised.
-    monkeypatch.setattr("pipeline.table.dedup.GUEST_MARGIN", 0.4)
+    monkeypatch.setattr("pipeline.table.near_duplicates.GUEST_MARGIN", 0.4)
     assert (clusters.assign(vectors)[1] >= 0).mean() > 0.2
     clustered = run(clusters, 64, block_rows=16)
     assert len(np.unique(clustered.target[clustered.target >= 0])) > 1

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import EmbedConfig
 from pipeline.read.manifest import open_manifest
 from pipeline.read.sample import count_rows, read_sample, spread_positions
-from pipeline.run.estimate import (
+from pipeline.run.projection import (
     ANN_INDEX_BYTES_PER_VECTOR,
     Stage,
     cpu_task_workers,

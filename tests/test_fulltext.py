@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from lancedb.index import FTS
 
-from pipeline.table.store import full_text_query, load_outputs
+from pipeline.table.indexes import full_text_query
+from pipeline.table.store import load_outputs
 from schemas.table import DEFAULT_TABLE_NAME, FULL_TEXT_COLUMN
 from tests.conftest import altclip
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.table.recall import index_recall
-from pipeline.table.store import index_table
+from pipeline.table.indexes import index_table
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from tests.conftest import altclip
 

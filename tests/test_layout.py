@@ -91,7 +91,7 @@ def test_no_import_cycle():
 def test_the_check_sees_imports():
     """The walk finds what it is meant to (else the tests above could pass on nothing)."""
     graph = _graph()
-    assert "pipeline.embed.provenance" in graph["jobs.embed"] and "jobs.options" in graph["jobs.cli"]
+    assert "pipeline.run.prepare" in graph["jobs.embed"] and "jobs.options" in graph["jobs.cli"]
     assert "pipeline.storage" in graph["pipeline.decode.fetch"]  # `from pipeline import storage`
     assert "pipeline.read.webdataset" in graph["pipeline.read.ids"]  # `from pipeline.read import webdataset`
     assert "pipeline.decode.images" in graph["pipeline.embed.model"]  # a later room on an earlier one

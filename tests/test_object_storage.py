@@ -17,7 +17,8 @@ import pytest
 import s3fs
 
 from pipeline.decode.fetch import read_bytes
-from pipeline.table.store import full_text_index, open_table
+from pipeline.table.indexes import full_text_index
+from pipeline.table.store import open_table
 from tests.conftest import SECRET_ACCESS_KEY, _free_port, altclip, read_output
 from tests.corpus import CAPTIONS, odd_images, webdataset_shard, write_corpus
 

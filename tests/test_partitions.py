@@ -1,4 +1,4 @@
-"""Partitions as the unit of work and resume: the id scan on the cluster, the read by plan, the
+"""Partitions as the unit of work and resume: the id scan on the cluster, the read by slices, the
 ledger's commits, and whole jobs over manifests whose files change, repeat ids, or are redone."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.read.ids import scan_ids
 from pipeline.read.manifest import _file_blocks, open_manifest
-from pipeline.read.partitions import FilePlan, file_partitions
+from pipeline.read.partitions import FileSlices, file_partitions
 from pipeline.run.stages import manifest_rows
 from pipeline.write.ledger import PartitionLedger, drop_changed, read_records, remove_unlisted_shards, write_record
 from pipeline.write.shards import list_shards, output_totals, shard_partition, write_shard
@@ -103,15 +103,15 @@ def test_the_scan_and_the_read_keep_the_first_row_of_each_id(ray_session, tmp_pa
     # The partitions: the rule's spans, and a file of one partition keyed as the file.
     first = scan_ids(manifest, frozenset(), limit)
     spans = [_spans(len(ids), limit, groups[f] if fmt == "parquet" else None) for f, ids in enumerate(files)]
-    assert [[(p.start, p.stop) for p in plan.partitions] for plan in first.plans] == spans
-    for plan, key in zip(first.plans, manifest.partition_keys()):
-        assert (plan.key == key) and (len(plan.partitions) > 1 or plan.partitions[0].key == key)
-    keys = [p.key for plan in first.plans for p in plan.partitions]
+    assert [[(p.start, p.stop) for p in slices.partitions] for slices in first.file_slices] == spans
+    for slices, key in zip(first.file_slices, manifest.partition_keys()):
+        assert (slices.key == key) and (len(slices.partitions) > 1 or slices.partitions[0].key == key)
+    keys = [p.key for slices in first.file_slices for p in slices.partitions]
     assert len(set(keys)) == len(keys)
 
-    committed = {(f, n) for f, plan in enumerate(first.plans) for n in range(len(plan.partitions))
+    committed = {(f, n) for f, slices in enumerate(first.file_slices) for n in range(len(slices.partitions))
                  if rng.random() < 0.3}
-    scan = scan_ids(manifest, frozenset(first.plans[f].partitions[n].key for f, n in committed), limit)
+    scan = scan_ids(manifest, frozenset(first.file_slices[f].partitions[n].key for f, n in committed), limit)
 
     def owner(f, n):
         return next(k for k, (a, b) in enumerate(spans[f]) if a <= n < b)
@@ -119,23 +119,23 @@ def test_the_scan_and_the_read_keep_the_first_row_of_each_id(ray_session, tmp_pa
     kept, missing, duplicates = _expected(files, committed, owner)
     assert scan.rows == sum(len(ids) for ids in files)
     assert (scan.missing_ids, scan.duplicate_rows) == (missing, duplicates)
-    assert [sum(scan.partition_kept[p.key] for p in plan.partitions) for plan in scan.plans] == [len(k) for k in kept]
-    key_of = {(f, owner(f, int(c.split("#")[1]))): first.plans[f].partitions[owner(f, int(c.split("#")[1]))].key
+    assert [sum(scan.partition_kept[p.key] for p in slices.partitions) for slices in scan.file_slices] == [len(k) for k in kept]
+    key_of = {(f, owner(f, int(c.split("#")[1]))): first.file_slices[f].partitions[owner(f, int(c.split("#")[1]))].key
               for f in range(len(files)) for c in kept[f]}
     assert scan.partition_kept == {
         p.key: sum(1 for c in kept[f] if owner(f, int(c.split("#")[1])) == n)
-        for f, plan in enumerate(first.plans) for n, p in enumerate(plan.partitions)}
+        for f, slices in enumerate(first.file_slices) for n, p in enumerate(slices.partitions)}
 
     # The read with the committed partitions done yields exactly the kept rows of the others,
     # each tagged with its partition's key (a Parquet file's done row groups are not read).
-    done = frozenset(first.plans[f].partitions[n].key for f, n in committed)
-    plans = [dataclasses.replace(plan, done=done) for plan in scan.plans]
-    todo = [f for f, plan in enumerate(plans) if any(p.key not in done for p in plan.partitions)]
+    done = frozenset(first.file_slices[f].partitions[n].key for f, n in committed)
+    file_slices = [dataclasses.replace(slices, done=done) for slices in scan.file_slices]
+    todo = [f for f, slices in enumerate(file_slices) if any(p.key not in done for p in slices.partitions)]
     want = {c: key_of[(f, owner(f, int(c.split("#")[1])))] for f in todo for c in kept[f]
             if (f, owner(f, int(c.split("#")[1]))) not in committed}
     if not want:
         return
-    rows = manifest_rows(manifest.only(todo), tuple(plans[f] for f in todo), 7).take_all()
+    rows = manifest_rows(manifest.only(todo), tuple(file_slices[f] for f in todo), 7).take_all()
     got = {}
     for caption, key in ((r["caption"], r[PARTITION]) for r in rows):
         assert caption not in got, "a row read twice"
@@ -150,14 +150,14 @@ def test_a_parquet_files_row_groups_of_partitions_done_are_not_read(tmp_path):
                                          towers=("text",)))
     partitions = file_partitions(manifest.files[0], manifest.sizes[0], 15, 8, [4, 4, 4, 3])
     assert [(p.start, p.stop) for p in partitions] == [(0, 8), (8, 15)]
-    plan = FilePlan(manifest.partition_keys()[0], manifest.uris()[0], partitions=partitions,
+    slices = FileSlices(manifest.partition_keys()[0], manifest.uris()[0], partitions=partitions,
                     done=frozenset({partitions[0].key}))
-    assert plan.groups_to_read([4, 4, 4, 3]) == [(2, 4)]
-    assert FilePlan("k", "u", partitions=partitions).groups_to_read([4, 4, 4, 3]) == [(0, 4)]
+    assert slices.groups_to_read([4, 4, 4, 3]) == [(2, 4)]
+    assert FileSlices("k", "u", partitions=partitions).groups_to_read([4, 4, 4, 3]) == [(0, 4)]
     with open(manifest.files[0], "rb") as f:
-        blocks = list(_file_blocks(manifest, f, plan))
+        blocks = list(_file_blocks(manifest, f, slices))
     assert [position for position, _ in blocks] == [8]
-    assert plan.rows_to_read(blocks[0][1], 8).column(PARTITION).to_pylist() == [partitions[1].key] * 7
+    assert slices.rows_to_read(blocks[0][1], 8).column(PARTITION).to_pylist() == [partitions[1].key] * 7
 
 
 def test_a_file_that_cannot_be_read_fails_the_scan_naming_it(ray_session, tmp_path):

@@ -227,7 +227,7 @@ def _indexed_table(tmp_path, rng, rows: int):
 
 
 def test_rows_a_load_adds_join_the_ann_index_as_a_segment_until_it_is_worth_training_again(tmp_path):
-    from pipeline.table.store import RETRAIN_SHARE
+    from pipeline.table.indexes import RETRAIN_SHARE
 
     rng = np.random.default_rng(2)
     out, db = _indexed_table(tmp_path, rng, 8_000)
@@ -267,7 +267,7 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
     """Over ROWS_PER_INDEX_SEGMENT rows, a load on Ray trains the index once and builds it as
     segments over groups of fragments in Ray tasks, committed together: every fragment in one
     segment, every vector found through them; rows added later join as one more segment."""
-    from pipeline.table import store as table_module
+    from pipeline.table import indexes as table_module
     from schemas.table import ROWS_PER_PARTITION
 
     monkeypatch.setattr(table_module, "ROWS_PER_INDEX_SEGMENT", SHARDS_PER_TASK * 1_000)
@@ -342,7 +342,7 @@ def test_on_ray_every_index_is_built_by_tasks_not_by_the_driver(ray_session, tmp
     """An ANN build holds about 1.3x the vectors it indexes, a full-text build grew 1.6 GiB at 5
     million captions: on Ray the driver builds neither, even under ROWS_PER_INDEX_SEGMENT rows
     (one segment each, over every fragment), nor counts the vectors, nor adds later rows to them."""
-    from pipeline.table import store as table_module
+    from pipeline.table import indexes as table_module
 
     for name in ["_index_segment", "_full_text_segment", "_vector_counts", "_index_added_rows"]:
         monkeypatch.setattr(table_module, name, _refusing_the_driver(
@@ -373,7 +373,7 @@ def test_on_ray_every_index_is_built_by_tasks_not_by_the_driver(ray_session, tmp
 
 
 def test_index_segments_hold_what_half_the_largest_node_can_build():
-    from pipeline.table.store import INDEX_BYTES_PER_VALUE, INDEX_TASK_BASE_BYTES, ROWS_PER_INDEX_SEGMENT, segment_rows
+    from pipeline.table.indexes import INDEX_BYTES_PER_VALUE, INDEX_TASK_BASE_BYTES, ROWS_PER_INDEX_SEGMENT, segment_rows
 
     assert segment_rows(768, 2**40) == ROWS_PER_INDEX_SEGMENT  # a 1 TiB node builds 10M rows
     assert segment_rows(768, 0) == ROWS_PER_INDEX_SEGMENT  # memory not known

@@ -7,7 +7,7 @@ import sys
 from pipeline.config import ConfigError, SearchConfig, named
 from pipeline.decode.fetch import FetchPolicy
 from pipeline.query.query_table import nearest, open_query_table
-from pipeline.table.store import full_text_index, full_text_index_is_current, full_text_query
+from pipeline.table.indexes import full_text_index, full_text_index_is_current, full_text_query
 from schemas.embeddings import (
     CAPTION_SHA256,
     CAPTION_TRUNCATED,

@@ -18,7 +18,7 @@ from pipeline.config import PARTITION_ROWS, ConfigError
 from pipeline.read import webdataset
 from pipeline.read.formats import csv_options, flatten_webdataset, id_text, json_lines
 from pipeline.read.manifest import Manifest, parse_json_file
-from pipeline.read.partitions import FilePlan, file_partitions
+from pipeline.read.partitions import FileSlices, file_partitions
 from schemas.manifest import ID
 
 
@@ -30,7 +30,7 @@ class IdScan:
     missing_ids: int  # rows whose id is null or empty: rejected
     duplicate_rows: int  # rows whose id an earlier row already has: rejected
     duplicated_ids: pa.Array  # ids that more than one row has (the first row of each is kept)
-    plans: tuple[FilePlan, ...]  # per manifest file: its partitions and the rows its read leaves out
+    file_slices: tuple[FileSlices, ...]  # per manifest file: its partitions and the rows its read leaves out
     partition_kept: dict[str, int]  # per partition (by key): the rows its read yields
 
     @property
@@ -39,7 +39,7 @@ class IdScan:
 
 
 # Each scan task reads the ids of a run of files and reserves this much CPU: it waits on storage
-# (as plan.READ_CPUS for the reads of the job).
+# (as stages.READ_CPUS for the reads of the job).
 SCAN_CPUS = 0.25
 SCAN_TASKS_PER_CPU = 2
 MAX_ID_BUCKETS = 256  # the duplicate check's hash partitions
@@ -89,13 +89,13 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
             duplicate_rows += 1
         previous = row_id
     uris, keys = manifest.uris(), manifest.partition_keys()
-    plans = tuple(FilePlan(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"], c["partitions"])
+    file_slices = tuple(FileSlices(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"], c["partitions"])
                   for i, c in enumerate(counted))
     partition_kept = {}
-    for i, (plan, count) in enumerate(zip(plans, counted)):
+    for i, (slices, count) in enumerate(zip(file_slices, counted)):
         left_out = np.sort(np.fromiter(skipped.get(i, ()), np.int64))
-        bounds = [p.start for p in plan.partitions] + [plan.partitions[-1].stop]
-        for partition, valid, repeats in zip(plan.partitions, count["valid_by_partition"],
+        bounds = [p.start for p in slices.partitions] + [slices.partitions[-1].stop]
+        for partition, valid, repeats in zip(slices.partitions, count["valid_by_partition"],
                                              np.diff(np.searchsorted(left_out, bounds))):
             partition_kept[partition.key] = valid - int(repeats)
     return IdScan(
@@ -103,7 +103,7 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
         missing_ids=sum(c["rows"] - c["valid"] for c in counted),
         duplicate_rows=duplicate_rows,
         duplicated_ids=pc.unique(order.column("id")),
-        plans=plans,
+        file_slices=file_slices,
         partition_kept=partition_kept,
     )
 

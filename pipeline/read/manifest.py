@@ -31,7 +31,7 @@ from pipeline.read.formats import (
     value_text,
     webdataset_schema,
 )
-from pipeline.read.partitions import FilePlan, partition_key
+from pipeline.read.partitions import FileSlices, partition_key
 from schemas.embeddings import IMAGE_ERROR, TEXT_ERROR, error, is_reserved
 from schemas.manifest import (
     CAPTION,
@@ -78,9 +78,9 @@ class Manifest:
         fs = self.filesystem()
         return tuple(storage.unstrip(fs, p) for p in self.files)
 
-    def plans(self) -> tuple[FilePlan, ...]:
+    def file_slices(self) -> tuple[FileSlices, ...]:
         """How to read every file whole."""
-        return tuple(FilePlan(k, u) for k, u in zip(self.partition_keys(), self.uris()))
+        return tuple(FileSlices(k, u) for k, u in zip(self.partition_keys(), self.uris()))
 
     def only(self, files: list[int]) -> "Manifest":
         """The same manifest, reading only the files at these positions."""
@@ -267,15 +267,15 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, sizes, fmt: str,
     )
 
 
-def read_manifest(manifest: Manifest, num_cpus: float = 1.0, plans: tuple[FilePlan, ...] | None = None):
+def read_manifest(manifest: Manifest, num_cpus: float = 1.0, file_slices: tuple[FileSlices, ...] | None = None):
     """The manifest's rows as a Ray Dataset, streamed from its files by tasks that each reserve
     `num_cpus`, each row tagged with its partition's key (PARTITION). Each file is
-    read as its plan (from scan_ids, in the order of manifest.files) says; without plans, whole."""
+    read as its slices (from scan_ids, in the order of manifest.files) say; without them, whole."""
     import ray.data
 
     fs = storage.arrow_filesystem(manifest.filesystem())
     files = list(manifest.files)
-    by_path = dict(zip(files, plans or manifest.plans()))
+    by_path = dict(zip(files, file_slices or manifest.file_slices()))
     task = {"num_cpus": num_cpus}
     if manifest.format == "webdataset":
         source = webdataset.WebDatasetShardsDatasource(files, by_path, filesystem=fs)
@@ -291,14 +291,14 @@ ROWS_PER_READ_BLOCK = 4096
 
 class TableFilesDatasource(FileBasedDatasource):
     """Ray Data source: each Parquet, CSV or JSON Lines file streamed once, in the order and
-    with the row positions the id scan saw, less the rows its plan leaves out."""
+    with the row positions the id scan saw, less the rows its slices leave out."""
 
-    def __init__(self, paths: list[str], manifest: Manifest, plans: dict[str, FilePlan],
+    def __init__(self, paths: list[str], manifest: Manifest, file_slices: dict[str, FileSlices],
                  **file_based_kwargs):
         super().__init__(paths, **file_based_kwargs)
         self._manifest = manifest
-        # Read tasks serialize the source: the plans (a set of positions per file) travel once.
-        self._plans_ref = ray.put(plans)
+        # Read tasks serialize the source: the slices (a set of positions per file) travel once.
+        self._slices_ref = ray.put(file_slices)
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if self._manifest.format == "parquet":  # its footer comes first: random access
@@ -306,20 +306,20 @@ class TableFilesDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        plan = ray.get(self._plans_ref)[path]
-        for position, table in _file_blocks(self._manifest, f, plan):
-            table = plan.rows_to_read(table, position)
+        slices = ray.get(self._slices_ref)[path]
+        for position, table in _file_blocks(self._manifest, f, slices):
+            table = slices.rows_to_read(table, position)
             if table.num_rows:
                 yield table
 
 
-def _file_blocks(manifest: Manifest, f, plan: FilePlan) -> Iterator[tuple[int, pa.Table]]:
+def _file_blocks(manifest: Manifest, f, slices: FileSlices) -> Iterator[tuple[int, pa.Table]]:
     """A file's rows in reading order, a block at a time (a JSON Lines file at once), each with
     the position of its first row; a Parquet file's row groups of partitions done are skipped."""
     if manifest.format == "parquet":
         parquet = pq.ParquetFile(f)
         groups = [parquet.metadata.row_group(n).num_rows for n in range(parquet.num_row_groups)]
-        for first, stop in plan.groups_to_read(groups):
+        for first, stop in slices.groups_to_read(groups):
             position = sum(groups[:first])
             for batch in parquet.iter_batches(batch_size=ROWS_PER_READ_BLOCK, row_groups=list(range(first, stop))):
                 yield position, pa.Table.from_batches([batch])

@@ -52,7 +52,7 @@ def file_partitions(path: str, size: int, rows: int, partition_rows: int,
 
 
 @dataclass(frozen=True)
-class FilePlan:
+class FileSlices:
     """How to read one manifest file: its key, its URI (WebDataset members' URIs start from it),
     the rows to leave out (by position in reading order: later copies of an id an earlier row
     has), for a WebDataset shard the keys whose members are not adjacent, and its partitions

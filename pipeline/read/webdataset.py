@@ -12,7 +12,7 @@ import pyarrow as pa
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline.read.partitions import FilePlan
+from pipeline.read.partitions import FileSlices
 from schemas.manifest import ID, IMAGE_BYTES, INLINE_IMAGE_URI, PARTITION
 
 # img2dataset's layout: per key an image, a `.txt` caption, a `.json` of metadata.
@@ -129,30 +129,30 @@ def sample_table(samples: list[Sample], shard: str) -> pa.Table:
 
 class WebDatasetShardsDatasource(FileBasedDatasource):
     """Ray Data source: each shard streamed once, its samples as rows (sample_table), less the
-    ones its plan leaves out. Ray's own WebDataset reader fails the whole job on a shard whose
+    ones its slices leave out. Ray's own WebDataset reader fails the whole job on a shard whose
     keys are not adjacent and gives no row its member's name."""
 
     _FILE_EXTENSIONS = ["tar"]
 
-    def __init__(self, paths: list[str], plans: dict[str, FilePlan], **file_based_kwargs):
+    def __init__(self, paths: list[str], file_slices: dict[str, FileSlices], **file_based_kwargs):
         super().__init__(paths, **file_based_kwargs)
-        # Read tasks serialize the source: the plans (a set of positions per shard) travel once.
-        self._plans_ref = ray.put(plans)
+        # Read tasks serialize the source: the slices (a set of positions per shard) travel once.
+        self._slices_ref = ray.put(file_slices)
 
     def _read_stream(self, stream, path: str) -> Iterator[pa.Table]:
-        plan = ray.get(self._plans_ref)[path]
+        slices = ray.get(self._slices_ref)[path]
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             members = ((info.name, tar.extractfile(info).read()) for info in tar if info.isreg())
             block = []
-            for position, sample in enumerate(group_samples(members, plan.scattered)):
-                if position in plan.skipped:
+            for position, sample in enumerate(group_samples(members, slices.scattered)):
+                if position in slices.skipped:
                     continue
                 block.append(sample)
                 if len(block) == SAMPLES_PER_BLOCK:
-                    yield _tagged(sample_table(block, plan.uri), plan.key)
+                    yield _tagged(sample_table(block, slices.uri), slices.key)
                     block = []
             if block:
-                yield _tagged(sample_table(block, plan.uri), plan.key)
+                yield _tagged(sample_table(block, slices.uri), slices.key)
 
 
 def _tagged(table: pa.Table, key: str) -> pa.Table:

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import statistics
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,24 +24,20 @@ from pipeline.embed.provenance import provenance
 from pipeline.embed.towers import ImageEmbedder, TextEmbedder
 from pipeline.read.manifest import Manifest
 from pipeline.read.sample import count_rows, read_sample, spread_positions
-from pipeline.run.prepare import prepare_run
+from pipeline.run.prepare import Run, prepare_run
+from pipeline.run.projection import Stage, cpu_task_workers, cpu_tasks_to_feed, index_bytes, output_bytes, project
 from pipeline.run.stages import (
     ACTOR_START_TIMEOUT_S,
     FETCH_CALLS,
-    FETCH_CPUS,
-    READ_CPUS,
     Placement,
     actors_per_tower,
-    cpu_task_cpus,
     fetch_actors,
     fetch_policy,
     manifest_rows,
-    tower_actor_count,
 )
 from pipeline.timing import pop_figures, stage_records
 from pipeline.write.shards import conform, errors_by_kind
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
-from schemas.table import ANN_INDEX_MIN_ROWS
 
 # Rows timed by default. Stage costs vary with the rows (a web photo's decode time spans a
 # factor of ten with its size): over 200 rows the mean's standard error is about 6% for a
@@ -58,12 +52,6 @@ TOWER_BUDGET_S = 60.0
 # can halve or double their rate (torch's threads wait for each other, and for the cores).
 TOWER_MIN_S = 5.0
 TOWER_MAX_PASSES = 10
-# The ANN index (pipeline/table/store.py `index_table`: IVF_HNSW_SQ per vector column from
-# ANN_INDEX_MIN_ROWS vectors on) holds per vector one byte per dimension (8-bit scalar
-# quantisation, whatever --vector-dtype is) and this much more: its HNSW links, row id and
-# partition bookkeeping. Measured with lance 14 on 10,000 and 20,000 unit vectors of 64 and
-# 768 dimensions: 196 bytes each time.
-ANN_INDEX_BYTES_PER_VECTOR = 196
 CPU_STAGES = ("decode", "tokenize")  # run in turn in each of the run's CPU tasks
 # Fetching is its own stage (plan.ImageFetcher): each of its actors' calls a worker.
 STAGES = ("fetch", *CPU_STAGES, "image_tower", "text_tower")
@@ -165,99 +153,6 @@ class TowerTimer:
             passes.append(times)
         timed = passes[1:] or passes
         return embedded, {stage: [t for p in timed for t in p[stage]] for stage in passes[0]}
-
-
-# --- the projection: pure arithmetic over measured rates ----------------------------------
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A stage as the projection sees it."""
-
-    name: str
-    rows_per_second: float  # one worker's rate, as measured
-    group: str  # the stages of a group run one after the other in each of the group's workers
-    workers: int  # how many the run's plan starts for the group on this cluster
-
-
-@dataclass(frozen=True)
-class Projection:
-    rows_per_second: float
-    bottleneck: str  # the stage that holds the run back
-    bottleneck_cause: str  # "workers": its group's workers are the slowest; "shared_cores": see project
-    wall_seconds: float
-    device_hours: float
-
-
-def project(stages: list[Stage], rows: int, shared_cores: bool, startup_seconds: float,
-            devices: float) -> Projection:
-    """The run's rate, bottleneck, wall time and device-hours, from each stage's rate.
-
-    A group's workers each take a batch through the group's stages in turn (a CPU task fetches,
-    decodes and tokenizes it; a CPU actor runs the image tower, then the text tower), so a group
-    does workers / (sum of its stages' seconds per row) rows/s. With the towers on accelerators
-    the groups work side by side, streaming, and the slowest group sets the pace.
-
-    With `shared_cores` (the towers on the CPUs), the groups take turns instead: the tower actor
-    runs its torch threads on every core the decoding tasks use, and a forward pass goes at the
-    pace of its slowest thread, so while it runs it has the machine, and while it waits the
-    decoding has it. Seconds per row then add up over the groups, as times. Checked against
-    real runs on 2 cores (bench/plan_check.py, web-sized JPEGs): the tiny towers at 528 rows/s
-    and decoding at 87 add up to 72 rows/s, where the run of 2,000 rows went at 77 to 80 after
-    its start-up and the slowest group alone would say 84; the full-size towers at 3.3 rows/s
-    and decoding at 76 add up to 3.1, where the run of 64 rows went at 2.7.
-    """
-    groups: dict[str, list[Stage]] = {}
-    for stage in stages:
-        groups.setdefault(stage.group, []).append(stage)
-    group_rates = {name: members[0].workers / sum(1 / s.rows_per_second for s in members)
-                   for name, members in groups.items()}
-    # Each stage's seconds per row once its workers share the rows: what it adds to the whole.
-    share = {s.name: 1 / (s.rows_per_second * s.workers) for s in stages}
-    if shared_cores:
-        rate, cause = 1 / sum(1 / r for r in group_rates.values()), "shared_cores"
-        bottleneck = max(share, key=share.get)
-    else:
-        slowest = min(group_rates, key=group_rates.get)
-        rate, cause = group_rates[slowest], "workers"
-        bottleneck = min(groups[slowest], key=lambda s: s.rows_per_second).name
-    wall = startup_seconds + rows / rate
-    return Projection(rate, bottleneck, cause, wall, wall * devices / 3600)
-
-
-def cpu_tasks_to_feed(stages: list[Stage]) -> int | None:
-    """How many decode/tokenize tasks keep the towers' actors busy: the towers' rate (the
-    slower tower group's, every actor counted) over one CPU task's rate. None without CPU stages
-    or towers timed. On GPUs the run starts a task on every CPU the actors leave free, so a
-    cluster with fewer CPUs than this has idle accelerators; more CPUs per GPU than this buy
-    nothing (see `--plan`'s "feed" line)."""
-    groups: dict[str, list[Stage]] = {}
-    for stage in stages:
-        groups.setdefault(stage.group, []).append(stage)
-    tasks = groups.pop("cpu_tasks", None)
-    if not tasks or not groups:
-        return None
-    per_task = 1 / sum(1 / s.rows_per_second for s in tasks)
-    towers = min(members[0].workers / sum(1 / s.rows_per_second for s in members) for members in groups.values())
-    return math.ceil(towers / per_task)
-
-
-def cpu_task_workers(cpus: float, placement: Placement, towers: int) -> int:
-    """How many decode/tokenize tasks run at once: each reserves plan.cpu_task_cpus, out of what
-    the tower actors, the fetch actors and a manifest read (READ_CPUS) leave."""
-    light = tower_actor_count(placement, towers) * placement.num_cpus + fetch_actors(cpus) * FETCH_CPUS
-    return max(1, math.floor((cpus - light - READ_CPUS) / cpu_task_cpus(cpus, placement, towers) + 1e-9))
-
-
-def output_bytes(rows: int, bytes_per_row: float, bytes_per_shard: float, rows_per_shard: int) -> int:
-    """Bytes of the Parquet shards: each row's share, and each shard's own (schema, footer)."""
-    return round(rows * bytes_per_row + math.ceil(rows / rows_per_shard) * bytes_per_shard)
-
-
-def index_bytes(vectors: dict[str, int], dim: int) -> int:
-    """Bytes of the ANN indexes `index_table` builds: a column with ANN_INDEX_MIN_ROWS vectors or
-    more gets one of vectors x (dim + ANN_INDEX_BYTES_PER_VECTOR) bytes."""
-    return sum(n * (dim + ANN_INDEX_BYTES_PER_VECTOR) for n in vectors.values() if n >= ANN_INDEX_MIN_ROWS)
 
 
 # --- the plan ------------------------------------------------------------------------------
@@ -366,6 +261,56 @@ def _time_sample(batches: list[pa.Table], config: EmbedConfig, model, dtype: str
     return embedded, {**times, **tower_times}, started_in, device
 
 
+def _sample_policy(config: EmbedConfig, manifest: Manifest):
+    policy = fetch_policy(config)
+    if manifest.format == "webdataset":
+        # The sample's images are members of the manifest's own shards, named by the plan.
+        policy = dataclasses.replace(policy, allow_local_paths=True)
+    return policy
+
+
+def _stages(times: dict, one_tower_each: bool, fetchers: int, tasks: int, actors: int) -> list[Stage]:
+    """The timed stages, each in its group of workers as the run would start them."""
+    return [Stage(name, rows_per_second(times[name]),
+                  "fetch" if name == "fetch" else "cpu_tasks" if name in CPU_STAGES
+                  else name if one_tower_each else "towers",
+                  fetchers if name == "fetch" else tasks if name in CPU_STAGES else actors)
+            for name in STAGES if times.get(name)]
+
+
+def _startup(run: Run, scan_seconds: float, read_start_seconds: float, started_in: dict,
+             first_batch: float) -> dict:
+    """Before the first row is out, one after the other (as Ray Data's log of a run shows): the
+    manifest and model opened, Ray, the id scan; Ray Data waits for its tower actors (a worker,
+    its imports, the weights), then its tasks list and read the manifest's files, then a CPU
+    task starts and decodes the first batch, which goes through the towers."""
+    return {"setup": run.setup_seconds, "ray": run.ray_seconds, "id_scan": scan_seconds,
+            "tower_worker": started_in["worker"], "model_load": started_in["model_load"],
+            "read_start": read_start_seconds, "cpu_task_start": started_in["cpu_task"],
+            "first_batch": first_batch}
+
+
+def _projected(stages: list[Stage], projection, on_gpu: bool, devices: float, startup: dict) -> dict:
+    return {
+        "stages": {s.name: {"rows_per_second_per_worker": round(s.rows_per_second, 2),
+                            "workers": s.workers,
+                            "rows_per_second": round(s.rows_per_second * s.workers, 2)} for s in stages},
+        # The CPU tasks that would keep the towers fed: beside workers.cpu_tasks, it says whether
+        # this cluster has CPUs enough per accelerator (on CPUs the two share the cores instead).
+        "cpu_tasks_to_feed_towers": cpu_tasks_to_feed(stages) if on_gpu else None,
+        "rows_per_second": round(projection.rows_per_second, 2),
+        "bottleneck": projection.bottleneck,
+        "bottleneck_cause": projection.bottleneck_cause,
+        "device": "gpu" if on_gpu else "cpu",
+        "devices": devices,
+        "rows_per_second_per_device": round(projection.rows_per_second / devices, 3),
+        "startup_seconds": {**{k: round(v, 2) for k, v in startup.items()},
+                            "total": round(sum(startup.values()), 2)},
+        "wall_seconds": round(projection.wall_seconds, 1),
+        "device_hours": float(f"{projection.device_hours:.4g}"),
+    }
+
+
 def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) -> dict:
     """The plan of `altclip embed` with `config`: what the run would take, from `sample_rows`
     rows spread over the manifest, timed in a Ray task and a Ray actor placed as the run's own.
@@ -376,7 +321,6 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
     started = time.perf_counter()
     run = prepare_run(config, progress_bars=False, check_out=False)
     manifest, model, placement, dtype = run.manifest, run.model, run.placement, run.dtype
-    setup_seconds, ray_seconds = run.setup_seconds, run.ray_seconds
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
 
@@ -389,31 +333,15 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
     read_start_seconds = _read_start_seconds(manifest, config.batch_size)
     sample = read_sample(manifest, counts, spread_positions(rows, sample_rows))
     batches = [sample.slice(i, config.batch_size) for i in range(0, sample.num_rows, config.batch_size)]
-    policy = fetch_policy(config)
-    if manifest.format == "webdataset":
-        # The sample's images are members of the manifest's own shards, named by the plan.
-        policy = dataclasses.replace(policy, allow_local_paths=True)
-    embedded, times, started_in, device = _time_sample(batches, config, model, dtype, placement, policy)
-
+    embedded, times, started_in, device = _time_sample(batches, config, model, dtype, placement,
+                                                       _sample_policy(config, manifest))
     # On CPUs one actor holds both towers (towers.TowersEmbedder); on GPUs each has its own.
     one_tower_each = placement.on_gpu or len(config.towers) == 1
     actors = actors_per_tower(placement)  # one tower's
     tasks = cpu_task_workers(cpus, placement, len(config.towers))
-    fetchers = fetch_actors(cpus) * FETCH_CALLS
-    stages = [Stage(name, rows_per_second(times[name]),
-                    "fetch" if name == "fetch" else "cpu_tasks" if name in CPU_STAGES
-                    else name if one_tower_each else "towers",
-                    fetchers if name == "fetch" else tasks if name in CPU_STAGES else actors)
-              for name in STAGES if times.get(name)]
-    # Before the first row is out, one after the other (as Ray Data's log of a run shows): the
-    # manifest and model opened, Ray, the id scan; Ray Data waits for its tower actors (a
-    # worker, its imports, the weights), then its tasks list and read the manifest's files,
-    # then a CPU task starts and decodes the first batch, which goes through the towers.
-    batch = min(config.batch_size, rows)
-    startup = {"setup": setup_seconds, "ray": ray_seconds, "id_scan": scan_seconds,
-               "tower_worker": started_in["worker"], "model_load": started_in["model_load"],
-               "read_start": read_start_seconds, "cpu_task_start": started_in["cpu_task"],
-               "first_batch": sum(batch / s.rows_per_second for s in stages)}
+    stages = _stages(times, one_tower_each, fetch_actors(cpus) * FETCH_CALLS, tasks, actors)
+    startup = _startup(run, scan_seconds, read_start_seconds, started_in,
+                       sum(min(config.batch_size, rows) / s.rows_per_second for s in stages))
     devices = gpus if placement.on_gpu else cpus
     projection = project(stages, rows, not placement.on_gpu, sum(startup.values()), devices)
     out, _ = pop_figures(pa.concat_tables(embedded, promote_options="default"))
@@ -434,22 +362,7 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
                     "towers_per_actor": 1 if one_tower_each else len(config.towers),
                     "torch_threads": placement.torch_threads, "num_gpus_per_actor": placement.num_gpus},
         "towers_timed_on": device,
-        "stages": {s.name: {"rows_per_second_per_worker": round(s.rows_per_second, 2),
-                            "workers": s.workers,
-                            "rows_per_second": round(s.rows_per_second * s.workers, 2)} for s in stages},
-        # The CPU tasks that would keep the towers fed: beside workers.cpu_tasks, it says whether
-        # this cluster has CPUs enough per accelerator (on CPUs the two share the cores instead).
-        "cpu_tasks_to_feed_towers": cpu_tasks_to_feed(stages) if placement.on_gpu else None,
-        "rows_per_second": round(projection.rows_per_second, 2),
-        "bottleneck": projection.bottleneck,
-        "bottleneck_cause": projection.bottleneck_cause,
-        "device": "gpu" if placement.on_gpu else "cpu",
-        "devices": devices,
-        "rows_per_second_per_device": round(projection.rows_per_second / devices, 3),
-        "startup_seconds": {**{k: round(v, 2) for k, v in startup.items()},
-                            "total": round(sum(startup.values()), 2)},
-        "wall_seconds": round(projection.wall_seconds, 1),
-        "device_hours": float(f"{projection.device_hours:.4g}"),
+        **_projected(stages, projection, placement.on_gpu, devices, startup),
         **_output_sizes(out, rows, config, manifest, model, dtype),
         "plan_seconds": round(time.perf_counter() - started, 1),
     }

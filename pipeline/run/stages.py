@@ -23,7 +23,7 @@ from pipeline.embed.model import ModelSpec
 from pipeline.embed.towers import ImageEmbedder, TextEmbedder, TowersEmbedder
 from pipeline.read.ids import select_rows
 from pipeline.read.manifest import Manifest, read_manifest, to_contract_columns
-from pipeline.read.partitions import FilePlan
+from pipeline.read.partitions import FileSlices
 from schemas.manifest import INLINE_IMAGE
 
 # A tower actor that cannot be placed (a GPU nobody has) fails the job after this long instead
@@ -145,11 +145,11 @@ def plan_placement(config: EmbedConfig) -> Placement:
     return Placement(0.0, CPU_ACTOR_RESERVATION, concurrency, torch_threads=max(1, int(spare // actors)))
 
 
-def manifest_rows(manifest: Manifest, plans: tuple[FilePlan, ...] | None, rows_per_block: int,
+def manifest_rows(manifest: Manifest, file_slices: tuple[FileSlices, ...] | None, rows_per_block: int,
                   included: pa.Array | None = None):
     """The rows of the manifest's files in the contract's columns, each file read as its plan
     (from scan_ids; None: whole) says; with `included`, only rows whose id is in it."""
-    ds = read_manifest(manifest, READ_CPUS, plans).map_batches(
+    ds = read_manifest(manifest, READ_CPUS, file_slices).map_batches(
         select_rows, fn_kwargs={"id_col": manifest.id_col, "included": included},
         batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
     )

@@ -1,4 +1,4 @@
-"""The LanceDB table: load Parquet outputs (upsert on `id`), keep its indexes, open it for search."""
+"""The LanceDB table: open it, load Parquet outputs (upsert on `id`), record and restore its versions."""
 
 from __future__ import annotations
 
@@ -12,53 +12,17 @@ from pipeline import storage
 from pipeline.config import ConfigError, named
 from pipeline.table.bulk_load import (
     create_table,
-    on_ray,
     shard_batches,
     shard_name,
     shards_to_load,
     table_uri,
     takes_type,
 )
+from pipeline.table.indexes import index_table
 from pipeline.table.sql_text import sql_equals
 from pipeline.write.shards import list_shards, shards_dataset
-from schemas.embeddings import VECTOR_COLUMNS, provenance_of, vector_dtype_of
-from schemas.table import (
-    ANN_INDEX_MIN_ROWS,
-    FULL_TEXT_COLUMN,
-    FULL_TEXT_NGRAM_LENGTHS,
-    KEY,
-    ROWS_PER_PARTITION,
-)
-
-# See index_table: an ANN index takes rows added after it was built as segments of their own,
-# until they are this share of the rows it was trained on, or this many segments were added.
-RETRAIN_SHARE = 0.2
-MAX_ADDED_SEGMENTS = 7
-# On Ray, an ANN index over more rows than this is built as segments of about this many rows
-# each (fewer on small nodes: see segment_rows), one Ray task per segment (see
-# _index_on_workers): 585 per column at LAION-5B's 5.85e9.
-ROWS_PER_INDEX_SEGMENT = 10_000_000
-# What building an IVF_HNSW_SQ segment holds (lance 14, measured: 1.3x the float32 vectors at
-# 768-d, 1.1x at 64-d, and a few hundred MiB besides): a segment task asks Ray for this much
-# memory, and a segment holds at most what half of the largest node's memory builds.
-INDEX_BYTES_PER_VALUE = 6
-INDEX_TASK_BASE_BYTES = 512 * 2**20
-
-# How captions are cut for the full-text index, in lance's names. The grams span spaces; the one
-# stop word is the space alone, which every spaced caption holds (a query between spaces, see
-# full_text_query, would otherwise match them all). Stemming and the language's stop words are
-# rules for whole words, not grams.
-FULL_TEXT_PARAMS = {"base_tokenizer": "ngram", "min_ngram_length": FULL_TEXT_NGRAM_LENGTHS[0],
-                    "max_ngram_length": FULL_TEXT_NGRAM_LENGTHS[1], "stem": False,
-                    "remove_stop_words": True, "custom_stop_words": [" "]}
-# A full-text build keeps postings in memory up to about this many MiB, then writes them out
-# as one more shard of the segment and goes on (lance's `memory_limit`; its default is 2 GiB
-# for each of the machine's cores). Measured over 5 million captions on one core, the build
-# held 1,474 MiB at 1,024 and 852 MiB at 512: on Ray each segment's task asks for 1.25x the
-# limit and INDEX_TASK_BASE_BYTES.
-FULL_TEXT_BUILD_MIB = 1024
-FULL_TEXT_TASK_BYTES = INDEX_TASK_BASE_BYTES + FULL_TEXT_BUILD_MIB * 2**20 * 5 // 4
-FULL_TEXT_INDEX = f"{FULL_TEXT_COLUMN}_idx"
+from schemas.embeddings import provenance_of, vector_dtype_of
+from schemas.table import KEY
 
 # The columns `altclip dedup` marks near-duplicates with, per side (pipeline/table/dedup.py): the id of
 # the kept row a row duplicates, the cosine to it, and whether the row was checked. Named here
@@ -87,13 +51,13 @@ def open_table(db_uri: str, name: str, storage_options: dict | None = None):
     if storage.is_local(db_uri) and not os.path.isdir(storage.filesystem(db_uri)[1]):
         raise ConfigError(f"{db_uri}: no database there (a LanceDB database is a folder made by "
                           f"an embed run given {named('db')}, or a load)")
-    db = connect(db_uri, storage_options)
-    if name not in db.table_names():
+    conn = connect(db_uri, storage_options)
+    if name not in conn.table_names():
         raise ConfigError(
-            f"{db_uri} has no table '{name}' (tables: {', '.join(db.table_names()) or 'none'}); "
+            f"{db_uri} has no table '{name}' (tables: {', '.join(conn.table_names()) or 'none'}); "
             f"load embeddings into it first, or name another with {named('table_name')}"
         )
-    return db.open_table(name)
+    return conn.open_table(name)
 
 
 def open_dataset(db_uri: str, name: str, storage_options: dict | None = None):
@@ -185,8 +149,8 @@ def _add_columns(table, schema: pa.Schema) -> list[str]:
 
 def ensure_table(db_uri: str, name: str, schema: pa.Schema, storage_options: dict | None = None) -> dict:
     """The table as it is, or created empty with the outputs' schema (a manifest without rows)."""
-    db = connect(db_uri, storage_options)
-    table = db.open_table(name) if name in db.table_names() else db.create_table(name, schema=schema)
+    conn = connect(db_uri, storage_options)
+    table = conn.open_table(name) if name in conn.table_names() else conn.create_table(name, schema=schema)
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": 0, "updated": 0,
             "version": table.version}
 
@@ -209,19 +173,12 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): embed into it first")
     # The record outlives the command: a relative folder would mean nothing from elsewhere.
     where = os.path.abspath(out) if storage.is_local(out) and "://" not in out else storage.redact(out)
-    db = connect(db_uri, storage_options)
-    if name in db.table_names():
-        table = db.open_table(name)
-        loaded = _loaded_shards(db, name, table, where)
+    conn = connect(db_uri, storage_options)
+    if name in conn.table_names():
+        table = conn.open_table(name)
+        loaded = _loaded_shards(conn, name, table, where)
         new = [s for s in shards if shard_name(s) not in loaded]
-        dataset = shards_dataset(new or shards[:1], storage_options)
-        existing, incoming = table_provenance(table), provenance_of(dataset.schema)
-        if existing and incoming and _model_of(existing) != _model_of(incoming):
-            raise ConfigError(
-                f"table '{name}' holds vectors of {_model_of(existing)}, the outputs are from "
-                f"{_model_of(incoming)}: load them into another table with {named('table_name')}"
-            )
-        check_vector_dtype(table, vector_dtype_of(dataset.schema), "outputs")
+        _check_outputs_fit(table, name, shards_dataset(new or shards[:1], storage_options).schema)
         if not new:  # nothing new since this table last took these outputs: no new version
             return {"uri": db_uri, "name": name, "rows": table.count_rows(), "inserted": 0,
                     "updated": 0, "version": table.version, "shards_already_loaded": len(shards)}
@@ -244,10 +201,10 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
         new, added = shards, []
         reading = shards_to_load(shards, storage_options)
         inserted, updated = create_table(db_uri, name, reading, storage_options), 0
-        table = db.open_table(name)
+        table = conn.open_table(name)
     index_table(table)
     changes = {"repeated_rows": reading.repeated_rows, "columns_added": added}
-    record_run(db, name, table.version, {
+    record_run(conn, name, table.version, {
         "job": "load", "outputs": where, "inserted": inserted, "updated": updated,
         "version_time": _version_times(table)[table.version], "shards": [shard_name(s) for s in new],
         **{k: v for k, v in changes.items() if v}})
@@ -256,7 +213,19 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
             "shards_already_loaded": len(shards) - len(new), **changes}
 
 
-def _loaded_shards(db, name: str, table, where: str) -> set[str]:
+def _check_outputs_fit(table, name: str, schema: pa.Schema) -> None:
+    """Refuse outputs (of `schema`) whose vectors are another model's, or of another type, than
+    those table `name` holds."""
+    existing, incoming = table_provenance(table), provenance_of(schema)
+    if existing and incoming and _model_of(existing) != _model_of(incoming):
+        raise ConfigError(
+            f"table '{name}' holds vectors of {_model_of(existing)}, the outputs are from "
+            f"{_model_of(incoming)}: load them into another table with {named('table_name')}"
+        )
+    check_vector_dtype(table, vector_dtype_of(schema), "outputs")
+
+
+def _loaded_shards(conn, name: str, table, where: str) -> set[str]:
     """The shards of the outputs at `where` whose rows the table holds as loaded, by the runs'
     records: the shards of the loads of `where` since the last job that wrote rows from
     anywhere else (a load of other outputs, a reembed), whose rows may have replaced them.
@@ -266,9 +235,9 @@ def _loaded_shards(db, name: str, table, where: str) -> set[str]:
     with the same time: a `table restore` to before it drops it (and every later record), and so
     does a table dropped and made again under the same name. Changes made by other tools than
     ours are not seen: they are not recorded."""
-    if _runs_name(name) not in db.table_names():
+    if _runs_name(name) not in conn.table_names():
         return set()
-    runs = db.open_table(_runs_name(name)).to_arrow().sort_by("table_version").to_pylist()
+    runs = conn.open_table(_runs_name(name)).to_arrow().sort_by("table_version").to_pylist()
     versions = _version_times(table)
     loads: list[tuple[int, dict]] = []  # loads of `where` since rows last came from elsewhere
     for run in runs:
@@ -307,8 +276,8 @@ def _with_dedup_cleared(table, rows: pa.Table | pa.RecordBatchReader):
 
 
 def open_table_if_exists(db_uri: str, name: str, storage_options: dict | None = None):
-    db = connect(db_uri, storage_options)
-    return db.open_table(name) if name in db.table_names() else None
+    conn = connect(db_uri, storage_options)
+    return conn.open_table(name) if name in conn.table_names() else None
 
 
 def read_columns(table, columns: list[str], where: str | None = None) -> pa.Table:
@@ -323,12 +292,12 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
                   storage_options: dict | None, record: dict) -> dict:
     """Upsert `rows` by id and delete the `deleted` ids (or replace the whole table), re-index,
     and record what the run changed beside the version it made."""
-    db = connect(db_uri, storage_options)
+    conn = connect(db_uri, storage_options)
     removed = 0
     if replace:
-        table = db.create_table(name, data=rows, mode="overwrite", on_bad_vectors="null")
+        table = conn.create_table(name, data=rows, mode="overwrite", on_bad_vectors="null")
     else:
-        table = db.open_table(name)
+        table = conn.open_table(name)
         check_vector_dtype(table, vector_dtype_of(rows.schema))
         if rows.num_rows:
             (table.merge_insert(KEY).when_matched_update_all().when_not_matched_insert_all()
@@ -339,7 +308,7 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
         removed = len(ids)
     if replace or rows.num_rows or removed:
         index_table(table)
-        record_run(db, name, table.version, record)
+        record_run(conn, name, table.version, record)
     # else nothing changed: no new version, the indexes are still current, nothing to record
     return {"uri": db_uri, "name": name, "rows": table.count_rows(), "version": table.version,
             "deleted": removed}
@@ -349,25 +318,25 @@ def _runs_name(name: str) -> str:
     return f"{name}__runs"
 
 
-def record_run(db, name: str, version: int, details: dict) -> None:
+def record_run(conn, name: str, version: int, details: dict) -> None:
     """What a job changed, kept in a small table beside the embeddings (local or object storage)."""
     row = pa.table({"table_version": [int(version)], "time": [datetime.now(timezone.utc).isoformat()],
                     "job": [str(details.get("job"))],
                     "details": [json.dumps(details, sort_keys=True, default=str)]})
-    if _runs_name(name) in db.table_names():
-        db.open_table(_runs_name(name)).add(row)
+    if _runs_name(name) in conn.table_names():
+        conn.open_table(_runs_name(name)).add(row)
     else:
-        db.create_table(_runs_name(name), data=row)
+        conn.create_table(_runs_name(name), data=row)
 
 
 def table_versions(db_uri: str, name: str, storage_options: dict | None = None) -> list[dict]:
     """The table's versions, oldest first, each with what made it: the job's record where a job
     of ours finished there, else the table format's own record of the change."""
     table = open_table(db_uri, name, storage_options)
-    db = connect(db_uri, storage_options)
+    conn = connect(db_uri, storage_options)
     runs = {}
-    if _runs_name(name) in db.table_names():
-        for run in db.open_table(_runs_name(name)).to_arrow().to_pylist():
+    if _runs_name(name) in conn.table_names():
+        for run in conn.open_table(_runs_name(name)).to_arrow().to_pylist():
             runs[run["table_version"]] = json.loads(run["details"])
     dataset = table.to_lance()
     versions = []
@@ -419,243 +388,3 @@ def restore_version(db_uri: str, name: str, version: int, storage_options: dict 
 
 def _model_of(provenance: dict) -> tuple:
     return provenance.get("model"), provenance.get("revision"), provenance.get("dim")
-
-
-def full_text_index(table):
-    """The table's full-text index on captions, or None."""
-    for index in table.list_indices():
-        if index.index_type == "FTS" and list(index.columns) == [FULL_TEXT_COLUMN]:
-            return index
-    return None
-
-
-def full_text_index_is_current(index) -> bool:
-    """Whether a full-text index cuts captions the way `index_table` does today (tables indexed
-    before n-grams split on spaces: a Chinese or Japanese query matched nothing)."""
-    return all(index.index_details.get(key) == value for key, value in FULL_TEXT_PARAMS.items())
-
-
-def full_text_query(text: str) -> str:
-    """The text a full-text search asks the index for: the query between spaces.
-
-    A word standing alone in a caption has grams at its edges (" ca", "at ") that the same
-    letters inside a longer word lack, so asking for them ranks "a photo of a cat" above
-    "scattered catalogues" for `cat` (on 10,000 synthetic captions, the share of captions with
-    the whole word in an English word's top 10 went from 0.80 to 1.00, at about the same speed); text
-    without spaces (猫 in 猫的绿色眼睛特写) still matches by its inner grams.
-    """
-    return f" {text} "
-
-
-def index_table(table, rows_per_partition: int = ROWS_PER_PARTITION, retrain: bool = False) -> dict:
-    """Full-text index on captions; an ANN index per vector column once exact search gets slow.
-
-    Captions are indexed as character n-grams (see FULL_TEXT_PARAMS); a table indexed another
-    way (an older whitespace-split index) gets a new index.
-    Below ANN_INDEX_MIN_ROWS vectors a search compares every row: exact, and fast at that size.
-    Above it, IVF partitions of about 4,096 vectors each (sqrt-like growth keeps both the
-    partition scan and the centroid search small), HNSW inside each partition, cosine.
-
-    Where the caller runs on Ray (`embed --db`, `reembed`, a job on a cluster) every index is
-    built, and every vector counted, in Ray tasks, so that the driver's memory does not grow
-    with the table (an ANN build holds about 1.3x the vectors it indexes; a full-text build in
-    one process grew 1.6 GiB at 5 million captions). Each index is built as segments over groups
-    of fragments, a task each, committed by the driver as one index: the ANN index trained once
-    (see _index_on_workers), the full-text index over ROWS_PER_INDEX_SEGMENT captions a segment
-    (see _full_text_on_workers). Elsewhere, in this process.
-
-    Rows a load or reembed added since an index was built go into it as they are: a new segment
-    (over the partitions it trained, for the ANN index), which takes seconds where training
-    takes minutes at scale. Once those rows pass RETRAIN_SHARE of the trained ones, or
-    MAX_ADDED_SEGMENTS segments were added, or with `retrain`, the ANN index is built again from
-    all the vectors.
-    """
-    fts = full_text_index(table)
-    if fts is not None and full_text_index_is_current(fts) and not retrain:
-        _add_to_index(table, fts.name)
-    elif on_ray():
-        _full_text_on_workers(table)
-    else:
-        _full_text_segment(table.to_lance(), None)
-        table.checkout_latest()  # the index was made through another handle
-    built = {}
-    counts = _where_the_index_is_built(_vector_counts, table.to_lance())
-    for column in VECTOR_COLUMNS:
-        vectors = counts[column]
-        if vectors < ANN_INDEX_MIN_ROWS:
-            continue
-        segments = None if retrain else _ann_segments(table, column)
-        if segments and segments["added"] <= RETRAIN_SHARE * segments["trained"] \
-                and segments["added_segments"] < MAX_ADDED_SEGMENTS:
-            _add_to_index(table, segments["name"])
-            built[column] = {"vectors": vectors, "partitions": segments["partitions"],
-                             "added": segments["added"]}
-            continue
-        partitions = max(1, min(4096, vectors // rows_per_partition))
-        if on_ray():
-            segments = _index_on_workers(table, column, partitions)
-        else:
-            segments = 1
-            table.create_index(metric="cosine", vector_column_name=column, index_type="IVF_HNSW_SQ",
-                               num_partitions=partitions, replace=True)
-        built[column] = {"vectors": vectors, "partitions": partitions, "segments": segments}
-    return built
-
-
-def _where_the_index_is_built(function, dataset, *args):
-    """`function(dataset, *args)` in a Ray task on Ray (what it reads never reaches the driver),
-    in this process elsewhere."""
-    if not on_ray():
-        return function(dataset, *args)
-    import ray
-
-    return ray.get(ray.remote(function).options(num_cpus=1).remote(dataset, *args))
-
-
-def _vector_counts(dataset) -> dict[str, int]:
-    """Rows with a vector, per vector column (lance reads the column to see its nulls: 600 MiB
-    held at 5 million 64-d rows, measured)."""
-    return {column: dataset.count_rows(f"{column} IS NOT NULL") for column in VECTOR_COLUMNS}
-
-
-def segment_rows(dim: int, node_memory: int) -> int:
-    """Rows per index segment: ROWS_PER_INDEX_SEGMENT, or fewer where building that many
-    `dim`-d vectors would take more than half of `node_memory` bytes (0: not known)."""
-    if node_memory <= 0:
-        return ROWS_PER_INDEX_SEGMENT
-    fit = (node_memory // 2 - INDEX_TASK_BASE_BYTES) // (dim * INDEX_BYTES_PER_VALUE)
-    return max(1, min(ROWS_PER_INDEX_SEGMENT, fit))  # a fragment is never split: a segment holds one at least
-
-
-def _largest_node_memory() -> int:
-    """The `memory` resource of the cluster's largest live node, in bytes."""
-    import ray
-
-    return int(max(node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]))
-
-
-def _fragment_rows(dataset) -> dict[int, int]:
-    """Rows by fragment id, in the dataset's order, from the fragments' metadata: no row is read."""
-    return {f.fragment_id: f.metadata.num_rows for f in dataset.get_fragments()}
-
-
-def _fragment_groups(fragment_rows: dict[int, int], rows_per_group: int) -> list[list[int]]:
-    """Fragment ids (rows by id, in the dataset's order) in runs of about `rows_per_group` rows:
-    a fragment is never split."""
-    groups, rows = [[]], 0
-    for fragment_id, rows_in_fragment in fragment_rows.items():
-        if rows >= rows_per_group:
-            groups.append([])
-            rows = 0
-        groups[-1].append(fragment_id)
-        rows += rows_in_fragment
-    return [g for g in groups if g]
-
-
-def _index_on_workers(table, column: str, partitions: int) -> int:
-    """The ANN index on `column` as one segment per group of fragments (see segment_rows), each
-    built by a Ray task where it runs, over IVF centroids trained once (a Ray task too: lance
-    trains on a sample of the vectors, 256 per partition); the driver commits the segments'
-    metadata in one commit, as one index that a search reads whole. The segments are not
-    merged: lance's merge rebuilds every partition, which costs as much as building the index
-    in one process. Returns the segments built."""
-    import ray
-
-    dataset = table.to_lance()  # pickles as its URI, version and storage options
-    name = f"{column}_idx"
-    dim, largest = table.schema.field(column).type.list_size, _largest_node_memory()
-    fragment_rows = _fragment_rows(dataset)
-    groups = _fragment_groups(fragment_rows, segment_rows(dim, largest))
-    train = ray.remote(_train_centroids).options(num_cpus=1)
-    centroids = train.remote(dataset, column, partitions)
-    build = ray.remote(_index_segment)
-
-    def memory(group: list[int]) -> int:  # never more than a node has: that task would wait for ever
-        needed = INDEX_TASK_BASE_BYTES + sum(fragment_rows[f] for f in group) * dim * INDEX_BYTES_PER_VALUE
-        return min(largest, needed)
-
-    segments = ray.get([build.options(num_cpus=1, memory=memory(group))
-                        .remote(dataset, column, name, partitions, centroids, group) for group in groups])
-    dataset.commit_existing_index_segments(name, column, segments)
-    table.checkout_latest()  # the commit was made through another handle
-    return len(segments)
-
-
-def _train_centroids(dataset, column: str, partitions: int) -> pa.FixedSizeListArray:
-    from lance.indices import IndicesBuilder
-
-    return IndicesBuilder(dataset, column).train_ivf(partitions, distance_type="cosine").centroids
-
-
-def _index_segment(dataset, column: str, name: str, partitions: int, centroids, fragment_ids: list[int]):
-    """One segment of the index: the vectors of `fragment_ids`, written under the table's
-    _indices/, not yet part of it (the driver commits it)."""
-    return dataset.create_index_uncommitted(
-        column, "IVF_HNSW_SQ", name=name, metric="cosine", num_partitions=partitions,
-        ivf_centroids=centroids, fragment_ids=fragment_ids, replace=True)
-
-
-def _ann_segments(table, column: str) -> dict | None:
-    """The ANN index on `column` as segments: the rows it was trained on (those of the segments
-    its build made, all of one table version), the segments and rows added since (later segments
-    and rows in none), and its partitions. Rows are counted as lance counts unindexed ones: every
-    row of a fragment, with a vector or without."""
-    # Statistics without each segment's centroids (up to 4,096 x dim floats each).
-    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
-    dataset = table.to_lance()
-    for index in table.list_indices():
-        if list(index.columns) == [column] and index.index_type != "FTS":
-            fragment_rows = _fragment_rows(dataset)
-            segments = [(i["version"], sum(fragment_rows.get(f, 0) for f in i["fragment_ids"]))
-                        for i in dataset.list_indices() if i["name"] == index.name]
-            first = min(version for version, _ in segments)
-            stats = dataset.stats.index_stats(index.name)
-            return {"name": index.name, "trained": sum(n for v, n in segments if v == first),
-                    "added_segments": sum(1 for v, _ in segments if v != first),
-                    "added": sum(n for v, n in segments if v != first) + stats["num_unindexed_rows"],
-                    "partitions": stats["segments"][0]["num_partitions"]}
-    return None
-
-
-def _add_to_index(table, name: str) -> None:
-    """The rows an index lacks, indexed as a segment of their own (in a Ray task on Ray)."""
-    _where_the_index_is_built(_index_added_rows, table.to_lance(), name)
-    table.checkout_latest()  # the change was made through another handle
-
-
-def _index_added_rows(dataset, name: str) -> None:
-    # num_indices_to_merge=0: merging segments rebuilds every partition, and left an IVF index
-    # of one partition.
-    dataset.optimize.optimize_indices(index_names=[name], num_indices_to_merge=0)
-
-
-def _full_text_on_workers(table) -> None:
-    """The full-text index as one segment per ROWS_PER_INDEX_SEGMENT captions (whole fragments),
-    each built by a Ray task, committed by the driver as one index (a search reads every
-    segment, with the whole table's term statistics: its scores equal a one-segment index's)."""
-    import ray
-
-    dataset = table.to_lance()
-    fragment_rows = _fragment_rows(dataset)
-    groups = _fragment_groups(fragment_rows, ROWS_PER_INDEX_SEGMENT)
-    if not groups:  # an empty table: an empty index, built here, holds nothing
-        _full_text_segment(dataset, None)
-        table.checkout_latest()
-        return
-    build = ray.remote(_full_text_segment).options(
-        num_cpus=1, memory=min(FULL_TEXT_TASK_BYTES, _largest_node_memory()))
-    segments = ray.get([build.remote(dataset, group) for group in groups])
-    dataset.commit_existing_index_segments(FULL_TEXT_INDEX, FULL_TEXT_COLUMN, segments)
-    table.checkout_latest()  # the commit was made through another handle
-
-
-def _full_text_segment(dataset, fragment_ids: list[int] | None):
-    """The full-text index over `fragment_ids`: a segment, written under the table's _indices/
-    and not yet part of it (the driver commits it), by one core in FULL_TEXT_BUILD_MIB;
-    None: the whole index, committed, built by every core of this machine."""
-    if fragment_ids is None:
-        return dataset.create_scalar_index(FULL_TEXT_COLUMN, "INVERTED", name=FULL_TEXT_INDEX,
-                                           replace=True, **FULL_TEXT_PARAMS)
-    return dataset.create_index_uncommitted(
-        FULL_TEXT_COLUMN, "INVERTED", name=FULL_TEXT_INDEX, replace=True, fragment_ids=fragment_ids,
-        num_workers=1, memory_limit=FULL_TEXT_BUILD_MIB, **FULL_TEXT_PARAMS)
