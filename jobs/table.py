@@ -13,8 +13,8 @@ from jobs.options import (
     storage_option,
     table_name,
 )
-from pipeline.table.recall import index_recall
 from pipeline.table.indexes import index_table
+from pipeline.table.recall import index_recall
 from pipeline.table.store import open_table, restore_version, table_versions
 
 

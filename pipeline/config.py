@@ -87,10 +87,10 @@ class EmbedConfig:
     progress_interval_s: float = 10.0
     # Seconds an unreachable store is waited out before the job stops (rerun to resume).
     storage_patience_s: float = 300.0
-    # Wall-clock seconds per attempt at an image URL (None: pipeline.decode.fetch.HTTP_TIMEOUT_S).
+    # Wall-clock seconds per attempt at an image URL (None: pipeline.decode.http_get.HTTP_TIMEOUT_S).
     fetch_timeout_s: float | None = None
-    # What image fetches call themselves (None: pipeline.decode.fetch.USER_AGENT), and the X-Robots-Tag
-    # directives that opt an image out (None: pipeline.decode.fetch.DISALLOWED_DIRECTIVES; () none do).
+    # What image fetches call themselves (None: pipeline.decode.http_get.USER_AGENT), and the X-Robots-Tag
+    # directives that opt an image out (None: pipeline.decode.http_get.DISALLOWED_DIRECTIVES; () none do).
     user_agent: str | None = None
     disallowed_header_directives: tuple[str, ...] | None = None
     # Seconds one image may take to decode (None: pipeline.decode.isolation.ROW_TIMEOUT_S).

@@ -107,7 +107,8 @@ def test_metadata_columns_are_carried_through(tiny_model, ray_session, tmp_path)
 def test_a_file_without_read_permission_is_its_rows_read_error(tmp_path, monkeypatch):
     from fsspec.implementations.local import LocalFileSystem
 
-    from pipeline.decode.fetch import ImageError, read_bytes
+    from pipeline.decode.barrier import ImageError
+    from pipeline.decode.fetch import read_bytes
 
     path = tmp_path / "locked.jpg"
     path.write_bytes(_jpeg())

@@ -12,8 +12,9 @@ import zipfile
 
 import pytest
 
-from pipeline.decode import fetch
-from pipeline.decode.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.decode import http_get
+from pipeline.decode.barrier import ImageError
+from pipeline.decode.fetch import FetchPolicy, read_bytes
 from tests.corpus import odd_images
 from tests.fuzz import BAD_URLS
 
@@ -76,7 +77,7 @@ def fake_internet(monkeypatch):
     127.0.0.2 stands for the cluster's internal services. `rebind.test` answers 127.0.0.2 from
     its second lookup on, as a DNS rebinding attacker would."""
     lookups: dict[str, int] = {}
-    real = fetch.resolve_host
+    real = http_get.resolve_host
 
     def resolve(host, port):
         lookups[host] = lookups.get(host, 0) + 1
@@ -88,10 +89,10 @@ def fake_internet(monkeypatch):
             return ["127.0.0.2"]
         return real(host, port)
 
-    monkeypatch.setattr(fetch, "resolve_host", resolve)
-    monkeypatch.setattr(fetch, "is_public_address", lambda address: address == "127.0.0.1")
-    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
-    monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 2)
+    monkeypatch.setattr(http_get, "resolve_host", resolve)
+    monkeypatch.setattr(http_get, "is_public_address", lambda address: address == "127.0.0.1")
+    monkeypatch.setattr(http_get, "HTTP_BACKOFF_S", 0.01)
+    monkeypatch.setattr(http_get, "HTTP_TIMEOUT_S", 2)
     servers = []
 
     def serve(answers, address="127.0.0.1", port=0):
@@ -126,12 +127,12 @@ def test_every_redirect_hop_is_checked(fake_internet):
         "/no-location": _response(302, b""),
     })
     base = f"http://public.test:{public.port}"
-    assert fetch.fetch_url(f"{base}/hop") == PNG  # a redirect on the public host is followed
+    assert http_get.fetch_url(f"{base}/hop") == PNG  # a redirect on the public host is followed
     for path, kind in [("/to-internal-ip", "forbidden"), ("/to-internal-name", "forbidden"),
                        ("/to-ftp", "forbidden"), ("/to-file", "forbidden"),
                        ("/loop", "read_error"), ("/no-location", "read_error")]:
         with pytest.raises(ImageError) as raised:
-            fetch.fetch_url(f"{base}{path}?token=SECRET")
+            http_get.fetch_url(f"{base}{path}?token=SECRET")
         assert str(raised.value).startswith(f"{kind}: "), (path, str(raised.value))
         assert "SECRET" not in str(raised.value)
     assert internal.hits == []  # the internal service was never reached
@@ -143,11 +144,11 @@ def test_the_connection_goes_to_the_address_that_was_checked(fake_internet):
     internal = serve({"/ok.png": _response(200, b"internal data")}, address="127.0.0.2", port=public.port)
     # One lookup, checked and connected to; urllib would resolve again when connecting and reach
     # 127.0.0.2.
-    assert fetch.fetch_url(f"http://rebind.test:{public.port}/ok.png") == PNG
+    assert http_get.fetch_url(f"http://rebind.test:{public.port}/ok.png") == PNG
     assert lookups["rebind.test"] == 1
     assert internal.hits == [] and public.hits == ["/ok.png"]
     # The next fetch looks again, sees the private address and refuses it.
-    assert _kind(lambda: fetch.fetch_url(f"http://rebind.test:{public.port}/ok.png")) == "forbidden"
+    assert _kind(lambda: http_get.fetch_url(f"http://rebind.test:{public.port}/ok.png")) == "forbidden"
     assert internal.hits == []
 
 
@@ -175,7 +176,7 @@ def test_servers_answering_garbage_are_row_errors_within_seconds(fake_internet):
                  "/bad-chunk", "/long-header", "/many-headers", "/short-body", "/status-999",
                  "/forbidden", "/gone"]:
         started = time.monotonic()
-        kinds[path] = _kind(lambda: fetch.fetch_url(base + path))
+        kinds[path] = _kind(lambda: http_get.fetch_url(base + path))
         assert time.monotonic() - started < 15, path
     assert kinds["/gone"] == "not_found"
     # Every garbage answer is a row error, never an exception out of the fetch (the job's
@@ -227,7 +228,7 @@ def test_local_paths_are_an_allow_list(tmp_path):
     ("::1", False), ("::", False), ("8.8.8.8", True),
 ])
 def test_an_ipv6_address_is_judged_by_the_ipv4_address_it_carries(address, public):
-    assert fetch.is_public_address(address) is public
+    assert http_get.is_public_address(address) is public
 
 
 def test_a_url_with_a_double_colon_is_a_url(tmp_path):
@@ -249,7 +250,7 @@ def test_every_local_read_is_bounded(tmp_path, monkeypatch):
     loop.symlink_to(loop)
     big = tmp_path / "big.jpg"
     big.write_bytes(b"\xff" * 5000)
-    monkeypatch.setattr(fetch, "MAX_IMAGE_BYTES", 4096)
+    monkeypatch.setattr(http_get, "MAX_IMAGE_BYTES", 4096)
     results = {}
 
     def read_all():
@@ -321,15 +322,15 @@ def test_https_is_verified_against_the_name_while_connecting_to_the_checked_addr
     port = httpd.server_address[1]
     try:
         # Not trusted yet: the certificate is refused (a row error, not an exception).
-        assert _kind(lambda: fetch.fetch_url(f"https://public.test:{port}/a.png")) == "read_error"
+        assert _kind(lambda: http_get.fetch_url(f"https://public.test:{port}/a.png")) == "read_error"
         monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
-        fetch.close_pools()
-        assert fetch.fetch_url(f"https://public.test:{port}/a.png") == PNG
+        http_get.close_pools()
+        assert http_get.fetch_url(f"https://public.test:{port}/a.png") == PNG
         # The same address under another name: the certificate does not name it.
-        monkeypatch.setattr(fetch, "resolve_host", lambda host, p: ["127.0.0.1"])
-        assert _kind(lambda: fetch.fetch_url(f"https://other.test:{port}/a.png")) == "read_error"
+        monkeypatch.setattr(http_get, "resolve_host", lambda host, p: ["127.0.0.1"])
+        assert _kind(lambda: http_get.fetch_url(f"https://other.test:{port}/a.png")) == "read_error"
     finally:
-        fetch.close_pools()
+        http_get.close_pools()
         httpd.shutdown()
 
 
@@ -337,10 +338,10 @@ def test_a_host_is_resolved_once_while_its_addresses_are_kept(monkeypatch):
     calls = []
     real = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kw: calls.append(args) or real(*args, **kw))
-    monkeypatch.setattr(fetch, "_RESOLVED", type(fetch._RESOLVED)())
-    assert fetch.resolve_host("localhost", 80) == fetch.resolve_host("LOCALHOST", 80)
+    monkeypatch.setattr(http_get, "_RESOLVED", type(http_get._RESOLVED)())
+    assert http_get.resolve_host("localhost", 80) == http_get.resolve_host("LOCALHOST", 80)
     assert len(calls) == 1
-    monkeypatch.setattr(fetch, "DNS_CACHE_S", 0.0)  # kept no longer: asked again
-    fetch.resolve_host("localhost", 81)
-    fetch.resolve_host("localhost", 81)
+    monkeypatch.setattr(http_get, "DNS_CACHE_S", 0.0)  # kept no longer: asked again
+    http_get.resolve_host("localhost", 81)
+    http_get.resolve_host("localhost", 81)
     assert len(calls) == 3

@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import __version__
-from pipeline.decode import fetch
-from pipeline.decode.fetch import FetchPolicy, ImageError, fetch_url
+from pipeline.decode import http_get
+from pipeline.decode.barrier import ImageError
+from pipeline.decode.fetch import FetchPolicy
+from pipeline.decode.http_get import fetch_url
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images
 
@@ -94,20 +96,20 @@ def server():
 
 def test_fetch_retries_transient_errors_and_gives_up_precisely(server, monkeypatch):
     base, hits = server
-    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
+    monkeypatch.setattr(http_get, "HTTP_BACKOFF_S", 0.01)
     assert fetch_url(f"{base}/ok.png", allow_private=True) == PNG
     assert fetch_url(f"{base}/flaky.png", allow_private=True) == PNG and hits["/flaky.png"] == 3  # two 503s, then 200
 
     with pytest.raises(ImageError, match=r"^not_found: .*/missing.png: HTTP 404"):
         fetch_url(f"{base}/missing.png", allow_private=True)
 
-    monkeypatch.setattr(fetch, "HTTP_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(http_get, "HTTP_TIMEOUT_S", 0.3)
     started = time.monotonic()
     with pytest.raises(ImageError, match=r"^timeout: .*/slow.png\?…: no complete answer in 0.3 s, 2 attempts"):
         fetch_url(f"{base}/slow.png?signature=SECRET", allow_private=True)
     assert time.monotonic() - started < 5
 
-    monkeypatch.setattr(fetch, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(http_get, "MAX_IMAGE_BYTES", 1000)
     with pytest.raises(ImageError, match=r"^too_large: .*/big.png: 4096 bytes > 1000"):
         fetch_url(f"{base}/big.png", allow_private=True)
 
@@ -131,7 +133,7 @@ def test_images_whose_x_robots_tag_opts_out_are_not_taken(server, tags, opted_ou
 
 def test_fetches_name_the_tool_and_wait_as_retry_after_asks(server, monkeypatch):
     base, hits = server
-    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
+    monkeypatch.setattr(http_get, "HTTP_BACKOFF_S", 0.01)
     fetch_url(f"{base}/ok.png", allow_private=True)
     assert hits["agent /ok.png"] == f"altclip-pipeline/{__version__}"
     fetch_url(f"{base}/ok.png", allow_private=True, user_agent="my-crawler/2 (+https://example.org)")
@@ -183,7 +185,7 @@ def test_a_server_that_trickles_bytes_is_cut_off_at_the_deadline(server, monkeyp
     """A byte every 0.1 s never leaves a read waiting long enough for a socket timeout: the
     deadline is the attempt's wall clock, headers and body alike."""
     base, _ = server
-    monkeypatch.setattr(fetch, "HTTP_BACKOFF_S", 0.01)
+    monkeypatch.setattr(http_get, "HTTP_BACKOFF_S", 0.01)
     started = time.monotonic()
     with pytest.raises(ImageError, match=r"^timeout: .*: no complete answer in 1 s, 2 attempts"):
         fetch_url(f"{base}{path}", allow_private=True, timeout_s=1, attempts=2)

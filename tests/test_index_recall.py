@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.table.recall import index_recall
 from pipeline.table.indexes import index_table
+from pipeline.table.recall import index_recall
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
 from tests.conftest import altclip
 

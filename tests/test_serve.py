@@ -594,7 +594,7 @@ def test_scores_are_cosines_on_a_table_with_an_ann_index(corpus, tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.table.store import index_table
+    from pipeline.table.indexes import index_table
     from schemas.table import ANN_INDEX_MIN_ROWS
 
     source = lancedb.connect(str(corpus / "db")).open_table("embeddings").to_arrow()

@@ -373,7 +373,12 @@ def test_on_ray_every_index_is_built_by_tasks_not_by_the_driver(ray_session, tmp
 
 
 def test_index_segments_hold_what_half_the_largest_node_can_build():
-    from pipeline.table.indexes import INDEX_BYTES_PER_VALUE, INDEX_TASK_BASE_BYTES, ROWS_PER_INDEX_SEGMENT, segment_rows
+    from pipeline.table.indexes import (
+        INDEX_BYTES_PER_VALUE,
+        INDEX_TASK_BASE_BYTES,
+        ROWS_PER_INDEX_SEGMENT,
+        segment_rows,
+    )
 
     assert segment_rows(768, 2**40) == ROWS_PER_INDEX_SEGMENT  # a 1 TiB node builds 10M rows
     assert segment_rows(768, 0) == ROWS_PER_INDEX_SEGMENT  # memory not known

@@ -14,7 +14,8 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from pipeline.decode.fetch import FetchPolicy, ImageError, read_bytes
+from pipeline.decode.barrier import ImageError
+from pipeline.decode.fetch import FetchPolicy, read_bytes
 from pipeline.serve.searcher import Searcher
 from tests.conftest import altclip, read_output
 from tests.corpus import odd_images, tar_of, webdataset_members, webdataset_shard

@@ -6,6 +6,13 @@ from pipeline import storage
 from schemas.embeddings import error
 
 
+class ImageError(Exception):
+    """A row's image could not be had; `str()` is the row's `image_error` (`kind: message`)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(error(kind, storage.redact_text(message)))
+
+
 def per_row(function, rows: list, kind: str, doing: str, others_succeeded: bool = False) -> list:
     """`function(row)` for each row; a row it raises on gets the error `kind: <doing> failed on
     it (<Type>: <message>)` in its place. When it raises on every row (and on no other rows of

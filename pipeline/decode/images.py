@@ -16,7 +16,8 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
-from pipeline.decode.fetch import FetchPolicy, ImageError, read_bytes, source_of
+from pipeline.decode.barrier import ImageError
+from pipeline.decode.fetch import FetchPolicy, read_bytes, source_of
 from pipeline.decode.isolation import RowFailure, map_isolated
 from pipeline.decode.resample import FILTERS, resized_window
 from pipeline.timing import add_stage_record

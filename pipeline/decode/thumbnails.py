@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.decode.fetch import ImageError
+from pipeline.decode.barrier import ImageError
 from pipeline.decode.images import CRASH_TEST_VARIABLE, decode, to_rgb
 from pipeline.decode.isolation import RowFailure, map_isolated
 from schemas.embeddings import error
@@ -24,7 +24,7 @@ CACHE_ENTRIES = 1024
 
 
 def render_thumbnail(data: bytes, size: int) -> bytes:
-    """JPEG bytes of the image fitted in size x size (raises pipeline.decode.fetch.ImageError when it
+    """JPEG bytes of the image fitted in size x size (raises pipeline.decode.http_get.ImageError when it
     cannot be decoded)."""
     # A JPEG is decoded at a reduced scale that still covers the thumbnail.
     image, _ = decode(data, draft_short_side=size)

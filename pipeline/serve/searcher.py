@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.decode.fetch import FetchPolicy, ImageError, read_bytes, source_of
+from pipeline.decode.barrier import ImageError
+from pipeline.decode.fetch import FetchPolicy, read_bytes, source_of
 from pipeline.decode.thumbnails import ThumbnailCache, make_thumbnails
 from pipeline.query.filters import Column, Filters
 from pipeline.query.query_table import nearest, open_query_table
