@@ -150,8 +150,8 @@ WRAPPED = (
     ("pipeline.run.prepare", "open_manifest", "open manifest", "check options"),
     ("pipeline.run.prepare", "resolve_model", "resolve model", "check options"),  # then: --out writable
     ("pipeline.run.prepare", "ensure_ray", "start Ray", "plan"),  # then: Ray Data settings, placement, provenance
-    ("jobs.embed", "committed_partitions", "resume: partitions done", "plan"),
-    ("jobs.embed", "scan_ids", "scan ids", "plan"),  # then: pending, counter, ledger, schema, sink
+    ("pipeline.run.resume", "committed_partitions", "resume: partitions done", "plan"),
+    ("pipeline.run.resume", "scan_ids", "scan ids", "plan"),  # then: pending, counter, ledger, schema, sink
     ("jobs.embed", "manifest_rows", "plan", "plan"),
     ("jobs.embed", "embed_dataset", "plan", "stream"),  # then: the plan runs
     ("jobs.embed", "output_totals", "totals", "summary"),  # then: the duplicate check, summarize

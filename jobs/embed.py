@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -16,14 +15,12 @@ from jobs.load import described_load, run_load
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, results_on_stdout, run_job
 from pipeline.config import PARTITION_ROWS, EmbedConfig, LoadConfig
 from pipeline.progress import ProgressLog, RowCounter
-from pipeline.read.ids import scan_ids
 from pipeline.run.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
 from pipeline.run.prepare import prepare_run
-from pipeline.run.resume import committed_partitions, merge_retried, remove_copies, retry_outcome, rows_to_retry
+from pipeline.run.resume import merge_retried, remove_copies, retry_outcome, work_to_do
 from pipeline.run.stages import TowerStartWatch, embed_dataset, manifest_rows
 from pipeline.table.store import check_manifest_columns, ensure_table
 from pipeline.write.ledger import (
-    drop_changed,
     output_totals,
     remove_unlisted_shards,
     start_ledger,
@@ -59,23 +56,12 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     run = prepare_run(config, progress_bars=progress_mode == "bars")
     manifest, model, placement, dtype, provenance = run.manifest, run.model, run.placement, run.dtype, run.provenance
     check_manifest_columns(config.db, config.table_name, manifest.metadata_fields, config.storage_options)
-    # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
-    retry = rows_to_retry(config, provenance) if config.retry_kinds else None
-    records = committed_partitions(config, provenance)
-    scan = scan_ids(manifest, frozenset(records), config.partition_rows)
-    partitions = {p.key: slices.uri for slices in scan.file_slices for p in slices.partitions}
-    # Records of the manifest's files that are not among their partitions now (the file changed
-    # size, or --partition-rows another value) go with their shards: those rows are done again.
-    records = drop_changed(config.out, records, partitions, config.storage_options)
-    # A retry reads every file for its rows; a run, the partitions not committed yet.
-    done = frozenset() if retry is not None else frozenset(records)
-    file_slices = [dataclasses.replace(slices, done=done & {p.key for p in slices.partitions}) for slices in scan.file_slices]
-    todo = [i for i, slices in enumerate(file_slices) if any(p.key not in slices.done for p in slices.partitions)]
-    already = sum(records[k]["rows"] for k in partitions if k in records)
-    pending = len(retry) if retry is not None else sum(n for k, n in scan.partition_kept.items() if k not in done)
+    work = work_to_do(config, manifest, provenance)
+    records, scan, retry, done = work.records, work.scan, work.retry, work.done
     counter = RowCounter.remote()
     ledger = None if retry is not None else start_ledger(
-        config.out, {k: {"path": uri, "rows": scan.partition_kept[k]} for k, uri in partitions.items() if k not in done},
+        config.out, {k: {"path": uri, "rows": scan.partition_kept[k]} for k, uri in work.partitions.items()
+                     if k not in done},
         config.storage_options, config.storage_patience_s)
     schema = embeddings_schema(model.dim, list(manifest.metadata_fields), provenance)
     sink = ParquetShardSink(
@@ -83,11 +69,11 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
         config.storage_patience_s, counter, ledger, partitions=frozenset(records),
         rows_per_write=rows_per_write(scan.partition_kept, done),
     )
-    if pending > 0:
-        rows = manifest_rows(manifest.only(todo), tuple(file_slices[i] for i in todo),
+    if work.pending > 0:
+        rows = manifest_rows(manifest.only(work.todo), tuple(work.file_slices[i] for i in work.todo),
                              config.batch_size, retry)
         dataset = embed_dataset(rows, config, model, dtype, placement, counter)
-        with _progress(progress_mode, config, counter, pending, progress_stream) as progress, \
+        with _progress(progress_mode, config, counter, work.pending, progress_stream) as progress, \
                 TowerStartWatch(counter, config, placement):
             # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
             # machine, a write asking for one would wait for ever while the stages before it
@@ -95,6 +81,26 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
             if progress is not None:
                 progress.expect(sum(s["rows"] for s in sink.shards))
+    totals, duplicates_removed = _settle_outputs(config, records, ledger, sink, scan.distinct_ids)
+    # A retry's rows replace rows OUT held: what was there before is what it holds less them.
+    already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else work.already
+    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, provenance,
+                        started_at)
+    summary["duplicate_rows_removed"] = duplicates_removed
+    if retry is not None:
+        summary["retried"] = retry_outcome(config, retry)
+    summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
+    if config.db and totals["rows"] == 0:  # a manifest without rows: the table as it is
+        summary["table"] = ensure_table(config.db, config.table_name, schema, config.storage_options)
+    elif config.db:
+        summary["table"] = run_load(LoadConfig(config.out, config.db, config.table_name, config.storage_options))
+    return summary
+
+
+def _settle_outputs(config: EmbedConfig, records: dict[str, dict], ledger, sink, distinct_ids: int) -> tuple[dict, int]:
+    """After the stream: the ledger's commits taken into `records` (or a retry's copies merged),
+    shards no record names removed, and OUT's totals; returns them and the rows removed as
+    copies of others."""
     duplicates_removed = 0
     if ledger is not None:
         committed, unfinished = ray.get(ledger.outcome.remote())
@@ -110,24 +116,10 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     # Shards of no partition (written by reembed, or by versions before partitions: the rows
     # the records do not count) can repeat ids the partitions hold: only then is every shard's
     # id column read to remove copies.
-    if totals["rows"] > max(scan.distinct_ids, sum(r["rows"] for r in records.values())):
+    if totals["rows"] > max(distinct_ids, sum(r["rows"] for r in records.values())):
         duplicates_removed += remove_copies(config, records)
         totals = output_totals(config.out, records, config.storage_options)
-    if retry is not None:
-        already = totals["rows"] - sum(s["rows"] for s in sink.shards)
-    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, provenance,
-                        started_at)
-    summary["duplicate_rows_removed"] = duplicates_removed
-    if retry is not None:
-        summary["retried"] = retry_outcome(config, retry)
-    summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
-    if config.db and totals["rows"] == 0:  # a manifest without rows: the table as it is
-        summary["table"] = ensure_table(config.db, config.table_name, schema, config.storage_options)
-    elif config.db:
-        summary["table"] = run_load(
-            LoadConfig(config.out, config.db, config.table_name, config.storage_options)
-        )
-    return summary
+    return totals, duplicates_removed
 
 
 @click.command("embed", cls=ManifestCommand)

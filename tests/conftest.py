@@ -106,3 +106,14 @@ def _quiet_hub(monkeypatch):
     yield
 
 
+
+
+# Fixtures that only tests of whole jobs, Ray stages, servers or object storage ask for: a test
+# that uses one is `slow` (seconds to minutes), and `pytest -m "not slow"` leaves it out.
+SLOW_FIXTURES = frozenset({"ray_session", "tiny_model", "s3_server"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

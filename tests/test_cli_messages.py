@@ -171,6 +171,7 @@ def test_lancedb_names_everywhere(db, tmp_path):
     assert listing[0].split() == ["version", "time", "rows", "made", "by"] and len(listing) > 1
 
 
+@pytest.mark.slow  # waits out Ray's start timeout
 def test_ray_that_does_not_start_in_time_is_tried_again_then_named(monkeypatch):
     import ray
 
@@ -200,6 +201,7 @@ def test_ray_that_does_not_start_in_time_is_tried_again_then_named(monkeypatch):
         plan.ensure_ray()
 
 
+@pytest.mark.slow  # waits out the store's patience
 @pytest.mark.parametrize("command", [["sql", "s3://tables/db", "SELECT 1 AS n FROM embeddings"],
                                      ["serve", "s3://tables/db", "--port", "0"],
                                      ["table", "versions", "s3://tables/db"]])
@@ -215,6 +217,7 @@ def test_a_database_on_an_unreachable_store_is_one_line_and_exit_75(command, mon
     assert "Traceback" not in result.stderr and "testing-secret" not in result.stderr
 
 
+@pytest.mark.slow  # the command in a subprocess, waiting out a connection timeout
 def test_a_cluster_address_nothing_answers_at_fails_in_seconds_saying_what_to_change(tmp_path):
     # Nothing listens on port 1 of loopback. ray.init alone waits there for minutes, silent.
     from pipeline.config import ConfigError

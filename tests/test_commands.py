@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from transformers import AltCLIPModel, AltCLIPProcessor
 
 from jobs.make_test_model import sample_captions
@@ -23,6 +24,7 @@ def test_test_model_loads_with_transformers_own_classes(tiny_model):
         assert unk not in ids, caption
 
 
+@pytest.mark.slow  # the installed command in a subprocess, with its own Ray
 def test_demo_falls_back_loudly_to_the_tiny_model(tmp_path):
     altclip = os.path.join(os.path.dirname(sys.executable), "altclip")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the hub is unreachable: the fallback must show

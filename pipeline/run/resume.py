@@ -4,13 +4,20 @@ each id kept where a retry or an older run wrote another."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.config import ConfigError, EmbedConfig, named
 from pipeline.embed.provenance import changed_provenance
+from pipeline.read.ids import IdScan, scan_ids
+from pipeline.read.manifest import Manifest
+from pipeline.read.partitions import FileSlices
 from pipeline.write.ledger import (
+    drop_changed,
     read_records,
     remove_records,
     remove_unlisted_shards,
@@ -114,3 +121,36 @@ def remove_copies(config: EmbedConfig, records: dict[str, dict], shards: list[st
         records[key].update(rows=totals["rows"], shards=names, totals=totals)
         write_record(config.out, key, records[key], so, config.storage_patience_s)
     return removed
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a run has to do, after what OUT already holds."""
+
+    records: dict[str, dict]  # commit records of partitions done, by key
+    scan: IdScan
+    partitions: dict[str, str]  # every partition's key -> its file's URI
+    retry: pa.Array | None  # with config.retry_kinds: the ids to redo
+    done: frozenset[str]  # partitions not to read
+    file_slices: list[FileSlices]  # per manifest file, with `done` marked
+    todo: list[int]  # the manifest files with rows to read
+    already: int  # rows OUT holds for the manifest's partitions
+    pending: int  # rows to go through the towers
+
+
+def work_to_do(config: EmbedConfig, manifest: Manifest, provenance: dict) -> Work:
+    # Retrying: only the failed rows, replaced in place (the newest copy of an id is kept).
+    retry = rows_to_retry(config, provenance) if config.retry_kinds else None
+    records = committed_partitions(config, provenance)
+    scan = scan_ids(manifest, frozenset(records), config.partition_rows)
+    partitions = {p.key: slices.uri for slices in scan.file_slices for p in slices.partitions}
+    # Records of the manifest's files that are not among their partitions now (the file changed
+    # size, or the partition size changed) go with their shards: those rows are done again.
+    records = drop_changed(config.out, records, partitions, config.storage_options)
+    # A retry reads every file for its rows; a run, the partitions not committed yet.
+    done = frozenset() if retry is not None else frozenset(records)
+    file_slices = [dataclasses.replace(s, done=done & {p.key for p in s.partitions}) for s in scan.file_slices]
+    todo = [i for i, s in enumerate(file_slices) if any(p.key not in s.done for p in s.partitions)]
+    pending = len(retry) if retry is not None else sum(n for k, n in scan.partition_kept.items() if k not in done)
+    return Work(records, scan, partitions, retry, done, file_slices, todo,
+                already=sum(records[k]["rows"] for k in partitions if k in records), pending=pending)
