@@ -33,14 +33,14 @@ def run(tiny_model, ray_session, tmp_path_factory):
     rows.append({"id": "broken", "image": "images/missing.jpg", "caption": "lost", "lang": "en",
                  "rank": 99})
     pq.write_table(pa.Table.from_pylist(rows), folder / "manifest.parquet")
-    import jobs.embed
+    import pipeline.run.resume
 
     def noisy_scan(*args):  # as Ray's log monitor prints its processes' lines, during the job
         print("(raylet) WARNING: 26 PYTHON worker processes have been started on node ...", file=sys.stdout)
         return scan_ids(*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(jobs.embed, "scan_ids", noisy_scan)
+        patch.setattr(pipeline.run.resume, "scan_ids", noisy_scan)
         result = altclip("embed", folder / "manifest.parquet", "--out", folder / "out", "--model",
                          tiny_model, "--log-format", "json", "--progress-interval", "0.2",
                          "--batch-size", "4")

@@ -157,106 +157,145 @@ def map_isolated(function, items: list, args: tuple = (), timeout_s: float | Non
     child answers in order: the row at the head of its queue is the one it is on. When every
     child's head is a straggler, the rows queued behind those heads go to another child, and
     whichever answer comes first stands."""
-    timeout_s = ROW_TIMEOUT_S if timeout_s is None else timeout_s
-    name = (function.__module__, function.__qualname__)
-    results: list = [None] * len(items)
-    answered = [False] * len(items)
-    pending = collections.deque(range(len(items)))
-    owner: dict[int, _Child] = {}  # a row not answered -> the child whose answer it waits for
-    queues: dict[_Child, collections.deque] = {}  # a child -> the rows sent to it, in order
-    head_since: dict[_Child, float] = {}  # when each child began the row at its queue's head
-    free: list[_Child] = []  # this call's children with nothing sent
+    call = _Call(function, items, args, ROW_TIMEOUT_S if timeout_s is None else timeout_s)
+    try:
+        while call.pending or call.owner:
+            now = time.monotonic()
+            busy = [c for c in call.queues if call.queues[c]]
+            active = [c for c in busy if not call.straggling(c, now)]
+            if call.pending and not active and busy:
+                # Every child is on a straggler: what is queued behind them goes elsewhere.
+                call.requeue_behind_heads(busy)
+            # Rows go to a child that is not straggling, up to ROWS_IN_FLIGHT each.
+            target = call.child_to_send_to(active, busy)
+            if call.pending and target is not None:
+                call.send_next_row(target, now)
+                continue
+            # Wait for an answer, or until a head becomes a straggler or reaches its deadline.
+            call.receive_answers(busy, active, now)
+            call.stop_overdue()
+            # Children that owe nothing more are this call's to reuse.
+            call.keep_idle()
+    finally:
+        call.release()
+    return call.results
 
-    def drop(child: _Child) -> None:
+
+class _Call:
+    """One map_isolated call: its rows' results, and what each of its children owes."""
+
+    def __init__(self, function, items: list, args: tuple, timeout_s: float):
+        self.name = (function.__module__, function.__qualname__)
+        self.items, self.args, self.timeout_s = items, args, timeout_s
+        self.results: list = [None] * len(items)
+        self.answered = [False] * len(items)
+        self.pending = collections.deque(range(len(items)))
+        self.owner: dict[int, _Child] = {}  # a row not answered -> the child whose answer it waits for
+        self.queues: dict[_Child, collections.deque] = {}  # a child -> the rows sent to it, in order
+        self.head_since: dict[_Child, float] = {}  # when each child began the row at its queue's head
+        self.free: list[_Child] = []  # this call's children with nothing sent
+
+    def drop(self, child: _Child) -> None:
         """The child is gone: its rows still owed go back to be sent again."""
-        for row in reversed(queues.pop(child, ())):
-            if owner.get(row) is child:
-                del owner[row]
-                pending.appendleft(row)
-        head_since.pop(child, None)
+        for row in reversed(self.queues.pop(child, ())):
+            if self.owner.get(row) is child:
+                del self.owner[row]
+                self.pending.appendleft(row)
+        self.head_since.pop(child, None)
         child.close()
         _children.give_back(child)
 
-    def answer(row: int, value) -> None:
-        if not answered[row]:
-            results[row], answered[row] = value, True
-            owner.pop(row, None)
+    def answer(self, row: int, value) -> None:
+        if not self.answered[row]:
+            self.results[row], self.answered[row] = value, True
+            self.owner.pop(row, None)
 
-    def straggling(child: _Child, now: float) -> bool:
-        return now - head_since[child] >= STRAGGLER_S
+    def straggling(self, child: _Child, now: float) -> bool:
+        return now - self.head_since[child] >= STRAGGLER_S
 
-    try:
-        while pending or owner:
-            now = time.monotonic()
-            busy = [c for c in queues if queues[c]]
-            active = [c for c in busy if not straggling(c, now)]
-            if pending and not active and busy:
-                # Every child is on a straggler: what is queued behind them goes elsewhere.
-                for child in busy:
-                    for row in list(queues[child])[1:]:
-                        if owner.get(row) is child:
-                            del owner[row]
-                            pending.appendleft(row)
-            # Rows go to a child that is not straggling, up to ROWS_IN_FLIGHT each.
-            target = next((c for c in active if len(queues[c]) < ROWS_IN_FLIGHT), None)
-            if pending and target is None and not active and len(queues) < CHILDREN_PER_CALL:
-                target = free.pop() if free else _children.take(wait_for_slot=not busy)
-                if target is not None:
-                    queues[target] = collections.deque()
-            if pending and target is not None:
-                row = pending.popleft()
-                try:
-                    target.send.send_bytes(pickle.dumps((name, args, items[row]), pickle.HIGHEST_PROTOCOL))
-                except (BrokenPipeError, OSError):  # died between rows: the row goes to another
-                    pending.appendleft(row)
-                    drop(target)
-                    continue
-                if not queues[target]:
-                    head_since[target] = now
-                queues[target].append(row)
-                owner[row] = target
+    def requeue_behind_heads(self, busy: list[_Child]) -> None:
+        """The rows queued behind each busy child's head go back to be sent to another."""
+        for child in busy:
+            for row in list(self.queues[child])[1:]:
+                if self.owner.get(row) is child:
+                    del self.owner[row]
+                    self.pending.appendleft(row)
+
+    def child_to_send_to(self, active: list[_Child], busy: list[_Child]) -> _Child | None:
+        """An active child with room in its queue; else, when none is active, an idle or new one
+        while this call holds fewer than CHILDREN_PER_CALL (None: wait for answers)."""
+        target = next((c for c in active if len(self.queues[c]) < ROWS_IN_FLIGHT), None)
+        if self.pending and target is None and not active and len(self.queues) < CHILDREN_PER_CALL:
+            target = self.free.pop() if self.free else _children.take(wait_for_slot=not busy)
+            if target is not None:
+                self.queues[target] = collections.deque()
+        return target
+
+    def send_next_row(self, target: _Child, now: float) -> None:
+        row = self.pending.popleft()
+        try:
+            message = pickle.dumps((self.name, self.args, self.items[row]), pickle.HIGHEST_PROTOCOL)
+            target.send.send_bytes(message)
+        except (BrokenPipeError, OSError):  # died between rows: the row goes to another
+            self.pending.appendleft(row)
+            self.drop(target)
+            return
+        if not self.queues[target]:
+            self.head_since[target] = now
+        self.queues[target].append(row)
+        self.owner[row] = target
+
+    def receive_answers(self, busy: list[_Child], active: list[_Child], now: float) -> None:
+        """Take the answers that come before the next moment to act; a child whose pipe ends
+        instead died on its head row, which gets `worker_crash`."""
+        moments = [self.head_since[c] + self.timeout_s for c in busy]
+        if self.pending:
+            moments += [self.head_since[c] + STRAGGLER_S for c in active]
+        left = max(0.0, min(moments) - now) if moments else 0.0
+        by_connection = {child.receive: child for child in busy}
+        for connection in wait(list(by_connection), timeout=left):
+            child = by_connection[connection]
+            row = self.queues[child].popleft()
+            try:
+                value = pickle.loads(child.receive.recv_bytes())
+            except (EOFError, OSError):
+                if self.owner.get(row) is child:
+                    self.answer(row, RowFailure("worker_crash",
+                                                f"the decoding process {child.death()} on this row"))
+                self.drop(child)
                 continue
-            # Wait for an answer, or until a head becomes a straggler or reaches its deadline.
-            moments = [head_since[c] + timeout_s for c in busy]
-            if pending:
-                moments += [head_since[c] + STRAGGLER_S for c in active]
-            left = max(0.0, min(moments) - now) if moments else 0.0
-            by_connection = {child.receive: child for child in busy}
-            for connection in wait(list(by_connection), timeout=left):
-                child = by_connection[connection]
-                row = queues[child].popleft()
-                try:
-                    value = pickle.loads(child.receive.recv_bytes())
-                except (EOFError, OSError):
-                    if owner.get(row) is child:
-                        answer(row, RowFailure("worker_crash", f"the decoding process {child.death()} on this row"))
-                    drop(child)
-                    continue
-                if owner.get(row) is child or not answered[row]:
-                    answer(row, value)
-                head_since[child] = time.monotonic()
-            now = time.monotonic()
-            for child in [c for c in queues if queues[c] and now - head_since[c] >= timeout_s]:
-                row = queues[child].popleft()
-                if owner.get(row) is child:
-                    answer(row, RowFailure("timeout", f"no result after {timeout_s:g} s; the process was stopped"))
-                drop(child)
-            # Children that owe nothing more are this call's to reuse.
-            for child in [c for c in queues if not queues[c]]:
-                del queues[child]
-                head_since.pop(child, None)
-                free.append(child)
-    finally:
-        for child in list(queues):  # interrupted: rows in flight are abandoned with their child
-            if queues[child]:
-                queues[child].clear()
+            if self.owner.get(row) is child or not self.answered[row]:
+                self.answer(row, value)
+            self.head_since[child] = time.monotonic()
+
+    def stop_overdue(self) -> None:
+        """A head past its deadline gets `timeout`, and its child is killed."""
+        now = time.monotonic()
+        overdue = [c for c in self.queues if self.queues[c] and now - self.head_since[c] >= self.timeout_s]
+        for child in overdue:
+            row = self.queues[child].popleft()
+            if self.owner.get(row) is child:
+                self.answer(row, RowFailure("timeout",
+                                            f"no result after {self.timeout_s:g} s; the process was stopped"))
+            self.drop(child)
+
+    def keep_idle(self) -> None:
+        for child in [c for c in self.queues if not self.queues[c]]:
+            del self.queues[child]
+            self.head_since.pop(child, None)
+            self.free.append(child)
+
+    def release(self) -> None:
+        """Every child back to the process's pool (a child still owing rows is stopped first)."""
+        for child in list(self.queues):  # interrupted: rows in flight are abandoned with their child
+            if self.queues[child]:
+                self.queues[child].clear()
                 child.close()
                 _children.give_back(child)
             else:
-                free.append(child)
-        for child in free:
+                self.free.append(child)
+        for child in self.free:
             _children.give_back(child)
-    return results
 
 
 def stop() -> None:

@@ -62,6 +62,27 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
     that reuse keys repeat them. Only the shards' member headers are read here, and their
     `.json` members where the id is a metadata field.
     """
+    counted, repeated = _scan_on_cluster(manifest, committed, partition_rows)
+    order = repeated.sort_by([("id", "ascending"), ("rank", "ascending"), ("file", "ascending"),
+                              ("position", "ascending")])
+    skipped = _later_copies(order)
+    uris, keys = manifest.uris(), manifest.partition_keys()
+    file_slices = tuple(FileSlices(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"], c["partitions"])
+                  for i, c in enumerate(counted))
+    return IdScan(
+        rows=sum(c["rows"] for c in counted),
+        missing_ids=sum(c["rows"] - c["valid"] for c in counted),
+        duplicate_rows=sum(len(positions) for positions in skipped.values()),
+        duplicated_ids=pc.unique(order.column("id")),
+        file_slices=file_slices,
+        partition_kept=_partition_kept(file_slices, counted, skipped),
+    )
+
+
+def _scan_on_cluster(manifest: Manifest, committed: frozenset[str],
+                     partition_rows: int) -> tuple[list, pa.Table]:
+    """Per manifest file its counts (see _scan_files), and the rows of the ids more than one row
+    has; a file that cannot be read fails the job here."""
     import ray
 
     files = len(manifest.files)
@@ -79,18 +100,24 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
         raise ConfigError(failed)
     find = ray.remote(_repeated).options(num_cpus=SCAN_CPUS)
     repeated = pa.concat_tables(ray.get([find.remote(*[r[1 + b] for r in refs]) for b in range(buckets)]))
+    return counted, repeated
+
+
+def _later_copies(order: pa.Table) -> dict[int, list[int]]:
+    """Per file, the positions of its rows whose id an earlier row of `order` (sorted by id, then
+    the row to keep first) already has."""
     skipped: dict[int, list[int]] = collections.defaultdict(list)
-    duplicate_rows, previous = 0, None
-    order = repeated.sort_by([("id", "ascending"), ("rank", "ascending"), ("file", "ascending"),
-                              ("position", "ascending")])
+    previous = None
     for row_id, file, position in zip(*(order.column(c).to_pylist() for c in ("id", "file", "position"))):
         if row_id == previous:
             skipped[file].append(position)
-            duplicate_rows += 1
         previous = row_id
-    uris, keys = manifest.uris(), manifest.partition_keys()
-    file_slices = tuple(FileSlices(keys[i], uris[i], frozenset(skipped.get(i, ())), c["scattered"], c["partitions"])
-                  for i, c in enumerate(counted))
+    return skipped
+
+
+def _partition_kept(file_slices: tuple[FileSlices, ...], counted: list,
+                    skipped: dict[int, list[int]]) -> dict[str, int]:
+    """Per partition (by key), its valid rows less those of its rows left out as repeats."""
     partition_kept = {}
     for i, (slices, count) in enumerate(zip(file_slices, counted)):
         left_out = np.sort(np.fromiter(skipped.get(i, ()), np.int64))
@@ -98,14 +125,7 @@ def scan_ids(manifest: Manifest, committed: frozenset[str] = frozenset(),
         for partition, valid, repeats in zip(slices.partitions, count["valid_by_partition"],
                                              np.diff(np.searchsorted(left_out, bounds))):
             partition_kept[partition.key] = valid - int(repeats)
-    return IdScan(
-        rows=sum(c["rows"] for c in counted),
-        missing_ids=sum(c["rows"] - c["valid"] for c in counted),
-        duplicate_rows=duplicate_rows,
-        duplicated_ids=pc.unique(order.column("id")),
-        file_slices=file_slices,
-        partition_kept=partition_kept,
-    )
+    return partition_kept
 
 
 _ID_ROWS = pa.schema([("id", pa.string()), ("file", pa.int64()), ("position", pa.int64()),

@@ -200,43 +200,61 @@ def _read_schema(fs, path: str, fmt: str) -> pa.Schema:
 
 def _map_columns(config: EmbedConfig, schema: pa.Schema, files, sizes, fmt: str, root: str) -> Manifest:
     names = schema.names
-    listing = ", ".join(names)
-
-    def require(setting: str, column: str) -> str:
-        if column not in names:
-            raise ConfigError(
-                f"{named(setting)} {column}: the manifest has no such column (its columns: {listing})"
-            )
-        return column
-
     if config.id_col not in names:
         raise ConfigError(
-            f"the manifest has no '{config.id_col}' column (its columns: {listing}); "
+            f"the manifest has no '{config.id_col}' column (its columns: {', '.join(names)}); "
             f"name the column that identifies each row with {named('id_col')}"
         )
+    image_col = _image_column(config, names)
+    # CSV reads every column as bytes (see csv_options): its image column holds references.
+    image_is_bytes = image_col is not None and fmt != "csv" and is_binary(schema.field(image_col).type)
+    caption_col = _caption_column(config, names)
+    fields, sources = _metadata_columns(schema, {config.id_col, image_col, caption_col}, fmt)
+    return Manifest(uri=config.manifest, files=tuple(files), sizes=tuple(sizes), format=fmt, root=root,
+                    id_col=config.id_col, image_col=image_col, image_is_bytes=image_is_bytes,
+                    caption_col=caption_col, metadata_fields=tuple(fields), metadata_sources=tuple(sources),
+                    schema=schema, storage_options=dict(config.storage_options))
+
+
+def _required(setting: str, column: str, names: list[str]) -> str:
+    """A column the options name, which the manifest must have."""
+    if column not in names:
+        raise ConfigError(f"{named(setting)} {column}: the manifest has no such column "
+                          f"(its columns: {', '.join(names)})")
+    return column
+
+
+def _image_column(config: EmbedConfig, names: list[str]) -> str | None:
+    """The column named by image_col, else the contract's; an image tower needs one."""
     if config.image_col is not None:
-        image_col = require("image_col", config.image_col)
+        image_col = _required("image_col", config.image_col, names)
     else:
         image_col = next((c for c in (IMAGE, IMAGE_BYTES) if c in names), None)
     if image_col is None and "image" in config.towers:
         raise ConfigError(
-            f"the manifest has no '{IMAGE}' or '{IMAGE_BYTES}' column (its columns: {listing}); "
+            f"the manifest has no '{IMAGE}' or '{IMAGE_BYTES}' column (its columns: {', '.join(names)}); "
             f"name it with {named('image_col')}, or embed captions only with {named('towers')} text"
         )
-    # CSV reads every column as bytes (see csv_options): its image column holds references.
-    image_is_bytes = image_col is not None and fmt != "csv" and is_binary(schema.field(image_col).type)
+    return image_col
+
+
+def _caption_column(config: EmbedConfig, names: list[str]) -> str | None:
+    """The column named by caption_col, else the contract's; a text tower needs one."""
     if config.caption_col is not None:
-        caption_col = require("caption_col", config.caption_col)
+        caption_col = _required("caption_col", config.caption_col, names)
     else:
         caption_col = CAPTION if CAPTION in names else None
     if caption_col is None and "text" in config.towers:
         raise ConfigError(
-            f"the manifest has no '{CAPTION}' column (its columns: {listing}); "
+            f"the manifest has no '{CAPTION}' column (its columns: {', '.join(names)}); "
             f"name it with {named('caption_col')}, or embed images only with {named('towers')} image"
         )
+    return caption_col
 
-    used = {config.id_col, image_col, caption_col}
-    names_out = {n for n in names if n not in used}
+
+def _metadata_columns(schema: pa.Schema, used: set, fmt: str) -> tuple[list[pa.Field], list[str]]:
+    """The other columns as the outputs' metadata fields (renamed where taken), and their sources."""
+    names_out = {n for n in schema.names if n not in used}
     fields, sources = [], []
     for f in schema:
         if f.name in used:
@@ -250,21 +268,7 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, sizes, fmt: str,
         kind = pa.string() if fmt == "csv" else f.type
         fields.append(pa.field(name, kind))
         sources.append(f.name)
-    return Manifest(
-        uri=config.manifest,
-        files=tuple(files),
-        sizes=tuple(sizes),
-        format=fmt,
-        root=root,
-        id_col=config.id_col,
-        image_col=image_col,
-        image_is_bytes=image_is_bytes,
-        caption_col=caption_col,
-        metadata_fields=tuple(fields),
-        metadata_sources=tuple(sources),
-        schema=schema,
-        storage_options=dict(config.storage_options),
-    )
+    return fields, sources
 
 
 def read_manifest(manifest: Manifest, num_cpus: float = 1.0, file_slices: tuple[FileSlices, ...] | None = None):

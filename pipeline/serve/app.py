@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -22,7 +22,19 @@ from pipeline.config import ConfigError
 from pipeline.decode.thumbnails import DEFAULT_SIZE as DEFAULT_THUMBNAIL_SIZE
 from pipeline.decode.thumbnails import SIZES as THUMBNAIL_SIZES
 from pipeline.query.filters import MAX_FILTER_VALUES, Filters
-from pipeline.serve.searcher import MAX_LISTED_VALUES, MAX_TEXT_CHARS, Searcher, ServeError
+from pipeline.serve.models import (
+    IMAGE_BODY,
+    NOT_FOUND,
+    SEARCH_ERRORS,
+    Columns,
+    Info,
+    Results,
+    SearchParams,
+    SearchRequest,
+    TextSearchParams,
+    error_answer,
+)
+from pipeline.serve.searcher import Searcher, ServeError
 from pipeline.serve.server import (
     LOOPBACK_NAMES,
     Answers,
@@ -33,108 +45,10 @@ from pipeline.serve.server import (
 )
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
-DEFAULT_K = 24
-MAX_K = 200
 MAX_JSON_BYTES = 1 << 20
 MAX_UPLOAD_BYTES = 32 << 20
 MAX_FORM_FIELDS = 2 * MAX_FILTER_VALUES
 BODY_LIMITS = {"/api/search": MAX_JSON_BYTES, "/api/search/image": MAX_UPLOAD_BYTES}
-
-
-# ------------------------------------------------------------------------------ request, response
-
-Against = Literal["image", "text"]
-
-
-class SearchParams(BaseModel):
-    """What every search takes besides its query and filters."""
-
-    k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="How many hits.")
-    against: Against = Field("image", description="Which vectors to rank: the images' or the captions'.")
-
-
-class TextSearchParams(SearchParams):
-    text: str | None = Field(None, max_length=MAX_TEXT_CHARS,
-                             description="The query, in any language (required unless `id`).")
-    id: str | None = Field(None, description="Search with this row's stored vector instead of a text.")
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str = Field(max_length=MAX_TEXT_CHARS)
-    k: StrictInt = Field(DEFAULT_K, ge=1, le=MAX_K)
-    against: Against = "image"
-    # Checked against the table's columns and types (see pipeline.query.filters); the OpenAPI document
-    # lists them per column.
-    filters: dict[str, Any] | None = None
-
-
-class Error(BaseModel):
-    error: str
-
-
-class Info(BaseModel):
-    table: str
-    rows: int
-    version: int
-    model: str
-    dtype: str
-    dim: int
-    against: list[str]
-
-
-class ColumnInfo(BaseModel):
-    name: str
-    type: str = Field(description="The Arrow type.")
-    kind: Literal["metadata", "contract"]
-    filter: Literal["string", "integer", "number", "boolean"]
-    values: list[str] | None = Field(None, description=f"Distinct values of a string column with at "
-                                                       f"most {MAX_LISTED_VALUES}; null: more.")
-    min: int | float | None = None
-    max: int | float | None = None
-    nulls: int | None = None
-
-
-class Columns(BaseModel):
-    columns: list[ColumnInfo]
-
-
-class Hit(BaseModel):
-    id: str
-    score: float = Field(description="Cosine similarity.")
-    caption: str | None
-    image: str | None = Field(description="The stored image URI, redacted (information only).")
-    width: int | None
-    height: int | None
-    thumbnail: str = Field(description="Path of the row's thumbnail.")
-    metadata: dict[str, Any]
-
-
-class Results(BaseModel):
-    hits: list[Hit]
-    count: int
-    k: int
-    against: Against
-    where: str | None = Field(description="The filter as applied (built from checked values).")
-    search_ms: float
-
-
-def _error(description: str) -> dict:
-    return {"description": description, "model": Error}
-
-
-SEARCH_ERRORS = {400: _error("A bad request (unknown filter column, a value of the wrong type, ...).")}
-NOT_FOUND = {404: _error("No such row.")}
-IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"},
-                       "against": {"type": "string", "enum": ["image", "text"]}},
-        "additionalProperties": {"type": "string"}}},
-    "image/*": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-}}}
 
 
 # ------------------------------------------------------------------------------------------ app
@@ -144,6 +58,21 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
     """The page and the API over `searcher`; `allowed_hosts`: the Host names answered (None: any)."""
     app = FastAPI(title="altclip serve", version="1", docs_url=None, redoc_url=None,
                   default_response_class=NoStoreJSON)
+    # Registered in this order, which is the OpenAPI document's order of paths.
+    _table_routes(app, searcher)
+    _search_routes(app, searcher)
+    _row_routes(app, searcher)
+    _page_routes(app)
+    _answer_errors(app)
+    app.openapi = lambda: openapi_document(app, searcher)
+    # Added last, so outermost: the guard refuses before any route, Answers wraps everything.
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, body_limits=BODY_LIMITS)
+    app.add_middleware(Answers)
+    return app
+
+
+def _table_routes(app: FastAPI, searcher: Searcher) -> None:
+    """What the table holds: the page's header and its filters."""
 
     @app.get("/api/info", response_model=Info, summary="The table and model served",
              operation_id="info")
@@ -155,6 +84,10 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
              summary="Filterable columns, their types, and the values of small string columns")
     def columns():
         return {"columns": searcher.columns()}
+
+
+def _search_routes(app: FastAPI, searcher: Searcher) -> None:
+    """Searches by a text (query string or JSON body) and by an uploaded image."""
 
     @app.get("/api/search", response_model=Results, responses={**SEARCH_ERRORS, **NOT_FOUND},
              operation_id="searchText", summary="Search by text (or by a stored row with `id`)")
@@ -177,25 +110,37 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
               summary="Search by an uploaded image",
               description="Send the image as multipart/form-data (field `image`; other fields as "
                           "the query parameters) or as the raw body.",
-              responses={**SEARCH_ERRORS, 413: _error(f"Over {MAX_UPLOAD_BYTES} bytes.")},
+              responses={**SEARCH_ERRORS, 413: error_answer(f"Over {MAX_UPLOAD_BYTES} bytes.")},
               max_body_size=BODY_LIMITS["/api/search/image"], openapi_extra=IMAGE_BODY)
     async def search_image(params: Annotated[SearchParams, Query()], request: Request):
         pairs = list(request.query_params.multi_items())
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:
-                upload = form.get("image")
-                if not isinstance(upload, UploadFile):
-                    raise ConfigError("multipart upload without an 'image' file field")
-                data = await upload.read()
-                fields = [(name, value) for name, value in form.multi_items() if isinstance(value, str)]
-            if fields:  # the form's fields count as query parameters, and win over them
-                pairs += fields
-                params = _checked(SearchParams, dict(pairs))
-        else:
-            data = await request.body()  # the image itself (image/*, application/octet-stream)
+        data, params, pairs = await _uploaded_image(request, params, pairs)
         vector = await run_in_threadpool(searcher.embed_image, data)
         return await run_in_threadpool(searcher.search, vector, params.k, params.against,
                                        Filters.from_query(pairs))
+
+
+async def _uploaded_image(request: Request, params: SearchParams,
+                          pairs: list) -> tuple[bytes, SearchParams, list]:
+    """The image sent, as a multipart form's `image` field or as the raw body; with the
+    parameters and query pairs that hold once a form's other fields are counted."""
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ConfigError("multipart upload without an 'image' file field")
+            data = await upload.read()
+            fields = [(name, value) for name, value in form.multi_items() if isinstance(value, str)]
+        if fields:  # the form's fields count as query parameters, and win over them
+            pairs += fields
+            params = _checked(SearchParams, dict(pairs))
+    else:
+        data = await request.body()  # the image itself (image/*, application/octet-stream)
+    return data, params, pairs
+
+
+def _row_routes(app: FastAPI, searcher: Searcher) -> None:
+    """The routes about one stored row, named by its id in the path."""
 
     @app.get("/api/similar/{id:path}", response_model=Results, operation_id="similar",
              responses={**SEARCH_ERRORS, **NOT_FOUND},
@@ -211,10 +156,10 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
              responses={200: {"description": "The thumbnail.", "content": {
                             "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
                         304: {"description": "Not modified (ETag)."},
-                        400: _error("A size not offered."), **NOT_FOUND,
-                        502: _error("The image could not be read or decoded."),
-                        503: _error("Too many images are being read from the row's host: try "
-                                    "again after Retry-After seconds.")})
+                        400: error_answer("A size not offered."), **NOT_FOUND,
+                        502: error_answer("The image could not be read or decoded."),
+                        503: error_answer("Too many images are being read from the row's host: try "
+                                          "again after Retry-After seconds.")})
     def thumbnail(row_id: Annotated[str, Path(alias="id", description="The row's `id`.")],
                   request: Request,
                   size: Annotated[int, Query(description="The longest side, in pixels.",
@@ -228,6 +173,10 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="image/jpeg", headers=headers)
 
+
+def _page_routes(app: FastAPI) -> None:
+    """The web page and its files, kept out of the OpenAPI document."""
+
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     @app.api_route("/index.html", methods=["GET", "HEAD"], include_in_schema=False)
     def page():
@@ -238,12 +187,6 @@ def make_app(searcher: Searcher, allowed_hosts: set | None = None) -> FastAPI:
         return FileResponse(os.path.join(WEB_DIR, "favicon.svg"), headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", NoCacheStatic(directory=WEB_DIR), name="static")
-    _answer_errors(app)
-    app.openapi = lambda: openapi_document(app, searcher)
-    # Added last, so outermost: the guard refuses before any route, Answers wraps everything.
-    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts, body_limits=BODY_LIMITS)
-    app.add_middleware(Answers)
-    return app
 
 
 class NoStoreJSON(JSONResponse):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import io
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -61,9 +62,42 @@ def export_embedding_reader(out: str, dest: str, sides: tuple[str, ...] | None =
     fs, root = storage.filesystem(dest, storage_options)
     root = root.rstrip("/")
     _prepare_destination(dest, fs, root, sides, overwrite, storage_options)
+    dim = dataset.schema.field(IMAGE_EMBEDDING).type.list_size
+    tally = _write_shards(dataset, sides, dim, fs, root, dest)
+    return {
+        "dest": storage.redact(storage.unstrip(fs, root)),
+        "format": "embedding-reader",
+        "sides": list(sides),
+        "folders": [SIDES[s][2] for s in sides] + [METADATA_FOLDER],
+        "dimension": dim,
+        "files": tally.files,
+        "rows_in": tally.rows_in,
+        "rows_exported": tally.exported,
+        # Rows lacking a vector of an exported side; why, by `side.kind` (a row lacking both
+        # counts under each; `not_embedded`: no error on that side, the tower did not run).
+        "rows_skipped": tally.rows_in - tally.older_copies - tally.exported,
+        "missing_vectors": dict(sorted(tally.missing.items())),
+        "missing_examples": dict(sorted(tally.examples.items())),
+        "older_copies": tally.older_copies,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
+
+@dataclass
+class _Tally:
+    """What an export did, for its report."""
+
+    files: int = 0
+    rows_in: int = 0
+    exported: int = 0
+    older_copies: int = 0
+    missing: collections.Counter = field(default_factory=collections.Counter)  # `side.kind` -> rows
+    examples: dict = field(default_factory=dict)  # `side.kind` -> its first few ids
+
+
+def _write_shards(dataset, sides: tuple[str, ...], dim: int, fs, root: str, dest: str) -> _Tally:
+    """Each published shard's complete rows (newest copies only) as one numbered triple of files."""
     schema = dataset.schema
-    dim = schema.field(IMAGE_EMBEDDING).type.list_size
     metadata_names = [n for n in schema.names if n not in contract_column_names()]
     columns = [ID, IMAGE, CAPTION, WIDTH, HEIGHT, *metadata_names,
                *(c for side in sides for c in SIDES[side][:2])]
@@ -75,46 +109,35 @@ def export_embedding_reader(out: str, dest: str, sides: tuple[str, ...] | None =
     # partition count: readers sort names as text (embedding-reader pairs the n-th .npy with the
     # n-th metadata file that way), so text order must be number order.
     width = len(str(len(fragments)))
-    rows_in = older_copies = exported = files = 0
-    missing, examples = collections.Counter(), {}
+    tally = _Tally()
     for fragment, keep in zip(fragments, newest):
         rows = fragment.to_table(schema=schema, columns=columns)
-        rows_in += rows.num_rows
+        tally.rows_in += rows.num_rows
         if keep is not None:
-            older_copies += rows.num_rows - pc.sum(keep).as_py()
+            tally.older_copies += rows.num_rows - pc.sum(keep).as_py()
             rows = rows.filter(keep)
-        complete = pc.is_valid(rows.column(SIDES[sides[0]][0]))
-        for side in sides[1:]:
-            complete = pc.and_(complete, pc.is_valid(rows.column(SIDES[side][0])))
-        _count_missing(rows.filter(pc.invert(complete)), sides, missing, examples)
+        complete = _with_every_vector(rows, sides)
+        _count_missing(rows.filter(pc.invert(complete)), sides, tally.missing, tally.examples)
         rows = rows.filter(complete)
         if not rows.num_rows:
             continue  # embedding-reader skips an empty .npy but not its metadata: no empty triples
-        number = str(files).zfill(width)
+        number = str(tally.files).zfill(width)
         for side in sides:
             column, _, folder = SIDES[side]
             _write(fs, f"{root}/{folder}/{folder}_{number}.npy", _npy(rows.column(column), dim), dest)
         _write(fs, f"{root}/{METADATA_FOLDER}/{METADATA_FOLDER}_{number}.parquet",
                _parquet(_metadata(rows, metadata_names), footer), dest)
-        exported += rows.num_rows
-        files += 1
-    return {
-        "dest": storage.redact(storage.unstrip(fs, root)),
-        "format": "embedding-reader",
-        "sides": list(sides),
-        "folders": [SIDES[s][2] for s in sides] + [METADATA_FOLDER],
-        "dimension": dim,
-        "files": files,
-        "rows_in": rows_in,
-        "rows_exported": exported,
-        # Rows lacking a vector of an exported side; why, by `side.kind` (a row lacking both
-        # counts under each; `not_embedded`: no error on that side, the tower did not run).
-        "rows_skipped": rows_in - older_copies - exported,
-        "missing_vectors": dict(sorted(missing.items())),
-        "missing_examples": dict(sorted(examples.items())),
-        "older_copies": older_copies,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+        tally.exported += rows.num_rows
+        tally.files += 1
+    return tally
+
+
+def _with_every_vector(rows: pa.Table, sides: tuple[str, ...]) -> pa.Array:
+    """Which rows hold a vector of every exported side: only they align in all three files."""
+    complete = pc.is_valid(rows.column(SIDES[sides[0]][0]))
+    for side in sides[1:]:
+        complete = pc.and_(complete, pc.is_valid(rows.column(SIDES[side][0])))
+    return complete
 
 
 def _sides(out: str, totals: dict, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
