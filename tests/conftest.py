@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import socket
 
 import pyarrow.dataset as pads
@@ -97,6 +98,15 @@ def read_output(out) -> dict[str, dict]:
     by_id = {r["id"]: r for r in rows}
     assert len(by_id) == len(rows), "an id appears twice in the output"
     return by_id
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_reaches_jobs():
+    # A suite a shell started in the background (`pytest &`) has SIGINT ignored, and so would
+    # every job it starts: the tests that press Ctrl-C on a job would see it run to the end.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(autouse=True)

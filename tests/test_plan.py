@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -75,7 +76,13 @@ def test_tower_actors_that_do_not_start_fail_the_job_and_a_rerun_finishes_it(tin
     manifest = write_corpus(tmp_path)
     rows = pq.read_table(manifest).num_rows
     monkeypatch.setattr(pipeline.run.stages, "ACTOR_START_TIMEOUT_S", 0.3)
-    result = altclip("embed", manifest, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
+    # As in a job a shell started in the background (`altclip embed ... &`): SIGINT ignored.
+    # The watch must not depend on SIGINT's handler (it did, and such a job waited for ever).
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = altclip("embed", manifest, "--out", tmp_path / "out", "--model", tiny_model, expect_exit=1)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert "no tower actor started in 0.3 s" in result.stderr
     assert "--num-gpus" in result.stderr and "--concurrency" in result.stderr
 

@@ -6,6 +6,7 @@ import _thread
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -126,7 +127,8 @@ def plan_placement(config: EmbedConfig) -> Placement:
         num_gpus = config.num_gpus
         if num_gpus > 0 and gpus == 0:
             raise ConfigError(
-                f"{named('num_gpus')} {num_gpus}: the Ray cluster has no GPUs; give {named('num_gpus')} 0 to run on CPUs"
+                f"{named('num_gpus')} {num_gpus}: the Ray cluster has no GPUs; "
+                f"give {named('num_gpus')} 0 to run on CPUs"
             )
     else:
         # Both towers share each GPU unless told otherwise.
@@ -299,6 +301,13 @@ def tower_actors(config: EmbedConfig, placement: Placement) -> list[type]:
     return [{"image": ImageEmbedder, "text": TextEmbedder}[t] for t in TOWERS if t in config.towers]
 
 
+WATCH_SIGNAL = signal.SIGUSR1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # what stops Ray Data's execution and unwinds the run cleanly
+
+
 class TowerStartWatch:
     """Around the run of a plan from embed_dataset (in the main thread): fails it with a
     ConfigError when some stage of its tower actors has none started ACTOR_START_TIMEOUT_S after
@@ -308,6 +317,11 @@ class TowerStartWatch:
     would wait for ever for an actor no node can place. The actors tell the job's RowCounter
     when their model is loaded; this thread asks it every few seconds and, past the timeout,
     interrupts the main thread, which the watch turns into the error.
+
+    The interruption comes through a handler of its own (WATCH_SIGNAL, simulated in-process,
+    never sent), not SIGINT's: a job started in the background by a shell (`altclip embed ...
+    &`) has SIGINT ignored, and Python then drops a simulated SIGINT, which left such a job
+    waiting for ever.
     """
 
     def __init__(self, counter, config: EmbedConfig, placement: Placement):
@@ -322,7 +336,10 @@ class TowerStartWatch:
         # Actors started for an earlier plan of the same job (reembed runs one per tower) do
         # not count.
         self.before = ray.get(self.counter.towers_started.remote())
-        if threading.current_thread() is threading.main_thread():
+        self.watching = threading.current_thread() is threading.main_thread()
+        if self.watching:
+            # None: a handler not set from Python; the default is what is left after.
+            self.previous_handler = signal.signal(WATCH_SIGNAL, _interrupt) or signal.SIG_DFL
             self.thread.start()
         return self
 
@@ -334,13 +351,15 @@ class TowerStartWatch:
                 return
             if time.monotonic() > deadline:
                 self.expired = True
-                _thread.interrupt_main()
+                _thread.interrupt_main(WATCH_SIGNAL)
                 return
 
     def __exit__(self, exc_type, exc, tb):
         self.done.set()
         if self.thread.is_alive():
             self.thread.join()
+        if self.watching:
+            signal.signal(WATCH_SIGNAL, self.previous_handler)
         if self.expired and exc_type is KeyboardInterrupt:
             raise ConfigError(
                 f"no tower actor started in {self.timeout_s:g} s (each asks {self.placement.num_gpus:g} "
