@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 
@@ -168,7 +167,7 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
         config = embed_config(manifest, out, db, **options)
         with results_on_stdout() as results:
             projected = run_job(estimate_run, config, plan_rows)
-        click.echo(json.dumps(projected) if as_json else plan_text(projected), file=results)
+        click.echo(json.dumps(projected.to_dict()) if as_json else projected.text(), file=results)
         return
     if quiet:
         options["progress"] = "quiet"
@@ -216,73 +215,6 @@ def print_summary(summary: dict) -> None:
     click.echo(f"summary: {summary['summary_uri']}", err=True)
     if "table" in summary:
         click.echo(described_load(summary["table"]), err=True)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            break
-        n /= 1000
-    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-_COUNTED_BY = {"parquet_metadata": "from the Parquet footers", "count_pass": "in a pass over the files"}
-
-
-def plan_text(plan: dict) -> str:
-    """The plan as a short table for a person; `--json` gives every figure."""
-    cluster, workers, startup = plan["cluster"], plan["workers"], plan["startup_seconds"]
-    device = plan["device"].upper()
-    holds = "both towers" if workers["towers_per_actor"] > 1 else "one tower"
-    lines = [
-        f"plan: {plan['rows']:,} rows (counted {_COUNTED_BY[plan['rows_counted_by']]}); "
-        f"{plan['sample_rows']} rows spread over the manifest timed (towers on "
-        f"{plan['towers_timed_on']}, {plan['dtype']}, batch {plan['batch_size']})",
-        f"cluster: {cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs, {cluster['nodes']} node(s); the run "
-        f"would start {workers['cpu_tasks']} decode/tokenize task(s) at a time and "
-        f"{workers['tower_actors']} tower actor(s), each with {holds}",
-        "",
-        f"{'stage':<13}{'rows/s/worker':>15}{'workers':>9}{'rows/s':>10}",
-    ]
-    for name, stage in plan["stages"].items():
-        lines.append(f"{name:<13}{stage['rows_per_second_per_worker']:>15.1f}{stage['workers']:>9}"
-                     f"{stage['rows_per_second']:>10.1f}")
-    cause = ("its workers are the slowest" if plan["bottleneck_cause"] == "workers"
-             else "the towers and the CPU tasks take turns on the same cores, and it takes the most time")
-    lines += [
-        "",
-        f"rate: {plan['rows_per_second']:.1f} rows/s ({plan['rows_per_second_per_device']:.2f} per "
-        f"{device}); bottleneck: {plan['bottleneck']} ({cause})",
-        f"wall: {_duration(plan['wall_seconds'])} at this cluster's size, with {startup['total']:.1f} s "
-        f"of start-up (Ray {startup['ray']:.1f}, id scan {startup['id_scan']:.1f}, tower worker "
-        f"{startup['tower_worker']:.1f}, model load {startup['model_load']:.1f}, manifest read "
-        f"{startup['read_start']:.1f}, CPU task start {startup['cpu_task_start']:.1f}, first batch "
-        f"{startup['first_batch']:.1f}); "
-        f"{plan['device_hours']:.3g} {device}-hours on {plan['devices']:g} {device}s",
-        f"output: {_bytes(plan['output_bytes']['float32'])} (with --vector-dtype float16: "
-        f"{_bytes(plan['output_bytes']['float16'])}); table: {_bytes(plan['table_bytes']['float32'])} "
-        f"({_bytes(plan['table_bytes']['float16'])}); ANN indexes: {_bytes(plan['ann_index_bytes'])}",
-    ]
-    feed = plan.get("cpu_tasks_to_feed_towers")
-    if feed:
-        per_gpu = feed / cluster["gpus"]
-        verdict = ("enough" if workers["cpu_tasks"] >= feed else
-                   f"too few: the towers will wait for their rows; give each GPU {math.ceil(per_gpu)} "
-                   "free CPUs, or decode faster with --preprocess fast")
-        lines.append(f"feed: {feed} decode/tokenize task(s) keep the towers busy ({per_gpu:.1f} CPUs "
-                     f"per GPU); this cluster runs {workers['cpu_tasks']} at a time: {verdict}")
-    if plan["sample_errors"]:
-        errors = ", ".join(f"{k} {v}" for k, v in plan["sample_errors"].items())
-        lines.append(f"errors in the sample: {errors}")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -72,15 +72,15 @@ def test_plan_projects_the_run_and_writes_nothing(manifest, tiny_model, ray_sess
     assert plan["cpu_tasks_to_feed_towers"] is None and "feed:" not in text
 
     # On GPUs the plan says whether the cluster's CPUs keep them busy.
-    from jobs.embed import plan_text
+    from pipeline.run.estimate import Estimate
 
     on_gpus = {**plan, "device": "gpu", "cluster": {**plan["cluster"], "gpus": 4},
                "cpu_tasks_to_feed_towers": 35, "workers": {**plan["workers"], "cpu_tasks": 20}}
     assert ("feed: 35 decode/tokenize task(s) keep the towers busy (8.8 CPUs per GPU); this "
             "cluster runs 20 at a time: too few: the towers will wait for their rows; give each "
-            "GPU 9 free CPUs") in plan_text(on_gpus)
+            "GPU 9 free CPUs") in Estimate(**on_gpus).text()
     on_gpus["workers"]["cpu_tasks"] = 35
-    assert "this cluster runs 35 at a time: enough" in plan_text(on_gpus)
+    assert "this cluster runs 35 at a time: enough" in Estimate(**on_gpus).text()
 
 
 def test_plan_flags_are_checked(manifest, tiny_model, tmp_path):
@@ -183,12 +183,13 @@ def test_workers_and_sizes():
 
 def test_json_stands_alone_on_stdout_whatever_ray_prints(manifest, tmp_path, monkeypatch):
     import sys
+    import types
 
     import jobs.embed
 
     def noisy_estimate(config, rows):  # as Ray's log monitor prints its processes' lines
         print("(raylet) WARNING: 8 PYTHON worker processes have been started on node ...", file=sys.stdout)
-        return {"rows": 3}
+        return types.SimpleNamespace(to_dict=lambda: {"rows": 3})
 
     monkeypatch.setattr(jobs.embed, "estimate_run", noisy_estimate)
     result = altclip("embed", manifest, "--out", tmp_path / "out", "--plan", "--json")
