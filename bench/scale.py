@@ -152,11 +152,11 @@ WRAPPED = (
     ("pipeline.run.prepare", "ensure_ray", "start Ray", "plan"),  # then: Ray Data settings, placement, provenance
     ("pipeline.run.resume", "committed_partitions", "resume: partitions done", "plan"),
     ("pipeline.run.resume", "scan_ids", "scan ids", "plan"),  # then: pending, counter, ledger, schema, sink
-    ("jobs.embed", "manifest_rows", "plan", "plan"),
-    ("jobs.embed", "embed_dataset", "plan", "stream"),  # then: the plan runs
-    ("jobs.embed", "output_totals", "totals", "summary"),  # then: the duplicate check, summarize
+    ("pipeline.run.stages", "manifest_rows", "plan", "plan"),
+    ("pipeline.run.stages", "embed_dataset", "plan", "stream"),  # then: the plan runs
+    ("pipeline.write.ledger", "output_totals", "totals", "summary"),  # then: the duplicate check, summarize
     ("pipeline.run.resume", "remove_duplicate_rows", "duplicates", "duplicates"),
-    ("jobs.embed", "write_summary", "summary", "end"),
+    ("pipeline.write.summary", "write_summary", "summary", "end"),
     ("jobs.embed", "run_load", "load into LanceDB", "end"),
     ("pipeline.table.store", "index_table", "index build", "load into LanceDB"),
 )
@@ -218,8 +218,10 @@ def measure_phases(params: dict) -> dict:
     import ray
 
     import jobs.embed
+    import pipeline.run.prepare
+    import pipeline.run.stages
 
-    real_resolve, real_embed_dataset = jobs.embed.resolve_model, jobs.embed.embed_dataset
+    real_resolve, real_embed_dataset = pipeline.run.prepare.resolve_model, pipeline.run.stages.embed_dataset
 
     def resolve_model(ref, storage_options=None):
         return dataclasses.replace(real_resolve(ref, storage_options), dim=params["dim"])
@@ -228,7 +230,7 @@ def measure_phases(params: dict) -> dict:
         real_embed_dataset(*args, **kwargs)  # the plan is built as the job builds it, not run
         return PublishStaged(params["staged_dir"], params["staged"])
 
-    jobs.embed.resolve_model, jobs.embed.embed_dataset = resolve_model, embed_dataset
+    pipeline.run.prepare.resolve_model, pipeline.run.stages.embed_dataset = resolve_model, embed_dataset
     config = _phases_config(params)
     recorder = _recorder()
     summary = jobs.embed.run_embed(config)
@@ -440,9 +442,12 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import jobs.embed
+    from pipeline.embed.model import resolve_model
+    from pipeline.embed.provenance import provenance
+    from pipeline.read.manifest import open_manifest
     from pipeline.write.ledger import write_record
     from pipeline.write.shards import conform, run_stamp, shards_totals, write_shard
+    from schemas.embeddings import embeddings_schema
 
     manifest, out, staged_dir, scratch = (os.path.join(size_dir, d) for d in
                                           ("manifest", "out", "staged", "scratch"))
@@ -450,9 +455,9 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
     # config and model spec), so that it resumes these shards rather than refusing them.
     config = _phases_config({"manifest": manifest, "out": out, "model": model_dir, "db": None,
                              "rows_per_shard": args.rows_per_shard})
-    spec = dataclasses.replace(jobs.embed.resolve_model(model_dir), dim=args.dim)
-    origin = jobs.embed.provenance(spec, DTYPE, config.towers, config.preprocess)
-    schema = jobs.embed.embeddings_schema(args.dim, [pa.field(MANIFEST_METADATA, pa.string())], origin)
+    spec = dataclasses.replace(resolve_model(model_dir), dim=args.dim)
+    origin = provenance(spec, DTYPE, config.towers, config.preprocess)
+    schema = embeddings_schema(args.dim, [pa.field(MANIFEST_METADATA, pa.string())], origin)
     for folder in (manifest, out, staged_dir, scratch):
         os.makedirs(folder)
     synthetic = SyntheticRows(manifest, args.dim)
@@ -461,7 +466,7 @@ def prepare_phases(size_dir: str, rows: int, args, model_dir: str) -> dict:
              for start in range(0, rows, args.manifest_file_rows)]
     for n, (start, stop) in enumerate(files):
         pq.write_table(synthetic.manifest(start, stop), os.path.join(manifest, f"part-{n:05d}.parquet"))
-    opened = jobs.embed.open_manifest(config)
+    opened = open_manifest(config)
     keys, uris = opened.partition_keys(), opened.uris()
 
     def shard(start: int, stop: int, where: str, stamp: str, key: str) -> str:

@@ -19,8 +19,6 @@ from pipeline.query.classify import (
     label_vectors,
     read_labels,
 )
-from pipeline.query.query_table import open_query_table
-from pipeline.table.store import connect, record_run
 from schemas.embeddings import IMAGE_EMBEDDING
 from schemas.manifest import ID
 from schemas.table import KEY
@@ -31,6 +29,10 @@ _NEW_COLUMNS = pa.schema([pa.field(LABEL, pa.string()), pa.field(LABEL_SCORE, pa
 
 
 def run_classify(config: ClassifyConfig) -> dict:
+    # Imported here: the towers import torch, which `altclip classify -h` does without.
+    from pipeline.query.query_table import open_query_table
+    from pipeline.table.store import connect, record_run
+
     labels = read_labels(list(config.labels), list(config.templates))  # checked before any loading
     opened = open_query_table(config.db, config.table_name, config.model, config.storage_options)
     table = opened.table

@@ -1,8 +1,9 @@
 """The `altclip` command: the group that lists each job's command.
 
-Each job module owns its command; a module is imported only when its command runs, since the
-jobs import Ray, torch or LanceDB and `altclip -h` should answer at once. The summaries listed
-here are the commands' own first lines (a test keeps them equal).
+Each job module owns its command; a module is imported only when its command runs, and a job's
+stages (Ray, torch, LanceDB: seconds of imports) only when the job runs, so that `altclip -h`
+and every `altclip COMMAND -h` answer at once (tests/test_cli_messages.py holds them to it). The
+summaries listed here are the commands' own first lines (a test keeps them equal).
 """
 
 from __future__ import annotations

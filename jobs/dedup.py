@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.options import parse_storage_options, run_job, storage_option, table_name
-from pipeline.table.dedup import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig, dedup_table
+from pipeline.config import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig
 
 
 @click.command("dedup")
@@ -31,6 +31,8 @@ def dedup_command(db, against, threshold, keep, full, table_name, storage_option
     config = run_job(lambda: DedupConfig(
         db=db, table_name=table_name, against=against, threshold=threshold, keep=keep, full=full,
         storage_options=parse_storage_options(storage_options)))
+    from pipeline.table.dedup import dedup_table  # torch: not for `altclip dedup -h`
+
     result = run_job(dedup_table, config)
     if not result["changed"]:
         reason = ("the table has no rows" if result["mode"] == "full"

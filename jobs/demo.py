@@ -14,7 +14,6 @@ from jobs.embed import run_embed
 from jobs.options import in_cli_terms, run_job
 from jobs.search import run_search
 from pipeline.config import DEFAULT_MODEL, ConfigError, EmbedConfig, SearchConfig
-from pipeline.embed.model import resolve_model
 
 _COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220),
             "yellow": (240, 210, 20), "black": (10, 10, 10), "purple": (140, 40, 170)}
@@ -76,6 +75,8 @@ def make_sample_corpus(folder: str) -> str:
 def _pick_model(workdir: str, model: str | None) -> str:
     if model is not None:
         return model
+    from pipeline.embed.model import resolve_model  # torch: not for `altclip demo -h`
+
     try:
         resolve_model(DEFAULT_MODEL)
         return DEFAULT_MODEL

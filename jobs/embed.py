@@ -8,26 +8,14 @@ import sys
 import time
 
 import click
-import ray
 
 from jobs.load import described_load, run_load
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, results_on_stdout, run_job
-from pipeline.config import PARTITION_ROWS, EmbedConfig, LoadConfig
-from pipeline.progress import ProgressLog, RowCounter
-from pipeline.run.estimate import DEFAULT_SAMPLE_ROWS, estimate_run
-from pipeline.run.prepare import prepare_run
-from pipeline.run.resume import merge_retried, remove_copies, retry_outcome, work_to_do
-from pipeline.run.stages import TowerStartWatch, embed_dataset, manifest_rows
-from pipeline.table.store import check_manifest_columns, ensure_table
-from pipeline.write.ledger import (
-    output_totals,
-    remove_unlisted_shards,
-    start_ledger,
-)
-from pipeline.write.sink import ParquetShardSink, rows_per_write
-from pipeline.write.summary import summarize, write_summary
+from pipeline.config import DEFAULT_SAMPLE_ROWS, PARTITION_ROWS, EmbedConfig, LoadConfig
 from schemas.embeddings import TRANSIENT_ERROR_KINDS, embeddings_schema
 
+# The job's stages (Ray, torch, LanceDB: seconds of imports) are imported where the job runs,
+# not here: `altclip embed -h` answers at once (tests/test_cli_messages.py holds it to that).
 
 def _progress_mode(config: EmbedConfig) -> str:
     """Ray Data's bars on a terminal; elsewhere (or when asked) a line per interval."""
@@ -37,6 +25,8 @@ def _progress_mode(config: EmbedConfig) -> str:
 
 
 def _progress(mode: str, config: EmbedConfig, counter, total: int | None, stream=None):
+    from pipeline.progress import ProgressLog
+
     if mode in ("text", "json"):
         return ProgressLog(counter, total, config.progress_interval_s, mode, stream)
     return contextlib.nullcontext()
@@ -49,6 +39,15 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     Rerun with the same arguments, it resumes: the partitions (manifest files) OUT's commit
     records name are not read again, and the others are embedded whole.
     """
+    from pipeline.progress import RowCounter
+    from pipeline.run.prepare import prepare_run
+    from pipeline.run.resume import retry_outcome, work_to_do
+    from pipeline.run.stages import TowerStartWatch, embed_dataset, manifest_rows
+    from pipeline.table.store import check_manifest_columns, ensure_table
+    from pipeline.write.ledger import start_ledger
+    from pipeline.write.sink import ParquetShardSink, rows_per_write
+    from pipeline.write.summary import summarize, write_summary
+
     started, started_at = time.perf_counter(), time.time()
     # Everything that can be wrong with the options fails here, before a model starts.
     progress_mode = _progress_mode(config)
@@ -100,6 +99,11 @@ def _settle_outputs(config: EmbedConfig, records: dict[str, dict], ledger, sink,
     """After the stream: the ledger's commits taken into `records` (or a retry's copies merged),
     shards no record names removed, and OUT's totals; returns them and the rows removed as
     copies of others."""
+    import ray
+
+    from pipeline.run.resume import merge_retried, remove_copies
+    from pipeline.write.ledger import output_totals, remove_unlisted_shards
+
     duplicates_removed = 0
     if ledger is not None:
         committed, unfinished = ray.get(ledger.outcome.remote())
@@ -165,6 +169,8 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
                                "--retry-kind mend OUT: choose one")
     if plan:
         config = embed_config(manifest, out, db, **options)
+        from pipeline.run.estimate import estimate_run
+
         with results_on_stdout() as results:
             projected = run_job(estimate_run, config, plan_rows)
         click.echo(json.dumps(projected.to_dict()) if as_json else projected.text(), file=results)

@@ -14,37 +14,20 @@ import time
 
 import click
 import pyarrow as pa
-import ray
 
 from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
 from pipeline.config import ReembedConfig
-from pipeline.decode.images import hash_images
-from pipeline.decode.text import caption_hashes
-from pipeline.embed.provenance import changed_provenance
-from pipeline.progress import RowCounter
-from pipeline.read.ids import scan_ids
-from pipeline.run.prepare import prepare_run
-from pipeline.run.stages import (
-    TowerStartWatch,
-    embed_dataset,
-    fetch_policy,
-    manifest_rows,
-)
-from pipeline.table import store as tables
-from pipeline.table.changes import find_changes, kept_from_table, stored_state
 from pipeline.timing import pop_figures
-from pipeline.write.shards import conform, write_shard
-from schemas.embeddings import (
-    CAPTION_SHA256,
-    IMAGE_EMBEDDING,
-    TEXT_EMBEDDING,
-    embeddings_schema,
-)
+from schemas.embeddings import CAPTION_SHA256, IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
 from schemas.manifest import CAPTION
 
+# The job's stages (Ray, torch, LanceDB: seconds of imports) are imported where the job runs,
+# not here: `altclip reembed -h` answers at once (tests/test_cli_messages.py holds it to that).
 
 def _collect(ds) -> pa.Table:
     """A dataset's rows in the driver, without the stages' hidden columns."""
+    import ray
+
     parts = [t for t in (ray.get(ref) for ref in ds.to_arrow_refs()) if t.num_rows]
     if not parts:
         return pa.table({})
@@ -54,6 +37,10 @@ def _collect(ds) -> pa.Table:
 def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, counter) -> pa.Table:
     """Run one tower on in-memory rows (id, image, inline bytes, caption) through the same
     stages as the embed job."""
+    import ray
+
+    from pipeline.run.stages import TowerStartWatch, embed_dataset
+
     if not rows.num_rows:
         return pa.table({})
     one_tower = dataclasses.replace(config, towers=(tower,))
@@ -64,6 +51,10 @@ def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, counter)
 
 def _current_rows(manifest, scan, config, policy) -> pa.Table:
     """What the manifest holds now: its rows with the hashes of their image bytes and captions."""
+    from pipeline.decode.images import hash_images
+    from pipeline.decode.text import caption_hashes
+    from pipeline.run.stages import manifest_rows
+
     current = _collect(
         manifest_rows(manifest, scan.file_slices, config.batch_size)
         .map_batches(hash_images, fn_kwargs={"policy": policy}, batch_format="pyarrow")
@@ -78,6 +69,15 @@ def _embedded(results: pa.Table, column: str) -> int:
 
 def run_reembed(config: ReembedConfig) -> dict:
     """Compare the manifest with the table, embed only new content, upsert one new version."""
+    from pipeline.embed.provenance import changed_provenance
+    from pipeline.progress import RowCounter
+    from pipeline.read.ids import scan_ids
+    from pipeline.run.prepare import prepare_run
+    from pipeline.run.stages import fetch_policy
+    from pipeline.table import store as tables
+    from pipeline.table.changes import find_changes, kept_from_table, stored_state
+    from pipeline.write.shards import conform, write_shard
+
     started = time.perf_counter()
     e = config.embed
     run = prepare_run(e, progress_bars=sys.stderr.isatty())

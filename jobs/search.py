@@ -8,11 +8,12 @@ import click
 
 from jobs.options import parse_storage_options, print_rows, run_job, storage_option, table_name
 from pipeline.config import SearchConfig
-from pipeline.query.search import search
 from schemas.table import SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
 
 def run_search(config: SearchConfig) -> list[dict]:
+    from pipeline.query.search import search  # the towers, torch: not for `altclip search -h`
+
     return search(config)
 
 

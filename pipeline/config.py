@@ -13,6 +13,13 @@ from schemas.table import DEFAULT_TABLE_NAME
 # partition: 58,500 records for LAION-5B's 5.85e9 rows.
 PARTITION_ROWS = 100_000
 
+# Rows `embed --plan` times by default (pipeline/run/estimate.py). Stage costs vary with the rows
+# (a web photo's decode time spans a factor of ten with its size): over 200 rows the mean's
+# standard error is about 6% for a spread of 0.8 times the mean, a small part of the 25% the
+# projection is held to; 200 rows are four batches of 64 through each tower, and a few seconds
+# of decoding on one core.
+DEFAULT_SAMPLE_ROWS = 200
+
 DEFAULT_MODEL = "BAAI/AltCLIP"
 TOWERS = ("image", "text")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -186,6 +193,40 @@ class ReembedConfig:
     embed: EmbedConfig  # manifest, model, towers, columns, resources; `out` may be empty
     prune: bool = False  # delete table rows whose id left the manifest
     dry_run: bool = False
+
+
+# Cosine at or above which a row duplicates a kept row. Not measured here: the real weights are
+# never available, and the tests' tiny random-weight model puts different pictures as close as
+# 0.990 (JPEG re-encodes and half-size copies of a picture 0.9994 and up, 70% crops 0.987 to
+# 0.997: tests/test_dedup.py), which says nothing about CLIP's space. Taken from practice with
+# CLIP image vectors (AltCLIP's image tower is CLIP's ViT-L/14): clip-retrieval's search back
+# end, which serves LAION's ViT-L/14 indexes, drops results at cosine >= 0.94 to each other as
+# duplicates (`get_non_uniques`); SemDeDup-style pipelines go down to 0.93 (NeMo Curator's
+# example eps 0.07) for semantic duplicates, a looser notion than one picture re-encoded,
+# resized or cropped. Groups here never chain (each duplicate is within the threshold of its
+# kept row itself), so 0.94 groups no more than clip-retrieval's connected components do.
+DEFAULT_THRESHOLD = 0.94
+KEEP_POLICIES = ("first", "largest", "longest")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    db: str
+    table_name: str = DEFAULT_TABLE_NAME
+    against: str = "image"  # which vectors: image or text
+    threshold: float = DEFAULT_THRESHOLD
+    keep: str = "first"
+    full: bool = False  # re-cluster every row instead of checking new and changed ones only
+    storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_table_name(self.table_name)
+        if self.against not in ("image", "text"):
+            raise ConfigError(f"against {self.against!r}: choose image or text")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold {self.threshold}: a cosine above 0 and at most 1")
+        if self.keep not in KEEP_POLICIES:
+            raise ConfigError(f"keep {self.keep!r}: choose one of {', '.join(KEEP_POLICIES)}")
 
 
 @dataclass(frozen=True)

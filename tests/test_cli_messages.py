@@ -128,6 +128,39 @@ def _commands(group, prefix=()):
             yield from _commands(command, (*prefix, name))
 
 
+# What `-h` of any command may not import: seconds of start-up (torch alone 1 s here, the
+# whole job 2.6 s), for help that needs none of it.
+HEAVY_MODULES = ("torch", "transformers", "ray", "lancedb", "lance", "fastapi", "uvicorn")
+
+HELP_PROBE = """
+import sys
+import click
+from jobs.cli import main
+
+def helped(group, prefix=()):
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
+        try:
+            main([*prefix, name, "-h"], standalone_mode=False)
+        except click.exceptions.Exit:
+            pass
+        if isinstance(command, click.Group):
+            helped(command, (*prefix, name))
+
+helped(main)
+print("imported:", " ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_help_of_every_command_imports_no_job_machinery():
+    result = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True,
+                            timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = set(result.stdout.splitlines()[-1].removeprefix("imported:").split())
+    assert "jobs" in imported and "click" in imported  # the probe did render the help
+    assert not imported & set(HEAVY_MODULES), sorted(imported & set(HEAVY_MODULES))
+
+
 def test_help_for_every_option_and_summaries_not_cut():
     import click
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.table.dedup import DEFAULT_THRESHOLD
+from pipeline.config import DEFAULT_THRESHOLD
 from pipeline.table.near_duplicates import KEPT, Clusters, group_rows
 from tests.conftest import altclip
 from tests.corpus import CAPTIONS

@@ -185,13 +185,13 @@ def test_json_stands_alone_on_stdout_whatever_ray_prints(manifest, tmp_path, mon
     import sys
     import types
 
-    import jobs.embed
+    import pipeline.run.estimate
 
     def noisy_estimate(config, rows):  # as Ray's log monitor prints its processes' lines
         print("(raylet) WARNING: 8 PYTHON worker processes have been started on node ...", file=sys.stdout)
         return types.SimpleNamespace(to_dict=lambda: {"rows": 3})
 
-    monkeypatch.setattr(jobs.embed, "estimate_run", noisy_estimate)
+    monkeypatch.setattr(pipeline.run.estimate, "estimate_run", noisy_estimate)
     result = altclip("embed", manifest, "--out", tmp_path / "out", "--plan", "--json")
     assert json.loads(result.stdout) == {"rows": 3}
     assert "(raylet) WARNING" in result.stderr

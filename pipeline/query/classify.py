@@ -4,14 +4,17 @@ languages, as in CLIP's recipe) -> the nearest label per image."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, named
-from pipeline.query.query_table import QueryTable
 from schemas.embeddings import IMAGE_EMBEDDING
 from schemas.manifest import ID
+
+if TYPE_CHECKING:  # the towers' module imports torch: not for `altclip classify -h`
+    from pipeline.query.query_table import QueryTable
 
 LABEL, LABEL_SCORE, TOP_LABELS, TOP_SCORES = "label", "label_score", "top_labels", "top_scores"
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import ConfigError, EmbedConfig, named
+from pipeline.config import DEFAULT_SAMPLE_ROWS, ConfigError, EmbedConfig, named
 from pipeline.embed.provenance import provenance
 from pipeline.read.manifest import Manifest
 from pipeline.read.sample import count_rows, read_sample, spread_positions
@@ -32,12 +32,6 @@ from pipeline.run.stages import (
 from pipeline.timing import pop_figures
 from pipeline.write.shards import conform, errors_by_kind
 from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
-
-# Rows timed by default. Stage costs vary with the rows (a web photo's decode time spans a
-# factor of ten with its size): over 200 rows the mean's standard error is about 6% for a
-# spread of 0.8 times the mean, a small part of the 25% the projection is held to; 200 rows
-# are four batches of 64 through each tower, and a few seconds of decoding on one core.
-DEFAULT_SAMPLE_ROWS = 200
 
 
 def _parquet_bytes(table: pa.Table) -> int:

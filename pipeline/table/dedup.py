@@ -5,33 +5,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import ConfigError, check_table_name, named
+from pipeline.config import ConfigError, DedupConfig, named
 from pipeline.table.near_duplicates import PRIOR, Clusters, Grouping, cosine_cutoff, group_rows
 from pipeline.table.sql_text import sql_equals
 from pipeline.table.store import DEDUP_COLUMNS, connect, open_table, record_run
 from schemas.embeddings import HEIGHT, IMAGE_EMBEDDING, TEXT_EMBEDDING, WIDTH
 from schemas.manifest import CAPTION, ID
-from schemas.table import DEFAULT_TABLE_NAME, KEY, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+from schemas.table import KEY, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
-# Cosine at or above which a row duplicates a kept row. Not measured here: the real weights are
-# never available, and the tests' tiny random-weight model puts different pictures as close as
-# 0.990 (JPEG re-encodes and half-size copies of a picture 0.9994 and up, 70% crops 0.987 to
-# 0.997: tests/test_dedup.py), which says nothing about CLIP's space. Taken from practice with
-# CLIP image vectors (AltCLIP's image tower is CLIP's ViT-L/14): clip-retrieval's search back
-# end, which serves LAION's ViT-L/14 indexes, drops results at cosine >= 0.94 to each other as
-# duplicates (`get_non_uniques`); SemDeDup-style pipelines go down to 0.93 (NeMo Curator's
-# example eps 0.07) for semantic duplicates, a looser notion than one picture re-encoded,
-# resized or cropped. Groups here never chain (each duplicate is within the threshold of its
-# kept row itself), so 0.94 groups no more than clip-retrieval's connected components do.
-DEFAULT_THRESHOLD = 0.94
-KEEP_POLICIES = ("first", "largest", "longest")
 VECTOR_COLUMN = {"image": IMAGE_EMBEDDING, "text": TEXT_EMBEDDING}
 MARK_TYPES = (pa.string(), pa.float32(), pa.bool_())  # dup_of, dup_score, dup_checked
 
@@ -43,26 +31,6 @@ KMEANS_SAMPLE = 200_000
 SCAN_ROWS = 16_384  # rows per batch read from the table
 ANN_NEIGHBOURS = 10  # nearest rows an incremental run asks the vector index for, per new row
 QUERY_BATCH = 256  # new rows per vector search call
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    db: str
-    table_name: str = DEFAULT_TABLE_NAME
-    against: str = "image"  # which vectors: image or text
-    threshold: float = DEFAULT_THRESHOLD
-    keep: str = "first"
-    full: bool = False  # re-cluster every row instead of checking new and changed ones only
-    storage_options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        check_table_name(self.table_name)
-        if self.against not in VECTOR_COLUMN:
-            raise ConfigError(f"against {self.against!r}: choose image or text")
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"threshold {self.threshold}: a cosine above 0 and at most 1")
-        if self.keep not in KEEP_POLICIES:
-            raise ConfigError(f"keep {self.keep!r}: choose one of {', '.join(KEEP_POLICIES)}")
 
 
 def dedup_table(config: DedupConfig) -> dict:
