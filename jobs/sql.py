@@ -26,8 +26,9 @@ def sql_command(db_and_query, outputs, as_json, as_csv, allow_file_access, table
                 storage_options):
     """Run a DuckDB SQL query over a table and/or outputs.
 
-    The table in DB is visible by its name, the outputs of --parquet as `outputs`; the query
-    reads nothing else (no files, URLs or extensions) unless --allow-file-access.
+    Every table in DB is visible by its name (--table only checks that one exists), the outputs
+    of --parquet as `outputs`; the query reads nothing else (no files, URLs or extensions)
+    unless --allow-file-access.
 
     `altclip sql DB "SELECT ..."`; `altclip sql --parquet OUT "SELECT ... FROM outputs"`."""
     if len(db_and_query) > 2:
@@ -36,6 +37,8 @@ def sql_command(db_and_query, outputs, as_json, as_csv, allow_file_access, table
     db, query = db_and_query if len(db_and_query) == 2 else (None, db_and_query[0])
     if not db and not outputs:
         raise click.UsageError("name what to query: altclip sql DB QUERY, and/or --parquet OUT")
-    result = run_job(run_sql, query, db, table_name, outputs,
+    named_table = table_name if click.get_current_context().get_parameter_source(
+        "table_name") is not click.core.ParameterSource.DEFAULT else None
+    result = run_job(run_sql, query, db, named_table, outputs,
                      parse_storage_options(storage_options), allow_file_access)
     print_rows(result.to_pylist(), as_json, as_csv, names=result.column_names)

@@ -42,6 +42,27 @@ def test_a_missing_table_in_sql_is_named_with_what_exists(db):
     assert "zoo" in result.stderr and "The query can name: embeddings (the table in" in result.stderr
 
 
+def test_sql_sees_every_table_by_its_name_and_no_run_records(db, tmp_path):
+    copy = tmp_path / "db"
+    shutil.copytree(db, copy)
+    altclip("load", db.parent / "out", "--db", copy, "--table", "pics")
+    assert (copy / "pics__runs.lance").is_dir()  # the run records, which no listing shows
+    joined = altclip("sql", copy, "SELECT count(*) AS n FROM pics JOIN embeddings USING (id)", "--json")
+    rows = json.loads(altclip("sql", copy, "SELECT count(*) AS n FROM pics", "--json").stdout)["n"]
+    assert rows > 0 and json.loads(joined.stdout)["n"] == rows
+
+    result = altclip("sql", copy, "SELECT * FROM pics__runs", expect_exit=1)
+    assert "The query can name: embeddings, pics (the tables in" in result.stderr
+    assert "__runs" not in result.stderr.split("The query can name:")[1]
+    result = altclip("search", copy, "--text", "x", "--table", "nosuch", expect_exit=1)
+    assert "(tables: embeddings, pics)" in result.stderr
+    result = altclip("sql", copy, "SELECT 1", "--table", "nosuch", expect_exit=1)
+    assert "has no table 'nosuch' (tables: embeddings, pics)" in result.stderr
+    # `outputs` without --parquet: what to add, not DuckDB's words about a Python variable.
+    result = altclip("sql", copy, "SELECT * FROM outputs", expect_exit=1)
+    assert "add --parquet OUT" in result.stderr and "Python Object" not in result.stderr
+
+
 def test_reading_commands_never_create_a_database(tmp_path):
     missing = tmp_path / "nothing-here"
     for args in (["search", missing, "--text", "x"], ["sql", missing, "SELECT 1 FROM embeddings"],

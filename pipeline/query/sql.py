@@ -1,5 +1,6 @@
-"""SQL over the table and the Parquet outputs with DuckDB, reading them in place (no copy into
-Python): the table is visible by its name, the outputs as `outputs`, and nothing else."""
+"""SQL over a database's tables and the Parquet outputs with DuckDB, reading them in place (no
+copy into Python): each table is visible by its name, the outputs as `outputs`, and nothing
+else."""
 
 from __future__ import annotations
 
@@ -10,25 +11,35 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import ConfigError, named
-from pipeline.table.store import open_dataset
+from pipeline.table.store import no_such_table, open_dataset, table_names
 from pipeline.write.shards import outputs_dataset
 
 
-def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None,
+def run_sql(query: str, db_uri: str | None, table_name: str | None, outputs: str | None,
             storage_options: dict | None = None, allow_file_access: bool = False) -> pa.Table:
-    """The query's result. Vector columns are DuckDB arrays: `array_cosine_similarity`,
-    `array_inner_product` and `array_distance` work on them.
+    """The query's result. Every table of the database is visible by its name (not the run
+    records kept beside each); `table_name`, when given, must be one of them. Vector columns
+    are DuckDB arrays: `array_cosine_similarity`, `array_inner_product` and `array_distance`
+    work on them.
 
-    Unless `allow_file_access`, the query can read only the table and the outputs: reading or
+    Unless `allow_file_access`, the query can read only the tables and the outputs: reading or
     writing files (`read_csv`, `COPY`, `ATTACH` of a file), `INSTALL`/`LOAD` of an extension and
     any `SET` are refused (see lock_out_external_access)."""
     con = duckdb.connect()
+    # DuckDB's Python client would otherwise read any Python variable a query names (`outputs`
+    # without --parquet was this function's own None): the query sees what is registered.
+    con.execute("SET python_enable_replacements = false")
     visible = []
     if db_uri:
-        # A Lance dataset is an Arrow dataset: DuckDB scans it lazily, pushing down
-        # projections and filters.
-        con.register(table_name, readable_by_duckdb(open_dataset(db_uri, table_name, storage_options)))
-        visible.append(f"{table_name} (the table in {db_uri})")
+        tables = table_names(db_uri, storage_options)
+        if table_name is not None and table_name not in tables:
+            raise no_such_table(db_uri, table_name, tables)
+        for name in tables:
+            # A Lance dataset is an Arrow dataset: DuckDB scans it lazily, pushing down
+            # projections and filters; opening one reads only its manifest.
+            con.register(name, readable_by_duckdb(open_dataset(db_uri, name, storage_options)))
+        visible.append(f"{', '.join(tables)} (the table{'s' if len(tables) > 1 else ''} in {db_uri})"
+                       if tables else f"no table ({db_uri} holds none)")
     if outputs:
         dataset = outputs_dataset(outputs, storage_options)
         if dataset is None:
@@ -42,8 +53,10 @@ def run_sql(query: str, db_uri: str | None, table_name: str, outputs: str | None
     try:
         result = con.sql(query).to_arrow_table()
     except duckdb.CatalogException as exc:
+        hint = (f"; add {named('parquet')} OUT for the outputs of an embed run"
+                if not outputs and "name outputs does not exist" in str(exc) else "")
         raise ConfigError(f"SQL: {str(exc).splitlines()[0]} The query can name: "
-                          f"{'; '.join(visible)}") from None
+                          f"{'; '.join(visible) or 'nothing'}{hint}") from None
     except duckdb.Error as exc:
         refused = None if allow_file_access else refused_by_lock(exc)
         if refused:

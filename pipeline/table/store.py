@@ -48,16 +48,45 @@ def connect(db_uri: str, storage_options: dict | None = None):
 def open_table(db_uri: str, name: str, storage_options: dict | None = None):
     """An existing table, for reading: a local path without a database is an error, never a
     new empty folder."""
+    _check_database(db_uri)
+    conn = connect(db_uri, storage_options)
+    if name not in conn.table_names():
+        raise no_such_table(db_uri, name, user_tables(conn.table_names()))
+    return conn.open_table(name)
+
+
+def _check_database(db_uri: str) -> None:
     if storage.is_local(db_uri) and not os.path.isdir(storage.filesystem(db_uri)[1]):
         raise ConfigError(f"{db_uri}: no database there (a LanceDB database is a folder made by "
                           f"an embed run given {named('db')}, or a load)")
-    conn = connect(db_uri, storage_options)
-    if name not in conn.table_names():
-        raise ConfigError(
-            f"{db_uri} has no table '{name}' (tables: {', '.join(conn.table_names()) or 'none'}); "
-            f"load embeddings into it first, or name another with {named('table_name')}"
-        )
-    return conn.open_table(name)
+
+
+def no_such_table(db_uri: str, name: str, tables: list[str]) -> ConfigError:
+    return ConfigError(f"{db_uri} has no table '{name}' (tables: {', '.join(tables) or 'none'}); "
+                       f"load embeddings into it first, or name another with {named('table_name')}")
+
+
+def user_tables(names) -> list[str]:
+    """The tables of `names` a user made: not the run records kept beside each (`NAME__runs`)."""
+    return sorted(n for n in names if not n.endswith(RUNS_SUFFIX))
+
+
+def table_names(db_uri: str, storage_options: dict | None = None) -> list[str]:
+    """The user's tables in the database at `db_uri`, from its listing (no LanceDB client: its
+    import alone takes seconds, and `sql` answers in under one)."""
+    _check_database(db_uri)
+    fs, root = storage.filesystem(db_uri, storage_options)
+    try:
+        listed = fs.ls(root.rstrip("/"), detail=False)
+    except FileNotFoundError:
+        listed = []
+    except Exception as exc:
+        if not storage.is_unavailable(exc):
+            raise
+        raise storage.StorageUnavailable(
+            f"{storage.redact(db_uri)}: storage unavailable ({storage.describe(exc)[:200]})") from None
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in listed)
+    return user_tables(name.removesuffix(".lance") for name in names if name.endswith(".lance"))
 
 
 def open_dataset(db_uri: str, name: str, storage_options: dict | None = None):
@@ -314,8 +343,11 @@ def apply_changes(db_uri: str, name: str, rows: pa.Table, deleted: pa.Array | No
             "deleted": removed}
 
 
+RUNS_SUFFIX = "__runs"
+
+
 def _runs_name(name: str) -> str:
-    return f"{name}__runs"
+    return f"{name}{RUNS_SUFFIX}"
 
 
 def record_run(conn, name: str, version: int, details: dict) -> None:
