@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import sys
+import unicodedata
 
 import click
 
@@ -177,7 +178,8 @@ _JOB_OPTIONS = [
                  help="Column of captions."),
     click.option("--batch-size", default=64, type=int, help="Rows per batch through each tower."),
     click.option("--dtype", default="auto", type=click.Choice(DTYPES),
-                 help="Tower precision; auto: bfloat16 on GPUs and CPUs that have it, else float32."),
+                 help="Tower precision; auto: float16 on GPUs, bfloat16 on CPUs with native bfloat16, "
+                      "else float32."),
     click.option("--vector-dtype", default="float32", type=click.Choice(VECTOR_DTYPES),
                  help="How the vectors are stored, in the outputs and the table; float16: half the "
                       "bytes (cosine to float32 >= 0.9999, same search results)."),
@@ -253,10 +255,20 @@ def print_rows(rows: list[dict], as_json: bool, as_csv: bool, names: list[str] |
         click.echo(buf.getvalue().decode(), nl=False)
     else:
         cells = [[_cell(v, cut) for v in row.values()] for row in rows]
-        widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
-        click.echo("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip())
-        for row in cells:
-            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        widths = [max([display_width(n)] + [display_width(r[i]) for r in cells]) for i, n in enumerate(names)]
+        for line in [names, *cells]:
+            click.echo("  ".join(_padded(v, w) for v, w in zip(line, widths)).rstrip())
+
+
+def display_width(text: str) -> int:
+    """Columns `text` takes in a terminal: two for each wide character (CJK, Hangul, full-width
+    forms), none for a combining mark (Devanagari's vowel signs), one for the others."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def _padded(text: str, width: int) -> str:
+    return text + " " * (width - display_width(text))
 
 
 def _cell(value, cut: int | None) -> str:

@@ -63,6 +63,20 @@ def test_sql_sees_every_table_by_its_name_and_no_run_records(db, tmp_path):
     assert "add --parquet OUT" in result.stderr and "Python Object" not in result.stderr
 
 
+def test_table_output_lines_up_captions_of_every_script(capsys):
+    from jobs.options import display_width, print_rows
+
+    captions = {"ja": "猫が寝ている", "ko": "고양이", "zh": "白色背景上的红色圆圈", "hi": "बिल्ली सो रही है",
+                "ar": "قطة نائمة", "en": "a cat", "de": "ﬁ Ｆｕｌｌ"}
+    print_rows([{"caption": c, "lang": lang} for lang, c in captions.items()], False, False)
+    lines = capsys.readouterr().out.splitlines()
+    # The second column starts at the same screen column on every line: padding counts a wide
+    # character as two columns and a combining mark as none.
+    starts = {display_width(line[:line.rindex(" ") + 1]) for line in lines}
+    assert len(starts) == 1, lines
+    assert display_width("猫a") == 3 and display_width("ि्") == 1 and display_width("e\u0301") == 1
+
+
 def test_reading_commands_never_create_a_database(tmp_path):
     missing = tmp_path / "nothing-here"
     for args in (["search", missing, "--text", "x"], ["sql", missing, "SELECT 1 FROM embeddings"],
