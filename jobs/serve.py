@@ -18,7 +18,7 @@ from schemas.table import DEFAULT_TABLE_NAME
 def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
               table_name: str = DEFAULT_TABLE_NAME, model: str | None = None,
               storage_options: dict | None = None, allow_private_urls: bool = False,
-              quiet: bool = False) -> None:
+              quiet: bool = False, show_uris: bool = False) -> None:
     """Load the table's model, then serve until interrupted."""
     from pipeline.serve.app import Searcher, make_server
     from pipeline.serve.server import listen
@@ -30,7 +30,7 @@ def run_serve(db: str, host: str = "127.0.0.1", port: int = 8000,
                           f"({exc.strerror or exc})") from None
     try:
         searcher = Searcher(db, table_name, model=model, storage_options=storage_options,
-                            allow_private_urls=allow_private_urls)
+                            allow_private_urls=allow_private_urls, show_uris=show_uris)
     except BaseException:
         sock.close()
         raise
@@ -119,6 +119,10 @@ RAY_ONLY = ("address", "replicas", "num_gpus", "num_cpus", "batch_size", "batch_
               help="Query model.")
 @click.option("--allow-private-urls", is_flag=True,
               help="Let thumbnails of http(s) image URLs reach loopback and private addresses.")
+@click.option("--show-uris", is_flag=True,
+              help="Show where images and the model are stored (URIs, local paths; credentials "
+                   "redacted) in the API and the page; without it a hit's image is its path on "
+                   "this server and the model is named by its folder's name.")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 @storage_option
 @click.option("--ray", "use_ray", is_flag=True,
@@ -139,7 +143,7 @@ RAY_ONLY = ("address", "replicas", "num_gpus", "num_cpus", "batch_size", "batch_
 @click.option("--batch-wait-ms", default=None, type=click.FloatRange(min=0), show_default="10",
               help="How long a text query waits for others to join its batch.")
 @click.pass_context
-def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, quiet,
+def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, show_uris, quiet,
                   storage_options, use_ray, address, replicas, num_gpus, num_cpus, batch_size,
                   batch_wait_ms):
     """Serve a search page and a JSON API over a table in DB.
@@ -161,13 +165,14 @@ def serve_command(ctx, db, host, port, table_name, model, allow_private_urls, qu
             args = {"db": db, "table": table_name, "model": model, "replicas": replicas,
                     "num_gpus": num_gpus, "num_cpus": num_cpus, "batch_size": batch_size,
                     "batch_wait_ms": batch_wait_ms, "allowed_hosts": allowed,
-                    "allow_private_urls": allow_private_urls, "access_log": not quiet,
+                    "allow_private_urls": allow_private_urls, "show_uris": show_uris,
+                    "access_log": not quiet,
                     "storage_options": parse_storage_options(storage_options)}
             run_serve_ray(parse_options({k: v for k, v in args.items() if v is not None}),
                           host, port, address)
         else:
             run_serve(db, host, port, table_name, model, parse_storage_options(storage_options),
-                      allow_private_urls, quiet)
+                      allow_private_urls, quiet, show_uris)
 
     # Bad configuration exits 1 with its message, an unreachable store 75 (as every job).
     run_job(start)

@@ -114,6 +114,15 @@ def test_columns_lists_metadata_with_types_and_values(server):
     assert not {"image_embedding", "text_embedding", "image_sha256", "model", "image_error"} & set(columns)
 
 
+def test_show_uris_shows_the_stored_image_and_model(corpus, rows):
+    from pipeline.query.filters import Filters
+
+    searcher = Searcher(str(corpus / "db"), "embeddings", show_uris=True)
+    hits = searcher.search(searcher.query.embed_text("un gato"), 50, "image", Filters({}))["hits"]
+    assert {h["id"]: h["image"] for h in hits} == {i: r["image"] for i, r in rows.items()}
+    assert searcher.info()["model"] == searcher.model.label and "/" in searcher.model.label
+
+
 def test_text_search_with_a_filter_returns_only_matching_rows(server, rows):
     status, body = get_json(search_url(server, text="una foto de un gato", k=50, **{"filter.lang": "de"}))
     assert status == 200, body
@@ -122,6 +131,10 @@ def test_text_search_with_a_filter_returns_only_matching_rows(server, rows):
     hit = body["hits"][0]
     assert set(hit) >= {"id", "score", "caption", "image", "thumbnail", "metadata"}
     assert hit["thumbnail"] == f"/api/thumbnail/{hit['id']}"
+    # Where the images and the model are stored stays on the server (no --show-uris).
+    assert all(h["image"] == h["thumbnail"] for h in body["hits"])
+    status, info = get_json(f"{server}/api/info")
+    assert status == 200 and info["model"].startswith("tiny@") and "/" not in info["model"]
     assert "image_embedding" not in hit and "image_embedding" not in hit["metadata"]
     scores = [h["score"] for h in body["hits"]]
     assert scores == sorted(scores, reverse=True)

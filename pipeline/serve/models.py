@@ -73,7 +73,8 @@ class Hit(BaseModel):
     id: str
     score: float = Field(description="Cosine similarity.")
     caption: str | None
-    image: str | None = Field(description="The stored image URI, redacted (information only).")
+    image: str | None = Field(description="The image's path on this server (its thumbnail); the "
+                                          "stored URI, redacted, where the server shows URIs.")
     width: int | None
     height: int | None
     thumbnail: str = Field(description="Path of the row's thumbnail.")

@@ -59,6 +59,7 @@ class ServeOptions(BaseModel):
     allowed_hosts: str | None = Field(None, description="Host names answered, comma-separated; "
                                                         "default: any.")
     allow_private_urls: bool = False
+    show_uris: bool = False
     access_log: bool = True
     storage_options: dict[str, str] = Field(default_factory=dict)
 
@@ -146,7 +147,8 @@ class SearchReplica:
         self.options = options
         self.searcher = Searcher(options.db, options.table, model=options.model,
                                  storage_options=options.storage_options,
-                                 allow_private_urls=options.allow_private_urls)
+                                 allow_private_urls=options.allow_private_urls,
+                                 show_uris=options.show_uris)
         self.texts: TextBatches | None = None
 
     async def __serve_build_asgi_app__(self):

@@ -102,8 +102,11 @@ class Searcher:
 
     def __init__(self, db: str, table_name: str, model: str | None = None,
                  storage_options: dict | None = None, allow_private_urls: bool = False,
-                 log=None):
+                 log=None, show_uris: bool = False):
         self.db, self.table_name = db, table_name
+        # Without it, where images and the model live stays on the server: a hit's `image` is
+        # its thumbnail's path, the model is named by its last path component.
+        self.show_uris = show_uris
         self.storage_options = dict(storage_options or {})
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.query = open_query_table(db, table_name, model, self.storage_options, self.log)
@@ -152,10 +155,20 @@ class Searcher:
         self._columns = (view.version, described)
         return described
 
+    def model_name(self) -> str:
+        """The model as the API names it: a hub name as it is; a folder or URI by its last
+        component, unless the server shows URIs."""
+        label = self.model.label
+        if self.show_uris:
+            return storage.redact(label)
+        if label.startswith(("/", ".", "~")) or "://" in label:
+            return label.rstrip("/").rsplit("/", 1)[-1]
+        return label
+
     def info(self) -> dict:
         view = self.view()
         return {"table": self.table_name, "rows": view.table.count_rows(), "version": view.version,
-                "model": storage.redact(self.model.label), "dtype": self.dtype, "dim": self.model.dim,
+                "model": self.model_name(), "dtype": self.dtype, "dim": self.model.dim,
                 "against": sorted(SEARCH_COLUMNS)}
 
     # queries
@@ -190,7 +203,7 @@ class Searcher:
         shown = [ID, CAPTION, IMAGE, WIDTH, HEIGHT, *view.metadata]
         started = time.perf_counter()
         rows = nearest(view.table, vector, column, k, user_where, [c for c in shown if c in view.names])
-        hits = [_hit(row, view.metadata) for row in rows]
+        hits = [_hit(row, view.metadata, self.show_uris) for row in rows]
         return {"hits": hits, "count": len(hits), "k": k, "against": against,
                 "where": user_where, "search_ms": round((time.perf_counter() - started) * 1000, 1)}
 
@@ -300,17 +313,19 @@ def _column_stats(table, columns: list[Column]) -> dict[str, dict]:
     return stats
 
 
-def _hit(row: dict, metadata: list[str]) -> dict:
+def _hit(row: dict, metadata: list[str], show_uris: bool) -> dict:
     image = row.get(IMAGE)
+    thumbnail = "/api/thumbnail/" + urllib.parse.quote(row[ID], safe="")
     return {
         "id": row[ID],
         "score": row["score"],
         "caption": row.get(CAPTION),
-        # The stored URI, redacted, as information only: the browser loads `thumbnail`.
-        "image": storage.redact(image) if image else None,
+        # The stored URI (redacted) only when the server was started to show it; else the
+        # image's reference on this server. The browser loads `thumbnail` either way.
+        "image": (storage.redact(image) if show_uris else thumbnail) if image else None,
         "width": row.get(WIDTH),
         "height": row.get(HEIGHT),
-        "thumbnail": "/api/thumbnail/" + urllib.parse.quote(row[ID], safe=""),
+        "thumbnail": thumbnail,
         "metadata": {name: _json_value(row.get(name)) for name in metadata},
     }
 
