@@ -197,6 +197,9 @@ _JOB_OPTIONS = [
                  help="GPUs per tower actor."),
     click.option("--address", default=None, show_default="RAY_ADDRESS, else a local Ray",
                  help="Ray cluster address."),
+    click.option("--verbose", is_flag=True,
+                 help="Also print Ray's, Ray Data's and Lance's own log lines (execution plans, "
+                      "notes about Ray itself); they are always in Ray's log files."),
     click.option("--allow-local-paths", is_flag=True,
                  help="Let a manifest from object storage name local files."),
     click.option("--allow-private-urls", is_flag=True,

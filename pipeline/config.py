@@ -85,6 +85,7 @@ class EmbedConfig:
     partition_rows: int = PARTITION_ROWS
     storage_options: dict = field(default_factory=dict)
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or an in-process Ray
+    verbose: bool = False  # also Ray's, Ray Data's and Lance's own log lines
     overwrite: bool = False  # replace what OUT holds instead of resuming it
     allow_local_paths: bool = False  # local image paths in a manifest from object storage
     allow_private_urls: bool = False  # image URLs on loopback, link-local or private addresses

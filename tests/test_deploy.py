@@ -372,7 +372,11 @@ def parse_entrypoint(entrypoint: str):
         return module, None
     source = Path(spec.origin).read_text()
     assert 'if __name__ == "__main__":' in source, f"`python -m {module}` would do nothing"
-    ctx = click_command(module).make_context(f"python -m {module}", list(args))
+    from jobs.options import CONTEXT
+
+    # With the settings `python -m jobs.X` runs with (see its main()): click keeps the help
+    # option of a command's first context, and `-h` would be gone for the tests after this one.
+    ctx = click_command(module).make_context(f"python -m {module}", list(args), **CONTEXT)
     return module, ctx.params
 
 

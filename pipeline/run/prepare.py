@@ -38,9 +38,9 @@ def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True
         storage.check_writable(config.out, config.storage_options)
     setup_seconds = time.perf_counter() - started
     ray_running, starting = ray.is_initialized(), time.perf_counter()
-    ensure_ray(config.address)
+    ensure_ray(config.address, verbose=config.verbose)
     ray_seconds = 0.0 if ray_running else time.perf_counter() - starting
-    configure_ray_data(progress_bars=progress_bars)
+    configure_ray_data(progress_bars=progress_bars, verbose=config.verbose)
     placement = plan_placement(config)
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
     return Run(config, manifest, model, placement, dtype,

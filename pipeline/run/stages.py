@@ -53,9 +53,12 @@ FETCH_ACTOR_CPUS = 8
 CLUSTER_CONNECT_TIMEOUT_S = 10
 
 
-def ensure_ray(address: str | None = None) -> None:
+def ensure_ray(address: str | None = None, verbose: bool = False) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets it); without
-    either, start Ray in-process. `auto` joins a cluster started on this machine by `ray start`."""
+    either, start Ray in-process. `auto` joins a cluster started on this machine by `ray start`.
+    Unless `verbose`, the libraries' own notes stay out of the job's output (quiet_libraries)."""
+    if not verbose:
+        quiet_libraries()
     if ray.is_initialized():
         return
     # "local", not Ray's default: that would try whatever cluster this machine last started,
@@ -80,6 +83,18 @@ def ensure_ray(address: str | None = None) -> None:
                 f"Ray did not start {where}, twice: {exc}. The machine may be overloaded or short "
                 "of memory; free some, or start Ray first (ray start --head) and give "
                 f"{named('address')} auto") from None
+
+
+def quiet_libraries() -> None:
+    """A run prints its progress, its summary and real problems: Ray's notes about itself (token
+    authentication), Ray Data's execution plans and Lance's creation of a new table are not a
+    user's business (they stay in Ray's log files; --verbose prints them). Warnings and errors
+    of the job's own stages still print."""
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Read by Lance's Rust logger when lance is first imported, in this process and in the
+    # Ray workers it starts ("WARN lance::dataset::write::insert No existing dataset ...").
+    os.environ.setdefault("LANCE_LOG", "error")
 
 
 def _check_cluster_answers(address: str) -> None:
@@ -191,7 +206,7 @@ UNREACHABLE_STORE_ERRORS = ("Could not connect to the endpoint URL", "Connect ti
                             "Read timeout on endpoint URL", "Connection was closed before we received")
 
 
-def configure_ray_data(progress_bars: bool) -> None:
+def configure_ray_data(progress_bars: bool, verbose: bool = False) -> None:
     """Ray Data's settings for the job. Set before the job makes its first dataset: each dataset
     keeps a copy of the settings current when its read was made, so later changes are ignored."""
     ctx = ray.data.DataContext.get_current()
@@ -204,6 +219,7 @@ def configure_ray_data(progress_bars: bool) -> None:
     ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *UNREACHABLE_STORE_ERRORS]))
     # Off: no bars and no status block every 10 s in a log; the job's own progress line stays.
     ctx.enable_progress_bars = progress_bars
+    ctx.print_on_execution_start = verbose  # the plan's operators, a line per dataset
     # Off on purpose, so Ray Data's warning that bars are off (with how to turn them on, which
     # is not ours to offer) says nothing a user can act on.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
