@@ -85,6 +85,10 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, provenance,
                         started_at)
     summary["duplicate_rows_removed"] = duplicates_removed
+    # An OUT given to several manifests holds the partitions of each: what is not this
+    # manifest's, said apart, so that rows_out adds up with rows_in.
+    summary["rows_of_other_manifests"] = sum(r["rows"] for key, r in records.items()
+                                             if key not in work.partitions)
     if retry is not None:
         summary["retried"] = retry_outcome(config, retry)
     summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
@@ -192,6 +196,7 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
 
 
 def print_summary(summary: dict) -> None:
+    others = summary.get("rows_of_other_manifests", 0)
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     rejected = summary["rows_rejected"]
     retried = summary.get("retried")
@@ -205,15 +210,16 @@ def print_summary(summary: dict) -> None:
     elif summary["rows_in"] == 0:
         click.echo("the manifest has no rows: nothing to embed", err=True)
     elif summary["rows_embedded"] == 0:
-        click.echo(f"nothing to do: all {summary['rows_out']} rows are already in the output "
+        click.echo(f"nothing to do: all {summary['rows_out'] - others} rows are already in the output "
                    "(no model work)", err=True)
     else:
         resumed = (f" (resumed: {summary['rows_already_done']} rows were already done)"
                    if summary["rows_already_done"] else "")
         click.echo(f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s, "
                    f"{summary['rows_per_second']} rows/s{resumed}", err=True)
+    earlier = f", and {others} rows of other manifests embedded into this OUT before" if others else ""
     click.echo(
-        f"output: {summary['rows_out']} of {summary['rows_in']} manifest rows "
+        f"output: {summary['rows_out'] - others} of {summary['rows_in']} manifest rows{earlier} "
         f"(image vectors {summary['image_ok']}, text vectors {summary['text_ok']}; errors: {errors}; "
         f"rejected: {rejected['missing_id']} without id, {rejected['duplicate_id']} duplicate ids)",
         err=True,

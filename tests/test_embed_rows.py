@@ -126,3 +126,21 @@ def test_a_file_without_read_permission_is_its_rows_read_error(tmp_path, monkeyp
     with pytest.raises(ImageError) as raised:
         read_bytes(str(path))
     assert str(raised.value) == f"read_error: {path}: permission denied"
+
+
+def test_an_out_shared_by_two_manifests_says_whose_rows_it_holds(tiny_model, ray_session, tmp_path):
+    (tmp_path / "a.png").write_bytes(odd_images()["exact.png"])
+    first = tmp_path / "first.parquet"
+    second = tmp_path / "second.parquet"
+    pq.write_table(pa.table({"id": ["a1", "a2", "a3"], "image": ["a.png"] * 3, "caption": ["x"] * 3}), first)
+    pq.write_table(pa.table({"id": ["b1", "b2"], "image": ["a.png"] * 2, "caption": ["y"] * 2}), second)
+    out = tmp_path / "out"
+    altclip("embed", first, "--out", out, "--model", tiny_model, "--towers", "text")
+    result = altclip("embed", second, "--out", out, "--model", tiny_model, "--towers", "text")
+    assert ("output: 2 of 2 manifest rows, and 3 rows of other manifests embedded into this OUT "
+            "before") in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_out"] == 5 and summary["rows_of_other_manifests"] == 3
+    assert len(read_output(out)) == 5
+    again = altclip("embed", second, "--out", out, "--model", tiny_model, "--towers", "text")
+    assert "nothing to do: all 2 rows are already in the output" in again.stderr
