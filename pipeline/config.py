@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from schemas.embeddings import DEFAULT_VECTOR_DTYPE, ERROR_KINDS, VECTOR_VALUE_TYPES
-from schemas.table import DEFAULT_TABLE_NAME
+from schemas.table import DEFAULT_TABLE_NAME, SEARCH_COLUMNS
 
 # Rows of a manifest partition at most, by default: what a killed run redoes is the partitions
 # it had in flight, about one per file being read; the driver holds a record of 1-3 KB per
@@ -222,7 +222,7 @@ class DedupConfig:
 
     def __post_init__(self):
         check_table_name(self.table_name)
-        if self.against not in ("image", "text"):
+        if self.against not in SEARCH_COLUMNS:
             raise ConfigError(f"against {self.against!r}: choose image or text")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"threshold {self.threshold}: a cosine above 0 and at most 1")

@@ -16,11 +16,10 @@ from pipeline.config import ConfigError, DedupConfig, named
 from pipeline.table.near_duplicates import PRIOR, Clusters, Grouping, cosine_cutoff, group_rows
 from pipeline.table.sql_text import sql_equals
 from pipeline.table.store import DEDUP_COLUMNS, connect, open_table, record_run
-from schemas.embeddings import HEIGHT, IMAGE_EMBEDDING, TEXT_EMBEDDING, WIDTH
+from schemas.embeddings import HEIGHT, WIDTH
 from schemas.manifest import CAPTION, ID
-from schemas.table import KEY, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
+from schemas.table import KEY, SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
 
-VECTOR_COLUMN = {"image": IMAGE_EMBEDDING, "text": TEXT_EMBEDDING}
 MARK_TYPES = (pa.string(), pa.float32(), pa.bool_())  # dup_of, dup_score, dup_checked
 
 # Vectors the centroids are trained on, held as float16 (300 MiB at 768-d): better centroids
@@ -36,7 +35,7 @@ QUERY_BATCH = 256  # new rows per vector search call
 def dedup_table(config: DedupConfig) -> dict:
     """Mark the near-duplicates of a table's image or caption vectors; one new table version."""
     table = open_table(config.db, config.table_name, config.storage_options)
-    vector = VECTOR_COLUMN[config.against]
+    vector = SEARCH_COLUMNS[config.against]
     dup_of, score, checked = DEDUP_COLUMNS[config.against]
     needed = [vector] + _priority_columns(config.keep)
     missing = [c for c in needed if c not in table.schema.names]

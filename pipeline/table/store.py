@@ -38,11 +38,17 @@ def connect(db_uri: str, storage_options: dict | None = None):
 
     try:
         return lancedb.connect(db_uri, storage_options=storage.lance_storage_options(db_uri, storage_options))
-    except Exception as exc:  # an unreachable store: said in one line (exit 75), not a traceback
-        if not storage.is_unavailable(exc):
-            raise
-        raise storage.StorageUnavailable(
-            f"{storage.redact(db_uri)}: storage unavailable ({storage.describe(exc)[:200]})") from None
+    except Exception as exc:
+        raise _unreachable(db_uri, exc) from None
+
+
+def _unreachable(db_uri: str, exc: Exception) -> Exception:
+    """What to raise for `exc`: an unreachable store is said in one line (exit 75), not a
+    traceback; anything else is itself."""
+    if not storage.is_unavailable(exc):
+        return exc
+    return storage.StorageUnavailable(
+        f"{storage.redact(db_uri)}: storage unavailable ({storage.describe(exc)[:200]})")
 
 
 def open_table(db_uri: str, name: str, storage_options: dict | None = None):
@@ -81,10 +87,7 @@ def table_names(db_uri: str, storage_options: dict | None = None) -> list[str]:
     except FileNotFoundError:
         listed = []
     except Exception as exc:
-        if not storage.is_unavailable(exc):
-            raise
-        raise storage.StorageUnavailable(
-            f"{storage.redact(db_uri)}: storage unavailable ({storage.describe(exc)[:200]})") from None
+        raise _unreachable(db_uri, exc) from None
     names = (path.rstrip("/").rsplit("/", 1)[-1] for path in listed)
     return user_tables(name.removesuffix(".lance") for name in names if name.endswith(".lance"))
 
