@@ -403,8 +403,8 @@ def _as_at_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.parametrize("stop, quiet", [(signal.SIGINT, False), (signal.SIGTERM, True)])
-def test_the_serve_command(corpus, tmp_path, stop, quiet):
+@pytest.mark.parametrize("stop, quiet, show_uris", [(signal.SIGINT, False, False), (signal.SIGTERM, True, True)])
+def test_the_serve_command(corpus, tmp_path, stop, quiet, show_uris):
     """`altclip serve` as a user starts it: a process that answers, logs each request without
     its query (unless --quiet), and stops on Ctrl-C (SIGINT) or SIGTERM (what Kubernetes and
     systemd send)."""
@@ -424,7 +424,8 @@ def test_the_serve_command(corpus, tmp_path, stop, quiet):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "jobs.serve", str(corpus / "db"), "--port",
-                                str(port), *(["--quiet"] if quiet else [])], cwd=REPO, env=env,
+                                str(port), *(["--quiet"] if quiet else []),
+                                *(["--show-uris"] if show_uris else [])], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=_as_at_a_terminal)
     try:
@@ -438,6 +439,8 @@ def test_the_serve_command(corpus, tmp_path, stop, quiet):
                 assert time.monotonic() < deadline, "the server did not answer in 120 s"
                 time.sleep(0.5)
         assert status == 200 and body["table"] == "embeddings" and body["dim"] > 0
+        # The model's folder by its name only, unless --show-uris: then its whole path.
+        assert ("/" in body["model"]) == show_uris, body["model"]
         status, _ = get_json(search_url(f"http://127.0.0.1:{port}", text="private words", k=1))
         assert status == 200
     finally:
