@@ -212,8 +212,12 @@ def test_ctrl_c_late_in_a_run_keeps_the_partitions_the_towers_finished(corpus, t
     assert done_at_kill, "the run finished before 80% of its rows could be seen"
     assert process.returncode == 130
     committed = sum(r["rows"] for r in _records(out).values())
-    # Partitions are 20 rows; two or three can be in flight at once (a decode task each).
-    assert committed >= done_at_kill - 3 * (ROWS // PARTITIONS), (
+    # Writes waiting for a whole shard's rows (10,000) committed nothing before the end: "160
+    # rows were through the towers, 0 committed". Rows out of the towers wait for a write task
+    # and for the rest of their partition: on this machine 20 to 40 rows commonly, on a busier
+    # one 110 of 170 once. What is held is that whole partitions are committed while the
+    # towers run, not how far behind them.
+    assert committed >= 2 * (ROWS // PARTITIONS), (
         f"{done_at_kill} rows were through the towers, {committed} committed")
     assert committed < ROWS
     print(f"Ctrl-C at {done_at_kill} rows through the towers: {committed} rows committed")
