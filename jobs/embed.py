@@ -10,7 +10,16 @@ import time
 import click
 
 from jobs.load import described_load, run_load
-from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, results_on_stdout, run_job
+from jobs.options import (
+    CONTEXT,
+    ManifestCommand,
+    db_option,
+    embed_config,
+    in_cli_terms,
+    job_options,
+    results_on_stdout,
+    run_job,
+)
 from pipeline.config import DEFAULT_SAMPLE_ROWS, PARTITION_ROWS, EmbedConfig, LoadConfig
 from schemas.embeddings import TRANSIENT_ERROR_KINDS, embeddings_schema
 
@@ -52,6 +61,9 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     # Everything that can be wrong with the options fails here, before a model starts.
     progress_mode = _progress_mode(config)
     run = prepare_run(config, progress_bars=progress_mode == "bars")
+    config = run.config
+    for note in run.notes:
+        click.echo(in_cli_terms(note), err=True)
     manifest, model, placement, dtype, provenance = run.manifest, run.model, run.placement, run.dtype, run.provenance
     check_manifest_columns(config.db, config.table_name, manifest.metadata_fields, config.storage_options)
     work = work_to_do(config, manifest, provenance)

@@ -121,11 +121,11 @@ def run_job(job, *args):
                           "keeps what it wrote and resumes)") from None
 
 
-def in_cli_terms(error: ConfigError) -> str:
-    """A library message in the words of the running command: each setting it names (`out`,
-    `vector_dtype`) becomes what sets it on the command line (--out on embed, OUT on load,
-    --vector-dtype). A setting that is not one of this command's (embed's `towers`, named by
-    dedup) takes its option's usual spelling, --towers."""
+def in_cli_terms(message: ConfigError | str) -> str:
+    """A library message (an error or a note) in the words of the running command: each setting
+    it names (`out`, `vector_dtype`) becomes what sets it on the command line (--out on embed,
+    OUT on load, --vector-dtype). A setting that is not one of this command's (embed's `towers`,
+    named by dedup) takes its option's usual spelling, --towers."""
     ctx = click.get_current_context(silent=True)
     spelled = {}
     for param in ctx.command.params if ctx is not None else ():
@@ -134,6 +134,7 @@ def in_cli_terms(error: ConfigError) -> str:
         elif param.opts:
             spelled[param.name] = param.opts[0]
             spelled.setdefault(param.opts[0].lstrip("-").replace("-", "_"), param.opts[0])
+    error = message if isinstance(message, ConfigError) else ConfigError(message)
     return error.naming_settings(lambda setting: spelled.get(setting, "--" + setting.replace("_", "-")))
 
 

@@ -15,7 +15,7 @@ import time
 import click
 import pyarrow as pa
 
-from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, job_options, run_job
+from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, in_cli_terms, job_options, run_job
 from pipeline.config import ReembedConfig
 from pipeline.timing import pop_figures
 from schemas.embeddings import CAPTION_SHA256, IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
@@ -41,7 +41,7 @@ def _embed(rows: pa.Table, tower: str, config, model, dtype, placement, counter)
 
     from pipeline.run.stages import TowerStartWatch, embed_dataset
 
-    if not rows.num_rows:
+    if not rows.num_rows or tower not in config.towers:
         return pa.table({})
     one_tower = dataclasses.replace(config, towers=(tower,))
     ds = ray.data.from_arrow(rows).repartition(target_num_rows_per_block=config.batch_size)
@@ -81,6 +81,9 @@ def run_reembed(config: ReembedConfig) -> dict:
     started = time.perf_counter()
     e = config.embed
     run = prepare_run(e, progress_bars=sys.stderr.isatty())
+    e = run.config
+    for note in run.notes:
+        click.echo(in_cli_terms(note), err=True)
     manifest, model, placement, dtype, provenance = run.manifest, run.model, run.placement, run.dtype, run.provenance
     scan = scan_ids(manifest)
     # A table holds one vector type: another is refused before any work.

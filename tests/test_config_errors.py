@@ -22,7 +22,7 @@ def manifest(tmp_path):
         ([], "has no 'id' column (its columns: key, url, TEXT); name the column that identifies each row with --id-col"),
         (["--id-col", "key"], "has no 'image' or 'image_bytes' column"),
         (["--id-col", "key", "--image-col", "link"], "--image-col link: the manifest has no such column"),
-        (["--id-col", "key", "--image-col", "url"], "has no 'caption' column"),
+        (["--id-col", "key", "--image-col", "url", "--towers", "text"], "has no 'caption' column"),
         (["--id-col", "key", "--image-col", "url", "--caption-col", "TEXT", "--towers", "image,audio"],
          "--towers image,audio: choose one or both of image,text"),
     ],

@@ -146,3 +146,27 @@ def test_reembed_finds_the_one_image_a_shard_changed(tiny_model, ray_session, tm
     assert rows["k1"]["caption"] == "one"  # the first shard's
     assert rows["k2"]["image"] == k2 and read_bytes(k2) == IMAGES[4]  # the shard's new bytes
     assert rows["k2"]["image_sha256"] == hashlib.sha256(IMAGES[4]).hexdigest()
+
+
+def test_image_only_shards_are_a_corpus_of_images(tiny_model, ray_session, tmp_path):
+    """A peer's shards of images with metadata and no `.txt` member: every row an image, none an
+    error of an empty caption; reembed takes them the same way."""
+    members = [m for n in range(4) for m in webdataset_members(f"{n:03d}", IMAGES[n], "unused")
+               if not m[0].endswith(".txt")]
+    (tmp_path / "00000.tar").write_bytes(tar_of(members))
+    result = altclip("embed", tmp_path / "00000.tar", "--out", tmp_path / "out", "--model", tiny_model)
+    assert "no captions: image tower only (name a column of captions with --caption-col)" in result.stderr
+    got = read_output(tmp_path / "out")
+    assert set(got) == {f"{n:03d}" for n in range(4)}
+    for row in got.values():
+        assert row["image_embedding"] is not None and row["image_error"] is None
+        assert row["text_embedding"] is None and row["text_error"] is None and row["caption"] is None
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["rows_out"] == 4 and not summary["errors_by_kind"]
+
+    result = altclip("reembed", tmp_path / "00000.tar", "--db", tmp_path / "db", "--model", tiny_model)
+    assert "no captions: image tower only" in result.stderr
+    reembedded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reembedded["new"] == 4 and reembedded["image_tower_rows"] == 4 and reembedded["text_tower_rows"] == 0
+    rows = lancedb.connect(str(tmp_path / "db")).open_table("embeddings").to_arrow().to_pylist()
+    assert len(rows) == 4 and all(r["image_embedding"] is not None and r["text_error"] is None for r in rows)

@@ -150,8 +150,8 @@ def _typed_values(values: list, kind: pa.DataType) -> pa.Array:
 # WebDataset (img2dataset's layout, see pipeline/read/webdataset.py): per key, an image, a `.txt`
 # caption, a `.json` of metadata whose fields become metadata columns.
 _WEBDATASET_OWN_FIELDS = {"key", "caption"}  # also in `.json`, already columns of their own
-# The metadata fields are those of the first `.json` member that is a JSON object, looked for
-# in this many samples at most.
+# The metadata fields are those of the first `.json` member that is a JSON object, and captions
+# are there if a `.txt` member is, looked for in this many samples at most.
 WEBDATASET_SCHEMA_SAMPLES = 100
 
 
@@ -165,8 +165,10 @@ def _json_object(data: bytes | None) -> dict | None:
 
 
 def webdataset_schema(f) -> pa.Schema:
-    """The flattened schema of a shard: key, image, caption and the first sample's metadata."""
-    metadata, keys = None, set()
+    """The flattened schema of a shard: key, image, the first sample's metadata, and a caption
+    where its first samples have `.txt` members (a peer's image-only shards have none: their
+    rows are images, not rows of empty captions)."""
+    metadata, keys, captioned = None, set(), False
     with tarfile.open(fileobj=f, mode="r|*") as tar:
         for member in tar:
             key, suffix = webdataset.split_name(member.name)
@@ -175,12 +177,14 @@ def webdataset_schema(f) -> pa.Schema:
             keys.add(key)
             if len(keys) > WEBDATASET_SCHEMA_SAMPLES:
                 break
-            if suffix == webdataset.METADATA_SUFFIX:
+            captioned = captioned or suffix == webdataset.CAPTION_SUFFIX
+            if suffix == webdataset.METADATA_SUFFIX and metadata is None:
                 metadata = _json_object(tar.extractfile(member).read())
-                if metadata is not None:
-                    break
-    fields = [pa.field(ID, pa.string()), pa.field(IMAGE_BYTES, pa.binary()),
-              pa.field(CAPTION, pa.string())]
+            if metadata is not None and captioned:
+                break
+    fields = [pa.field(ID, pa.string()), pa.field(IMAGE_BYTES, pa.binary())]
+    if captioned:
+        fields.append(pa.field(CAPTION, pa.string()))
     for name, value in (metadata or {}).items():
         if name not in _WEBDATASET_OWN_FIELDS:
             try:
@@ -195,11 +199,11 @@ def flatten_webdataset(batch: pa.Table, schema: pa.Schema) -> pa.Table:
     """Samples as webdataset.sample_table gives them -> one column per manifest field, and the
     URI of each image's member. A `.json` that is not a JSON object, or a value that does not
     fit its field's type, leaves that metadata null."""
-    captions = [None if t is None else t.decode("utf-8", errors="replace")
-                for t in batch.column(webdataset.CAPTION_SUFFIX).to_pylist()]
     metadata = [_json_object(m) or {} for m in batch.column(webdataset.METADATA_SUFFIX).to_pylist()]
-    columns = {ID: batch.column(ID), IMAGE_BYTES: batch.column(IMAGE_BYTES),
-               CAPTION: pa.array(captions, pa.string())}
+    columns = {ID: batch.column(ID), IMAGE_BYTES: batch.column(IMAGE_BYTES)}
+    if CAPTION in schema.names:
+        columns[CAPTION] = pa.array([None if t is None else t.decode("utf-8", errors="replace")
+                                     for t in batch.column(webdataset.CAPTION_SUFFIX).to_pylist()], pa.string())
     for field in schema:
         if field.name not in columns:
             columns[field.name] = _typed_values([m.get(field.name) for m in metadata], field.type)

@@ -239,12 +239,13 @@ def _image_column(config: EmbedConfig, names: list[str]) -> str | None:
 
 
 def _caption_column(config: EmbedConfig, names: list[str]) -> str | None:
-    """The column named by caption_col, else the contract's; a text tower needs one."""
+    """The column named by caption_col, else the contract's. A manifest without one is a corpus
+    of images (see prepare.prepare_run), unless the text tower alone is asked for."""
     if config.caption_col is not None:
         caption_col = _required("caption_col", config.caption_col, names)
     else:
         caption_col = CAPTION if CAPTION in names else None
-    if caption_col is None and "text" in config.towers:
+    if caption_col is None and config.towers == ("text",):
         raise ConfigError(
             f"the manifest has no '{CAPTION}' column (its columns: {', '.join(names)}); "
             f"name it with {named('caption_col')}, or embed images only with {named('towers')} image"

@@ -261,6 +261,7 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
         raise ConfigError(f"{named('plan_rows')} {sample_rows}: must be at least 1")
     started = time.perf_counter()
     run = prepare_run(config, progress_bars=False, check_out=False)
+    config = run.config
     manifest, model, placement, dtype = run.manifest, run.model, run.placement, run.dtype
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)

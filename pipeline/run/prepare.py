@@ -4,13 +4,14 @@ towers compute in, and the provenance the vectors will carry."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import ray
 
 from pipeline import storage
-from pipeline.config import EmbedConfig
+from pipeline.config import EmbedConfig, named
 from pipeline.embed.model import ModelSpec, resolve_dtype, resolve_model
 from pipeline.embed.provenance import provenance
 from pipeline.read.manifest import Manifest, open_manifest
@@ -27,12 +28,20 @@ class Run:
     provenance: dict
     setup_seconds: float  # opening the manifest and the model
     ray_seconds: float  # starting Ray (0: it was running)
+    notes: tuple[str, ...] = ()  # what the run settled that the user did not ask for, to be said
 
 
 def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True) -> Run:
-    """The run `config` asks for, settled; with `check_out`, OUT (where given) is writable."""
+    """The run `config` asks for, settled; with `check_out`, OUT (where given) is writable.
+    The run's config is the one to go on with: a manifest without captions runs the image
+    tower only."""
     started = time.perf_counter()
     manifest = open_manifest(config)
+    notes = ()
+    if manifest.caption_col is None and "text" in config.towers:
+        # Images without captions are a corpus, not rows of empty captions.
+        config = dataclasses.replace(config, towers=("image",))
+        notes = (f"no captions: image tower only (name a column of captions with {named('caption_col')})",)
     model = resolve_model(config.model, config.storage_options)
     if check_out and config.out:
         storage.check_writable(config.out, config.storage_options)
@@ -45,4 +54,4 @@ def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True
     dtype = resolve_dtype(config.dtype, on_gpu=placement.on_gpu)
     return Run(config, manifest, model, placement, dtype,
                provenance(model, dtype, config.towers, config.preprocess, config.vector_dtype),
-               setup_seconds, ray_seconds)
+               setup_seconds, ray_seconds, notes)

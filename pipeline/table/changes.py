@@ -84,7 +84,8 @@ class Changes:
             else:
                 row.update({k: old_rows[row[ID]].get(k) for k in IMAGE_SIDE})
             if row[ID] in text_redo:
-                row.update({k: by_id[row[ID]].get(k) for k in TEXT_SIDE})
+                # No result: the text tower did not run (a corpus without captions).
+                row.update({k: by_id.get(row[ID], {}).get(k) for k in TEXT_SIDE})
             else:
                 row.update({k: old_rows[row[ID]].get(k) for k in TEXT_SIDE})
             row.pop(INLINE_IMAGE, None)
