@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import socket
+import time
+import uuid
 
 import pyarrow.dataset as pads
 import pytest
@@ -73,6 +75,42 @@ def altclip(*args: str, expect_exit: int | None = 0):
             f"stdout: {result.stdout}\nstderr: {result.stderr}"
         )
     return result
+
+
+# A command run in a subprocess carries this variable with a value of its own; every process it
+# starts inherits it (Ray's GCS, raylet and workers included), so what is left of the command
+# after it exits is found by it, whatever its parent is by then.
+RUN_MARK = "ALTCLIP_TEST_RUN_MARK"
+
+
+def marked_environment(**changes: str) -> tuple[dict, str]:
+    """An environment for a command in a subprocess, and the mark of its processes."""
+    mark = uuid.uuid4().hex
+    return {**os.environ, **changes, RUN_MARK: mark}, mark
+
+
+def marked_processes(mark: str) -> list[str]:
+    """The command lines of live processes carrying `mark` (see RUN_MARK)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"{RUN_MARK}={mark}".encode() not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:  # it ended, or is not ours to read
+            continue
+    return [c for c in found if c]  # a zombie has no command line: nothing of it is left
+
+
+def processes_left(mark: str, wait_s: float = 30.0) -> list[str]:
+    """What is left of a command that exited: processes carrying its mark once `wait_s` has
+    passed (a shutdown takes its processes down within seconds, not at once)."""
+    deadline = time.monotonic() + wait_s
+    while (left := marked_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 def embedded_corpus(tmp_path_factory, name: str, tiny_model: str):

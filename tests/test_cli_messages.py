@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import altclip
+from tests.conftest import altclip, marked_environment, marked_processes, processes_left
 from tests.corpus import write_corpus
 
 
@@ -136,13 +136,17 @@ def test_ctrl_c_says_the_same_command_resumes_and_json_lines_have_stdout_alone(t
     rows = [{"id": f"r{i}", "caption": f"caption {i}"} for i in range(20000)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
+    env, mark = marked_environment(RAY_ADDRESS="")
     process = subprocess.Popen(
         [altclip_bin, "embed", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"), "--model",
          tiny_model, "--towers", "text", "--batch-size", "8", "--log-format", "json",
          "--progress-interval", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_ADDRESS": ""})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = process.stdout.readline()  # running: Ray is up and rows are moving
     assert first, "the job ended before it could be interrupted: " + process.stderr.read()[-2000:]
+    running = marked_processes(mark)
+    # The mark reaches Ray's own processes, so that what is left of them after the exit is seen.
+    assert any("raylet" in c for c in running) and any(c.startswith("ray::") for c in running), running
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
@@ -150,6 +154,19 @@ def test_ctrl_c_says_the_same_command_resumes_and_json_lines_have_stdout_alone(t
     # Everything on stdout, Ray's own processes' output included, is one JSON event per line.
     events = [json.loads(line) for line in (first + out).splitlines()]
     assert events[0]["event"] == "progress" and "rows_done" in events[0]
+    assert not processes_left(mark), "processes left after Ctrl-C"
+
+
+def test_an_error_after_ray_started_leaves_no_process(tiny_model, tmp_path):
+    # A configuration only the running cluster can refuse: Ray is up when the job fails.
+    pq.write_table(pa.table({"id": ["a"], "caption": ["x"]}), tmp_path / "m.parquet")
+    env, mark = marked_environment(RAY_ADDRESS="")
+    altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
+    result = subprocess.run([altclip_bin, "embed", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"),
+                             "--model", tiny_model, "--towers", "text", "--num-gpus", "1"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "the Ray cluster has no GPUs" in result.stderr, result.stderr[-2000:]
+    assert not processes_left(mark), "processes left after an error"
 
 
 def _commands(group, prefix=()):

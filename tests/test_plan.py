@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import altclip, read_output
+from tests.conftest import altclip, marked_environment, processes_left, read_output
 from tests.corpus import write_corpus
 
 
@@ -29,11 +29,13 @@ def test_hundreds_of_tiny_blocks_finish(tiny_model, tmp_path):
                              "caption": [""] * rows}), tmp_path / "m.parquet")
     altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
     started = time.monotonic()
+    env, mark = marked_environment(RAY_ADDRESS="")
     result = subprocess.run(
         [altclip_bin, "embed", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"),
          "--model", tiny_model, "--batch-size", "2", "--rows-per-shard", "500", "--quiet"],
-        env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=900)
+        env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not processes_left(mark), "processes left after the run"
     # Ray's and Ray Data's notes about themselves are not the run's output (--verbose has them).
     for note in ("Token authentication", "Execution plan of Dataset", "execution finished",
                  "Data sink ParquetShardSink finished"):
