@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import altclip
+from tests.conftest import altclip, read_output
 
 
 @pytest.fixture()
@@ -20,7 +20,9 @@ def manifest(tmp_path):
     "options, message",
     [
         ([], "has no 'id' column (its columns: key, url, TEXT); name the column that identifies each row with --id-col"),
-        (["--id-col", "key"], "has no 'image' or 'image_bytes' column"),
+        (["--id-col", "key"], "has no 'image' or 'image_bytes' column and no 'caption' column (its columns: "
+                              "key, url, TEXT); name them with --image-col and --caption-col"),
+        (["--id-col", "key", "--towers", "image"], "has no 'image' or 'image_bytes' column (its"),
         (["--id-col", "key", "--image-col", "link"], "--image-col link: the manifest has no such column"),
         (["--id-col", "key", "--image-col", "url", "--towers", "text"], "has no 'caption' column"),
         (["--id-col", "key", "--image-col", "url", "--caption-col", "TEXT", "--towers", "image,audio"],
@@ -32,6 +34,16 @@ def test_column_options_are_checked_before_work(manifest, tiny_model, tmp_path, 
     result = altclip("embed", manifest, "--out", out, "--model", tiny_model, *options, expect_exit=1)
     assert message in result.stderr
     assert not out.exists()
+
+
+def test_a_manifest_of_captions_alone_runs_the_text_tower(manifest, tiny_model, ray_session, tmp_path):
+    # Its rows are captions to embed, not rows of missing images.
+    result = altclip("embed", manifest, "--out", tmp_path / "out", "--model", tiny_model, "--id-col", "key",
+                     "--caption-col", "TEXT")
+    assert "no images: text tower only (name a column of images with --image-col)" in result.stderr
+    (row,) = read_output(tmp_path / "out").values()
+    assert row["text_embedding"] is not None and row["caption"] == "un gato"
+    assert row["image_embedding"] is None and row["image_error"] is None and row["url"] == "a.jpg"
 
 
 def test_unreadable_and_missing_manifests(tiny_model, tmp_path):

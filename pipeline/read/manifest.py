@@ -209,6 +209,11 @@ def _map_columns(config: EmbedConfig, schema: pa.Schema, files, sizes, fmt: str,
     # CSV reads every column as bytes (see csv_options): its image column holds references.
     image_is_bytes = image_col is not None and fmt != "csv" and is_binary(schema.field(image_col).type)
     caption_col = _caption_column(config, names)
+    if image_col is None and caption_col is None:
+        raise ConfigError(
+            f"the manifest has no '{IMAGE}' or '{IMAGE_BYTES}' column and no '{CAPTION}' column (its columns: "
+            f"{', '.join(names)}); name them with {named('image_col')} and {named('caption_col')}"
+        )
     fields, sources = _metadata_columns(schema, {config.id_col, image_col, caption_col}, fmt)
     return Manifest(uri=config.manifest, files=tuple(files), sizes=tuple(sizes), format=fmt, root=root,
                     id_col=config.id_col, image_col=image_col, image_is_bytes=image_is_bytes,
@@ -225,12 +230,13 @@ def _required(setting: str, column: str, names: list[str]) -> str:
 
 
 def _image_column(config: EmbedConfig, names: list[str]) -> str | None:
-    """The column named by image_col, else the contract's; an image tower needs one."""
+    """The column named by image_col, else the contract's. A manifest without one is a corpus
+    of captions (see prepare.prepare_run), unless the image tower alone is asked for."""
     if config.image_col is not None:
         image_col = _required("image_col", config.image_col, names)
     else:
         image_col = next((c for c in (IMAGE, IMAGE_BYTES) if c in names), None)
-    if image_col is None and "image" in config.towers:
+    if image_col is None and config.towers == ("image",):
         raise ConfigError(
             f"the manifest has no '{IMAGE}' or '{IMAGE_BYTES}' column (its columns: {', '.join(names)}); "
             f"name it with {named('image_col')}, or embed captions only with {named('towers')} text"

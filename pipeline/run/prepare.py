@@ -34,14 +34,18 @@ class Run:
 def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True) -> Run:
     """The run `config` asks for, settled; with `check_out`, OUT (where given) is writable.
     The run's config is the one to go on with: a manifest without captions runs the image
-    tower only."""
+    tower only, one without images the text tower only."""
     started = time.perf_counter()
     manifest = open_manifest(config)
     notes = ()
+    # Images without captions are a corpus, not rows of empty captions (and captions without
+    # images likewise): the tower with nothing to embed does not run.
     if manifest.caption_col is None and "text" in config.towers:
-        # Images without captions are a corpus, not rows of empty captions.
         config = dataclasses.replace(config, towers=("image",))
         notes = (f"no captions: image tower only (name a column of captions with {named('caption_col')})",)
+    elif manifest.image_col is None and "image" in config.towers:
+        config = dataclasses.replace(config, towers=("text",))
+        notes = (f"no images: text tower only (name a column of images with {named('image_col')})",)
     model = resolve_model(config.model, config.storage_options)
     if check_out and config.out:
         storage.check_writable(config.out, config.storage_options)
