@@ -30,3 +30,8 @@ FORMATS_BY_SUFFIX = {
     ".ndjson": "json",
     ".tar": "webdataset",
 }
+
+# A folder (or glob) of no manifest files but of these is a corpus of image files: a row per
+# image, with the text of a same-named CAPTION_FILE_SUFFIX file as its caption.
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+CAPTION_FILE_SUFFIX = ".txt"

@@ -88,3 +88,45 @@ def test_an_autoscaling_actor_pool(tiny_model, baseline, tmp_path):
     result = altclip("embed", folder / "manifest.parquet", "--out", tmp_path / "bad", "--model",
                      tiny_model, "--concurrency", "3,1", expect_exit=1)
     assert "N, or MIN,MAX with 1 <= MIN <= MAX" in result.stderr
+
+
+def test_a_folder_of_images_is_a_manifest(tiny_model, baseline, tmp_path):
+    """`altclip embed FOLDER` of image files, as clip-retrieval takes one: ids their paths under
+    it, captions from same-named .txt files; hidden folders, markers and other files are not
+    rows, nor is an OUT inside the folder; the rerun resumes."""
+    folder, _, expected = baseline
+    by_name = {row["image"].rsplit("/", 1)[1]: row for row in expected.values()}
+    corpus = tmp_path / "photos"
+    (corpus / "nested" / "deeper").mkdir(parents=True)
+    (corpus / ".thumbnails").mkdir()
+    where = {}
+    for n, (name, data) in enumerate(sorted(odd_images().items())):
+        relative = [name, f"nested/{name}", f"nested/deeper/{name}"][n % 3]
+        (corpus / relative).write_bytes(data)
+        where[relative] = name
+    at = {name: relative for relative, name in where.items()}
+    (corpus / at["landscape.jpg"]).with_suffix(".txt").write_text("un paisaje\n")
+    (corpus / at["portrait.png"]).with_suffix(".txt").write_bytes(b"\xff\xfe not utf-8")
+    (corpus / ".thumbnails" / "landscape.jpg").write_bytes(odd_images()["landscape.jpg"])
+    (corpus / "_SUCCESS").write_text("")
+    (corpus / "notes.md").write_text("not an image")
+    args = ["embed", corpus, "--out", corpus / "out", "--model", tiny_model, "--dtype", "float32"]
+
+    result = altclip(*args)
+    assert "no captions" not in result.stderr
+    got = read_output(corpus / "out")
+    assert set(got) == set(where)
+    for relative, name in where.items():
+        row, same_image = got[relative], by_name[name]
+        assert row["image"] == str(corpus / relative)
+        assert row["image_error"] == same_image["image_error"]
+        if same_image["image_embedding"] is not None:
+            np.testing.assert_allclose(row["image_embedding"], same_image["image_embedding"], atol=1e-6)
+    captioned = got[at["landscape.jpg"]]
+    assert captioned["caption"] == "un paisaje" and captioned["text_embedding"] is not None
+    assert got[at["portrait.png"]]["text_error"].startswith("invalid_caption")
+    assert got[at["tiny.png"]]["text_error"] == "empty_caption: caption is null"
+
+    result = altclip(*args)
+    assert "nothing to do" in result.stderr
+    assert json.loads((corpus / "out" / "summary.json").read_text())["rows_embedded"] == 0

@@ -118,6 +118,24 @@ def test_webdataset_shards_in_s3(s3, tiny_model, local_run):
     assert read_bytes(got["row-08"]["image"]) == samples[8][1]
 
 
+def test_a_folder_of_images_in_s3(s3, tiny_model, local_run):
+    """Images with their captions beside them as .txt objects: the same vectors as the manifest's
+    rows, the listing written into OUT."""
+    folder, expected = local_run
+    by_name = {r["image"].split("/")[-1]: r for r in expected.values()}
+    for name, data in odd_images().items():
+        s3.pipe(f"corpus/folder/{name}", data)
+        s3.pipe(f"corpus/folder/{name.rsplit('.', 1)[0]}.txt", by_name[name]["caption"].encode())
+
+    altclip("embed", "s3://corpus/folder/", "--out", "s3://out/folder", "--model", tiny_model, "--dtype", "float32")
+
+    got = _read_s3_output(s3, "out/folder")
+    _assert_same_vectors(got, {name: by_name[name] for name in odd_images()})
+    assert got["rgba.png"]["image"] == "s3://corpus/folder/rgba.png"
+    assert got["rgba.png"]["caption"] == by_name["rgba.png"]["caption"]
+    assert len(s3.glob("out/folder/_images-*.parquet")) == 1
+
+
 def test_storage_problems_fail_before_work_and_name_the_cause(s3, tiny_model, local_run, tmp_path):
     folder, _ = local_run
     manifest = str(folder / "manifest.parquet")

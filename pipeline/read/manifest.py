@@ -18,7 +18,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from pipeline import storage
 from pipeline.config import ConfigError, EmbedConfig, named
-from pipeline.read import webdataset
+from pipeline.read import image_folder, webdataset
 from pipeline.read.formats import (
     csv_options,
     csv_schema,
@@ -39,6 +39,7 @@ from schemas.manifest import (
     ID,
     IMAGE,
     IMAGE_BYTES,
+    IMAGE_FILE_SUFFIXES,
     INLINE_IMAGE,
     INLINE_IMAGE_URI,
     INTERNAL_PREFIX,
@@ -88,17 +89,22 @@ class Manifest:
                                    sizes=tuple(self.sizes[i] for i in files))
 
 
-def open_manifest(config: EmbedConfig) -> Manifest:
-    """Find the manifest's files and check its columns against the options, before any work."""
+def open_manifest(config: EmbedConfig, listing_dest: str | None = None) -> Manifest:
+    """Find the manifest's files and check its columns against the options, before any work.
+    A folder of image files is listed into `listing_dest` (see image_folder) and read as that
+    listing."""
     fs, path = storage.filesystem(config.manifest, config.storage_options)
     try:
-        files, sizes, root = _list_files(fs, path, config.manifest)
+        listed = _list_files(fs, path, config.manifest, _output_inside(config, path))
     except ConfigError:
         raise
     except Exception as exc:  # unreachable endpoint, no such bucket, access denied, ...
         raise ConfigError(
             f"cannot list manifest {storage.redact(config.manifest)}: {storage.describe(exc)}"
         ) from None
+    if listed.images:
+        return _image_folder(config, fs, listed, listing_dest)
+    files, sizes = listed.files, listed.sizes
     formats = {FORMATS_BY_SUFFIX[_suffix(f)] for f in files}
     if len(formats) > 1:
         raise ConfigError(
@@ -119,7 +125,24 @@ def open_manifest(config: EmbedConfig) -> Manifest:
     if repeated:
         raise ConfigError(f"manifest file {storage.redact(path)} has more than one column named "
                           f"{', '.join(repeated)}: rename or drop the copies")
-    return _map_columns(config, schema, files, sizes, fmt, storage.unstrip(fs, root))
+    return _map_columns(config, schema, files, sizes, fmt, storage.unstrip(fs, listed.root))
+
+
+def _image_folder(config: EmbedConfig, fs, listed: "_Listed", listing_dest: str | None) -> Manifest:
+    """The manifest of a folder of image files: its listing, read as a Parquet manifest whose
+    relative paths are the folder's."""
+    table = image_folder.listing_table(fs, listed.images, listed.others, listed.root)
+    uri = image_folder.write_listing(table, config.manifest, listing_dest, config.storage_options)
+    manifest = open_manifest(dataclasses.replace(config, manifest=uri, id_col=ID, image_col=None, caption_col=None))
+    return dataclasses.replace(manifest, root=storage.unstrip(fs, listed.root))
+
+
+def _output_inside(config: EmbedConfig, path: str) -> str | None:
+    """OUT's path where it lies inside the manifest's folder: its files are not the manifest's."""
+    if not config.out or storage.scheme(config.out) != storage.scheme(config.manifest):
+        return None
+    out = storage.filesystem(config.out, config.storage_options)[1].rstrip("/")
+    return out if out.startswith(path.rstrip("/") + "/") else None
 
 
 def _suffix(path: str) -> str:
@@ -141,8 +164,18 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for choice in choices for p in expand_braces(head + choice + tail)]
 
 
-def _list_files(fs, path: str, uri: str) -> tuple[list[str], list[int], str]:
-    """The manifest's files in order, their sizes (from the listing itself) and its root."""
+@dataclass(frozen=True)
+class _Listed:
+    files: list[str]  # the manifest's files, in order
+    sizes: list[int]  # their bytes, from the listing itself
+    root: str
+    images: list[str] = dataclasses.field(default_factory=list)  # image files, where no manifest file is
+    others: frozenset[str] = frozenset()  # every file listed beside them (their captions among them)
+
+
+def _list_files(fs, path: str, uri: str, excluded: str | None = None) -> _Listed:
+    """The manifest's files, or where there are none the image files, under `path`, less those
+    under `excluded`."""
     if "{" in path:
         infos = {}
         for f in expand_braces(path):
@@ -170,21 +203,29 @@ def _list_files(fs, path: str, uri: str) -> tuple[list[str], list[int], str]:
                 f"manifest {uri}: unknown format {_suffix(path) or '(no suffix)'}; "
                 f"name it with one of {', '.join(sorted(FORMATS_BY_SUFFIX))}"
             )
-        return [path], [fs.size(path)], posixpath.dirname(path)
+        return _Listed([path], [fs.size(path)], posixpath.dirname(path))
     else:
         raise ConfigError(f"manifest {uri} does not exist: check the path")
     # Hidden and underscore files are markers (_SUCCESS, .crc), not data.
-    files = [
+    listed = [
         f
         for f in (infos if "{" in path else sorted(infos))
-        if _suffix(f) in FORMATS_BY_SUFFIX and not posixpath.basename(f).startswith(("_", "."))
-        and infos[f].get("type", "file") != "directory"
+        if not posixpath.basename(f).startswith(("_", ".")) and infos[f].get("type", "file") != "directory"
+        and not (excluded and f.startswith(excluded + "/"))
     ]
+    files = [f for f in listed if _suffix(f) in FORMATS_BY_SUFFIX]
+    root = root.rstrip("/")
     if not files:
+        # A folder of images; those in hidden folders (.thumbnails) are not the corpus.
+        images = [f for f in listed if image_folder.is_image_file(f)
+                  and not any(part.startswith(".") for part in posixpath.relpath(f, root).split("/"))]
+        if images:
+            return _Listed([], [], root, images, frozenset(listed))
         raise ConfigError(
-            f"manifest {uri} holds no {', '.join(sorted(FORMATS_BY_SUFFIX))} files: check the path"
+            f"manifest {uri} holds no {', '.join(sorted(FORMATS_BY_SUFFIX))} files and no images "
+            f"({', '.join(IMAGE_FILE_SUFFIXES)}): check the path"
         )
-    return files, [int(infos[f].get("size") or 0) for f in files], root.rstrip("/")
+    return _Listed(files, [int(infos[f].get("size") or 0) for f in files], root)
 
 
 def _read_schema(fs, path: str, fmt: str) -> pa.Schema:
