@@ -117,8 +117,9 @@ def run_job(job, *args):
         outage = outage_in(exc)
         if outage is None:
             raise
-        raise StoreOutage(f"{outage}; rerun the same command when the store is back (a job "
-                          "keeps what it wrote and resumes)") from None
+        ctx = click.get_current_context(silent=True)
+        kept = " (what it wrote is kept: it resumes)" if ctx is not None and ctx.info_name == "embed" else ""
+        raise StoreOutage(f"{outage}; rerun the same command when the store is back{kept}") from None
 
 
 def in_cli_terms(message: ConfigError | str) -> str:

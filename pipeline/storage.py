@@ -240,6 +240,36 @@ _UNAVAILABLE_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRE
                        errno.ECONNRESET, errno.EREMOTEIO}
 
 
+# An unreachable store's failure in a reader's words: the first of these signs its errors' text
+# holds (Rust's object_store prints a page of debug structures; botocore a cut URL).
+_UNAVAILABLE_WORDS = (("connectionrefused", "connection refused"), ("connection refused", "connection refused"),
+                      ("dns error", "name not resolved"), ("name or service not known", "name not resolved"),
+                      ("timed out", "timed out"), ("timeout", "timed out"), ("reset", "connection reset"),
+                      ("slowdown", "throttled"), ("could not connect", "no connection"))
+_ENDPOINT_IN_TEXT = re.compile(r"https?://[^/\s\"'(),?]+")
+
+
+def why_unavailable(exc: BaseException) -> str:
+    """An unreachable store's error in a few words, with the endpoint it tried: `connection
+    refused at http://127.0.0.1:9`, not the library's text."""
+    texts, seen, pending = [], set(), [exc]
+    while pending:  # the telling link is often down the chain
+        exc = pending.pop(0)
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        texts.append(f"{type(exc).__name__}: {exc}")
+        # botocore keeps the connector's error in `kwargs`, aiohttp's connector the socket's as `os_error`.
+        wrapped = getattr(exc, "kwargs", None)
+        pending += [e for e in (exc.__cause__, exc.__context__, getattr(exc, "os_error", None),
+                                wrapped.get("error") if isinstance(wrapped, dict) else None)
+                    if isinstance(e, BaseException)]
+    text = " ".join(texts)
+    what = next((words for sign, words in _UNAVAILABLE_WORDS if sign in text.lower()), "no answer")
+    endpoint = _ENDPOINT_IN_TEXT.search(text)
+    return f"{what} at {endpoint.group(0)}" if endpoint else what
+
+
 _OUTAGE_IN_TEXT = re.compile(r"(?:pipeline\.storage\.)?StorageUnavailable: (.+)")
 
 
@@ -275,7 +305,7 @@ def patiently(call, uri: str, patience_s: float = DEFAULT_PATIENCE_S):
                 raise
             if waited + delay > patience_s:
                 raise StorageUnavailable(
-                    f"{redact(uri)}: storage unavailable for {waited:.0f} s ({describe(exc)})"
+                    f"{redact(uri)}: storage unavailable for {waited:.0f} s ({why_unavailable(exc)})"
                 ) from None
             time.sleep(delay)
             delay = min(2 * delay, 30.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -113,12 +114,22 @@ def processes_left(mark: str, wait_s: float = 30.0) -> list[str]:
     return left
 
 
-def embedded_corpus(tmp_path_factory, name: str, tiny_model: str):
-    """A new folder holding the standard corpus embedded by the tiny model: FOLDER/out, and the
-    table in FOLDER/db."""
-    folder = tmp_path_factory.mktemp(name)
+@pytest.fixture(scope="session")
+def standard_run(tiny_model, ray_session, tmp_path_factory):
+    """The standard corpus embedded by the tiny model (towers in float32), once for the test run:
+    FOLDER/manifest.parquet, FOLDER/images, FOLDER/out, and the table in FOLDER/db. Tests take
+    copies of it (embedded_corpus)."""
+    folder = tmp_path_factory.mktemp("standard")
     altclip("embed", write_corpus(folder), "--out", folder / "out", "--model", tiny_model, "--db",
             folder / "db", "--dtype", "float32")
+    return folder
+
+
+def embedded_corpus(standard_run, tmp_path_factory, name: str):
+    """A new folder holding a copy of the standard run (see standard_run), for a module to change
+    as it likes. Its outputs and table name the standard run's images, which stay where they are."""
+    folder = tmp_path_factory.mktemp(name)
+    shutil.copytree(standard_run, folder, dirs_exist_ok=True, symlinks=True)
     return folder
 
 

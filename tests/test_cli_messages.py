@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import altclip, marked_environment, marked_processes, processes_left
+from tests.conftest import altclip, marked_environment, processes_left
 from tests.corpus import write_corpus
 
 
@@ -130,31 +129,6 @@ def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_sess
     assert f"outputs {folder / 'out'}," in listing
     shards = len(list((folder / "out").glob("part-*.parquet")))
     assert f"shards {shards}" in listing and "part-" not in listing  # counted, not listed
-
-
-def test_ctrl_c_says_the_same_command_resumes_and_json_lines_have_stdout_alone(tiny_model, tmp_path):
-    rows = [{"id": f"r{i}", "caption": f"caption {i}"} for i in range(20000)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
-    altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
-    env, mark = marked_environment(RAY_ADDRESS="")
-    process = subprocess.Popen(
-        [altclip_bin, "embed", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"), "--model",
-         tiny_model, "--towers", "text", "--batch-size", "8", "--log-format", "json",
-         "--progress-interval", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    first = process.stdout.readline()  # running: Ray is up and rows are moving
-    assert first, "the job ended before it could be interrupted: " + process.stderr.read()[-2000:]
-    running = marked_processes(mark)
-    # The mark reaches Ray's own processes, so that what is left of them after the exit is seen.
-    assert any("raylet" in c for c in running) and any(c.startswith("ray::") for c in running), running
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
-    assert "interrupted: what was written so far is kept; run the same command again to resume" in err
-    # Everything on stdout, Ray's own processes' output included, is one JSON event per line.
-    events = [json.loads(line) for line in (first + out).splitlines()]
-    assert events[0]["event"] == "progress" and "rows_done" in events[0]
-    assert not processes_left(mark), "processes left after Ctrl-C"
 
 
 def test_an_error_after_ray_started_leaves_no_process(tiny_model, tmp_path):
@@ -297,8 +271,9 @@ def test_a_database_on_an_unreachable_store_is_one_line_and_exit_75(command, mon
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     result = altclip(*command, expect_exit=75)
-    assert "s3://tables/db: storage unavailable (" in result.stderr
-    assert "rerun the same command when the store is back" in result.stderr
+    # One sentence a reader follows: what failed and where, not the client's debug text.
+    assert result.stderr.strip() == ("Error: s3://tables/db: storage unavailable (connection refused at "
+                                     "http://127.0.0.1:1); rerun the same command when the store is back")
     assert "Traceback" not in result.stderr and "testing-secret" not in result.stderr
 
 

@@ -10,16 +10,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import altclip, read_output
-from tests.corpus import odd_images, write_corpus
+from tests.conftest import altclip, embedded_corpus, read_output
+from tests.corpus import odd_images
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("formats")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--dtype", "float32")
-    return folder, pq.read_table(manifest), read_output(folder / "out")
+def baseline(standard_run, tmp_path_factory):
+    folder = embedded_corpus(standard_run, tmp_path_factory, "formats")
+    return folder, pq.read_table(folder / "manifest.parquet"), read_output(folder / "out")
 
 
 def _same_vectors(got: dict, expected: dict):

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import altclip, read_output
+from tests.conftest import altclip, marked_environment, marked_processes, processes_left, read_output
 from tests.corpus import odd_images
 from tests.faults import OutageProxy
 
@@ -193,24 +193,38 @@ def test_ctrl_c_late_in_a_run_keeps_the_partitions_the_towers_finished(corpus, t
                                                                          tmp_path):
     """With the default shard size (far more rows than the job has), writes and commits still
     run while the towers run: a Ctrl-C at 80% of the rows keeps the partitions finished by
-    then, and the rerun does only the rest."""
+    then, says so, leaves no process behind, and the rerun does only the rest. Its own Ray, as
+    a user's command has."""
     out = tmp_path / "out"
     args = ["embed", str(corpus), "--out", str(out), "--model", tiny_model, "--dtype", "float32",
             "--batch-size", "10"]
     altclip_bin = os.path.join(os.path.dirname(sys.executable), "altclip")
-    process = subprocess.Popen([altclip_bin, *args, "--log-format", "json", "--progress-interval", "0.1"],
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
-    done_at_kill = 0
-    for line in process.stdout:
-        event = json.loads(line)
-        if event["event"] == "progress" and event["rows_done"] >= 0.8 * ROWS:
-            done_at_kill = event["rows_done"]
-            os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-            break
-    process.communicate(timeout=120)
+    env, mark = marked_environment(RAY_ADDRESS="")
+    with open(tmp_path / "stderr", "w+") as stderr:
+        process = subprocess.Popen([altclip_bin, *args, "--log-format", "json", "--progress-interval", "0.1"],
+                                   start_new_session=True, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env=env)
+        done_at_kill, lines = 0, []
+        for line in process.stdout:
+            lines.append(line)
+            event = json.loads(line)
+            if event["event"] == "progress" and event["rows_done"] >= 0.8 * ROWS:
+                done_at_kill = event["rows_done"]
+                running = marked_processes(mark)
+                os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+                break
+        lines += process.communicate(timeout=120)[0].splitlines()
+        stderr.seek(0)
+        err = stderr.read()
     assert done_at_kill, "the run finished before 80% of its rows could be seen"
-    assert process.returncode == 130
+    assert process.returncode == 130, err[-2000:]
+    assert "interrupted: what was written so far is kept; run the same command again to resume" in err
+    # Everything on stdout, Ray's own processes' output included, is one JSON event per line.
+    assert all(json.loads(line)["event"] in ("progress", "finished") for line in lines)
+    # The mark reaches Ray's own processes (so what is left of them would be seen), and after
+    # the exit none is left.
+    assert any("raylet" in c for c in running) and any(c.startswith("ray::") for c in running), running
+    assert not processes_left(mark), "processes left after Ctrl-C"
     committed = sum(r["rows"] for r in _records(out).values())
     # Writes waiting for a whole shard's rows (10,000) committed nothing before the end: "160
     # rows were through the towers, 0 committed". Rows out of the towers wait for a write task

@@ -19,8 +19,8 @@ import s3fs
 from pipeline.decode.fetch import read_bytes
 from pipeline.table.indexes import full_text_index
 from pipeline.table.store import open_table
-from tests.conftest import SECRET_ACCESS_KEY, _free_port, altclip, read_output
-from tests.corpus import CAPTIONS, odd_images, webdataset_shard, write_corpus
+from tests.conftest import SECRET_ACCESS_KEY, _free_port, altclip, embedded_corpus, read_output
+from tests.corpus import CAPTIONS, odd_images, webdataset_shard
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,8 @@ def s3(s3_server):
 
 
 @pytest.fixture(scope="module")
-def local_run(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("local")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--dtype", "float32")
+def local_run(standard_run, tmp_path_factory):
+    folder = embedded_corpus(standard_run, tmp_path_factory, "local")
     return folder, read_output(folder / "out")
 
 
@@ -253,3 +251,19 @@ print(type(fs).__name__, path)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["S3FileSystem", "bucket/manifest.parquet"]
+
+
+@pytest.mark.parametrize("error, words", [
+    (ValueError('Failed to connect to namespace: IO { source: Generic { store: "S3", source: ListRequest { source: '
+                'RetryError(RetryErrorImpl { method: GET, uri: Some(http://10.0.0.7:9000/bucket?list-type=2&prefix=db), '
+                'inner: Http(HttpError { kind: Connect, source: ConnectError("tcp connect error", 10.0.0.7:9000, '
+                'Os { code: 111, kind: ConnectionRefused, message: "Connection refused" })) }) } }'),
+     "connection refused at http://10.0.0.7:9000"),
+    (OSError("Generic S3 error: Error performing GET https://s3.nowhere.example/b/x in 1s: error sending "
+             "request: dns error: failed to lookup address information"), "name not resolved at https://s3.nowhere.example"),
+    (TimeoutError("read timed out"), "timed out"),
+])
+def test_an_unreachable_store_is_said_in_a_few_words(error, words):
+    from pipeline.storage import why_unavailable
+
+    assert why_unavailable(error) == words

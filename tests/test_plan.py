@@ -23,7 +23,7 @@ def test_hundreds_of_tiny_blocks_finish(tiny_model, tmp_path):
     # the write waiting for a CPU for ever while the stages before it waited on its queue (its
     # queue fills within the first hundred blocks). Its own process and Ray, with every core of
     # this machine (2 in CI), as a user runs it.
-    rows = 1200
+    rows = 600  # 300 blocks
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)],
                              "image": [f"missing/{i}.jpg" for i in range(rows)],
                              "caption": [""] * rows}), tmp_path / "m.parquet")
@@ -32,7 +32,7 @@ def test_hundreds_of_tiny_blocks_finish(tiny_model, tmp_path):
     env, mark = marked_environment(RAY_ADDRESS="")
     result = subprocess.run(
         [altclip_bin, "embed", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"),
-         "--model", tiny_model, "--batch-size", "2", "--rows-per-shard", "500", "--quiet"],
+         "--model", tiny_model, "--batch-size", "2", "--rows-per-shard", "250", "--quiet"],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not processes_left(mark), "processes left after the run"

@@ -12,8 +12,8 @@ from tests.conftest import altclip, embedded_corpus, read_output
 
 
 @pytest.fixture(scope="module")
-def db(tiny_model, ray_session, tmp_path_factory):
-    return embedded_corpus(tmp_path_factory, "search", tiny_model)
+def db(standard_run, tmp_path_factory):
+    return embedded_corpus(standard_run, tmp_path_factory, "search")
 
 
 def _hits(result) -> list[dict]:

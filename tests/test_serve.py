@@ -37,8 +37,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture(scope="module")
-def corpus(tiny_model, ray_session, tmp_path_factory):
-    return embedded_corpus(tmp_path_factory, "serve", tiny_model)
+def corpus(standard_run, tmp_path_factory):
+    return embedded_corpus(standard_run, tmp_path_factory, "serve")
 
 
 @pytest.fixture(scope="module")

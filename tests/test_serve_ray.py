@@ -37,8 +37,8 @@ REPLICA_ARGS = {"replicas": "2", "num_cpus": "0.25", "batch_wait_ms": "200",
 
 
 @pytest.fixture(scope="module")
-def corpus(tiny_model, ray_session, tmp_path_factory):
-    return embedded_corpus(tmp_path_factory, "serve-ray", tiny_model)
+def corpus(standard_run, tmp_path_factory):
+    return embedded_corpus(standard_run, tmp_path_factory, "serve-ray")
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from tests.corpus import odd_images
 
 
 @pytest.fixture(scope="module")
-def db(tiny_model, ray_session, tmp_path_factory):
-    return embedded_corpus(tmp_path_factory, "sql", tiny_model)
+def db(standard_run, tmp_path_factory):
+    return embedded_corpus(standard_run, tmp_path_factory, "sql")
 
 
 def test_sql_over_the_table_and_the_outputs(db):

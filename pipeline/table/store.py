@@ -48,7 +48,7 @@ def _unreachable(db_uri: str, exc: Exception) -> Exception:
     if not storage.is_unavailable(exc):
         return exc
     return storage.StorageUnavailable(
-        f"{storage.redact(db_uri)}: storage unavailable ({storage.describe(exc)[:200]})")
+        f"{storage.redact(db_uri)}: storage unavailable ({storage.why_unavailable(exc)})")
 
 
 def open_table(db_uri: str, name: str, storage_options: dict | None = None):
