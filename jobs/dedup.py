@@ -34,6 +34,10 @@ def dedup_command(db, against, threshold, keep, full, table_name, storage_option
     from pipeline.table.dedup import dedup_table  # torch: not for `altclip dedup -h`
 
     result = run_job(dedup_table, config)
+    if result["random_weights"]:
+        from pipeline.embed.model import RANDOM_WEIGHTS_NOTE
+
+        click.echo(RANDOM_WEIGHTS_NOTE, err=True)
     if not result["changed"]:
         reason = ("the table has no rows" if result["mode"] == "full"
                   else f"no {against} vector is new or changed since the last run")

@@ -110,6 +110,9 @@ def make_test_model(out_dir: str, seed: int = 0, vocab_size: int = 600) -> str:
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
+    from pipeline.embed.model import RANDOM_WEIGHTS_KEY
+
+    setattr(model.config, RANDOM_WEIGHTS_KEY, True)  # what it embeds is said to be meaningless
     os.makedirs(out_dir, exist_ok=True)
     from transformers.utils import logging as hf_logging
 

@@ -25,6 +25,30 @@ def test_test_model_loads_with_transformers_own_classes(tiny_model):
         assert unk not in ids, caption
 
 
+def test_only_a_model_of_random_weights_is_recorded_as_one(tiny_model, tmp_path):
+    """The mark the tiny model's config carries reaches its runs' provenance, where search,
+    classify and dedup find it; a model without it (a real one) is recorded as before."""
+    import dataclasses
+    import json
+    import shutil
+
+    from pipeline.embed.model import RANDOM_WEIGHTS_KEY, resolve_model
+    from pipeline.embed.provenance import provenance
+
+    marked = resolve_model(tiny_model)
+    assert marked.random_weights and provenance(marked, "float32", ("image",))["random_weights"] is True
+    real = tmp_path / "real"
+    shutil.copytree(tiny_model, real)
+    config = json.loads((real / "config.json").read_text())
+    del config[RANDOM_WEIGHTS_KEY]
+    (real / "config.json").write_text(json.dumps(config))
+    unmarked = resolve_model(str(real))
+    assert not unmarked.random_weights and "random_weights" not in provenance(unmarked, "float32", ("image",))
+    assert provenance(unmarked, "float32", ("image",)) == provenance(
+        dataclasses.replace(marked, ref=unmarked.ref, revision=unmarked.revision, random_weights=False),
+        "float32", ("image",))
+
+
 @pytest.mark.slow  # the installed command in a subprocess, with its own Ray
 def test_demo_falls_back_loudly_to_the_tiny_model(tmp_path):
     altclip = os.path.join(os.path.dirname(sys.executable), "altclip")

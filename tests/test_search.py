@@ -21,8 +21,9 @@ def _hits(result) -> list[dict]:
 
 
 def test_image_query_finds_itself_first(db):
-    hits = _hits(altclip("search", db / "db", "--image", db / "images" / "rgba.png", "--k", "3",
-                         "--json"))
+    result = altclip("search", db / "db", "--image", db / "images" / "rgba.png", "--k", "3", "--json")
+    assert "test model of RANDOM WEIGHTS" in result.stderr  # the JSON lines on stdout stay whole
+    hits = _hits(result)
     assert len(hits) == 3
     assert hits[0]["image"].endswith("images/rgba.png")
     assert hits[0]["score"] > 0.9999

@@ -22,6 +22,14 @@ _WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_m
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# Set in the config.json of a model of random weights (altclip make-test-model): its vectors, and
+# whatever is asked of a table of them, mean nothing, and every command that answers from such a
+# table says so (RANDOM_WEIGHTS_NOTE).
+RANDOM_WEIGHTS_KEY = "altclip_random_weights"
+RANDOM_WEIGHTS_NOTE = ("note: this table was embedded by a test model of RANDOM WEIGHTS (altclip make-test-model): "
+                       "its vectors, and so these results, are MEANINGLESS")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What the driver knows of a model before any tower is loaded; workers load from it."""
@@ -33,6 +41,7 @@ class ModelSpec:
     max_tokens: int  # longest caption in tokens, <s> and </s> included
     pad_token_id: int
     storage_options: dict = field(default_factory=dict, repr=False, compare=False)
+    random_weights: bool = False  # see RANDOM_WEIGHTS_KEY
 
     @property
     def label(self) -> str:
@@ -80,6 +89,7 @@ def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
         max_tokens=max_tokens,
         pad_token_id=tokenizer.pad_token_id,
         storage_options=storage_options,
+        random_weights=bool(getattr(config, RANDOM_WEIGHTS_KEY, False)),
     )
 
 

@@ -28,6 +28,7 @@ def provenance(model: ModelSpec, dtype: str, towers: tuple[str, ...], mode: str 
                           **model.preprocessing.to_dict()},
         "max_tokens": model.max_tokens,
         "pipeline_version": __version__,
+        **({"random_weights": True} if model.random_weights else {}),
     }))
 
 

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, named
 from pipeline.decode.fetch import FetchPolicy
 from pipeline.decode.images import MAX_IMAGE_PIXELS, preprocess_images
 from pipeline.decode.text import tokenize_captions
-from pipeline.embed.model import ModelSpec, resolve_model
+from pipeline.embed.model import RANDOM_WEIGHTS_NOTE, ModelSpec, resolve_model
 from pipeline.embed.towers import ImageEmbedder, TextEmbedder
 from pipeline.table.store import open_table, table_provenance
 from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_ERROR, TEXT_EMBEDDING, TEXT_ERROR
@@ -140,6 +140,8 @@ def open_query_table(db: str, name: str, model: str | None = None,
     if provenance.get("revision") not in (None, spec.revision):
         log(f"warning: the table was built with {provenance['model']}@{provenance['revision']}, "
             f"queries use {spec.label}: scores may not be comparable")
+    if provenance.get("random_weights"):
+        log(RANDOM_WEIGHTS_NOTE)
     if spec.dim != provenance.get("dim", spec.dim):
         raise ConfigError(f"{named('model')} {spec.ref} makes {spec.dim}-d vectors, the table holds "
                           f"{provenance['dim']}-d ones")

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pipeline.config import ConfigError, DedupConfig, named
 from pipeline.table.near_duplicates import PRIOR, Clusters, Grouping, cosine_cutoff, group_rows
 from pipeline.table.sql_text import sql_equals
-from pipeline.table.store import DEDUP_COLUMNS, connect, open_table, record_run
+from pipeline.table.store import DEDUP_COLUMNS, connect, open_table, record_run, table_provenance
 from schemas.embeddings import HEIGHT, WIDTH
 from schemas.manifest import CAPTION, ID
 from schemas.table import KEY, SEARCH_COLUMNS, SEARCH_NPROBES, SEARCH_REFINE_FACTOR
@@ -59,7 +59,7 @@ def dedup_table(config: DedupConfig) -> dict:
         if full and table.count_rows():
             raise ConfigError(f"table '{config.table_name}' holds no {config.against} vectors: "
                               f"embed them with {named('towers')} {config.against}")
-        return {**counts, "version": table.version, "changed": False}
+        return {**counts, "version": table.version, "changed": False, "random_weights": _random_weights(table)}
     clusters = Clusters.train(rows.sample, len(rows.ids))
     rows.sample = None  # the comparisons hold their own vectors
     vectors = (_unit_vectors(batch.column(vector))
@@ -78,7 +78,12 @@ def dedup_table(config: DedupConfig) -> dict:
     duplicated = marks.column(dup_of).drop_null()
     counts.update(duplicates=len(duplicated), groups=len(pc.unique(duplicated)))
     record_run(connect(config.db, config.storage_options), config.table_name, table.version, counts)
-    return {**counts, "version": table.version, "changed": True}
+    return {**counts, "version": table.version, "changed": True, "random_weights": _random_weights(table)}
+
+
+def _random_weights(table) -> bool:
+    """Whether the table's vectors come from a model of random weights (its groups mean nothing)."""
+    return bool((table_provenance(table) or {}).get("random_weights"))
 
 
 def _priority_columns(keep: str) -> list[str]:
