@@ -525,6 +525,13 @@ def test_the_page_in_chromium(server, rows, tmp_path):
             assert page.is_visible("#query-image")
             shot = tmp_path / "serve.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # The API's page: Swagger UI from the package's own files, every operation listed.
+            page.goto(server + "/docs")
+            page.wait_for_selector(".opblock", timeout=60_000)
+            listed = page.eval_on_selector_all(".opblock .opblock-summary-path", "ps => ps.map(p => p.textContent)")
+            documented = json.loads(http(f"{server}/openapi.json")[2])["paths"]
+            assert {p.replace("\u200b", "") for p in listed} == set(documented)
         finally:
             browser.close()
     assert not problems, problems
@@ -534,6 +541,19 @@ def test_the_page_in_chromium(server, rows, tmp_path):
     if os.environ.get("ALTCLIP_UPDATE_SCREENSHOTS"):  # refresh the README's picture on request
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, REPO / "docs" / "serve.png")
+
+
+def test_docs_serve_swagger_ui_from_the_package(server):
+    status, headers, body = http(f"{server}/docs")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    page = body.decode()
+    assert "/docs-assets/swagger-ui-bundle.js" in page and "/docs-assets/swagger-ui.css" in page
+    assert "//" not in page.replace("<!doctype html>", "")  # no other host: no CDN
+    for asset, kind in (("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "text/css")):
+        status, headers, body = http(f"{server}/docs-assets/{asset}")
+        assert status == 200 and kind in headers["content-type"] and len(body) > 100_000
+    status, _, body = http(f"{server}/static/docs.js")
+    assert status == 200 and b'url: "/openapi.json"' in body
 
 
 def test_an_upload_of_too_many_pixels_is_refused_from_its_header(server):

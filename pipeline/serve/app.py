@@ -4,6 +4,7 @@ and response models, and an OpenAPI document that lists the table's own columns 
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import os
 from typing import Annotated, Any
 
@@ -45,6 +46,7 @@ from pipeline.serve.server import (
 )
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+SWAGGER_UI_DIR = str(importlib.resources.files("fastapi_offline") / "static")
 MAX_JSON_BYTES = 1 << 20
 MAX_UPLOAD_BYTES = 32 << 20
 MAX_FORM_FIELDS = 2 * MAX_FILTER_VALUES
@@ -175,7 +177,7 @@ def _row_routes(app: FastAPI, searcher: Searcher) -> None:
 
 
 def _page_routes(app: FastAPI) -> None:
-    """The web page and its files, kept out of the OpenAPI document."""
+    """The web page, the API's page (/docs) and their files, kept out of the OpenAPI document."""
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     @app.api_route("/index.html", methods=["GET", "HEAD"], include_in_schema=False)
@@ -186,7 +188,13 @@ def _page_routes(app: FastAPI) -> None:
     def favicon():
         return FileResponse(os.path.join(WEB_DIR, "favicon.svg"), headers={"Cache-Control": "no-cache"})
 
+    @app.api_route("/docs", methods=["GET", "HEAD"], include_in_schema=False)
+    def docs():
+        return FileResponse(os.path.join(WEB_DIR, "docs.html"), headers={"Cache-Control": "no-cache"})
+
     app.mount("/static", NoCacheStatic(directory=WEB_DIR), name="static")
+    # Swagger UI's own files, from its package: the API page works where no CDN is reachable.
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI_DIR), name="docs-assets")
 
 
 class NoStoreJSON(JSONResponse):
