@@ -103,6 +103,9 @@ def test_a_folder_of_images_is_a_manifest(tiny_model, baseline, tmp_path):
         (corpus / relative).write_bytes(data)
         where[relative] = name
     at = {name: relative for relative, name in where.items()}
+    # img2dataset's `files` output puts KEY.json beside KEY.jpg: a sidecar, not a manifest.
+    for name in ("landscape.jpg", "wide.jpg"):
+        (corpus / at[name]).with_suffix(".json").write_text(json.dumps({"key": name, "status": "success"}))
     (corpus / at["landscape.jpg"]).with_suffix(".txt").write_text("un paisaje\n")
     (corpus / at["portrait.png"]).with_suffix(".txt").write_bytes(b"\xff\xfe not utf-8")
     (corpus / ".thumbnails" / "landscape.jpg").write_bytes(odd_images()["landscape.jpg"])
