@@ -95,17 +95,20 @@ def test_a_folder_of_images_is_a_manifest(tiny_model, baseline, tmp_path):
     folder, _, expected = baseline
     by_name = {row["image"].rsplit("/", 1)[1]: row for row in expected.values()}
     corpus = tmp_path / "photos"
-    (corpus / "nested" / "deeper").mkdir(parents=True)
+    (corpus / "00000" / "deeper").mkdir(parents=True)
     (corpus / ".thumbnails").mkdir()
     where = {}
     for n, (name, data) in enumerate(sorted(odd_images().items())):
-        relative = [name, f"nested/{name}", f"nested/deeper/{name}"][n % 3]
+        relative = [name, f"00000/{name}", f"00000/deeper/{name}"][n % 3]
         (corpus / relative).write_bytes(data)
         where[relative] = name
     at = {name: relative for relative, name in where.items()}
-    # img2dataset's `files` output puts KEY.json beside KEY.jpg: a sidecar, not a manifest.
+    # img2dataset's `files` output puts KEY.json beside KEY.jpg, and a shard's metadata beside its
+    # folder (00000.parquet, 00000_stats.json beside 00000/): they describe images, not a manifest.
     for name in ("landscape.jpg", "wide.jpg"):
         (corpus / at[name]).with_suffix(".json").write_text(json.dumps({"key": name, "status": "success"}))
+    pq.write_table(pa.table({"key": ["x"], "status": ["success"]}), corpus / "00000.parquet")
+    (corpus / "00000_stats.json").write_text(json.dumps({"count": 1}))
     (corpus / at["landscape.jpg"]).with_suffix(".txt").write_text("un paisaje\n")
     (corpus / at["portrait.png"]).with_suffix(".txt").write_bytes(b"\xff\xfe not utf-8")
     (corpus / ".thumbnails" / "landscape.jpg").write_bytes(odd_images()["landscape.jpg"])
@@ -131,3 +134,13 @@ def test_a_folder_of_images_is_a_manifest(tiny_model, baseline, tmp_path):
     result = altclip(*args)
     assert "nothing to do" in result.stderr
     assert json.loads((corpus / "out" / "summary.json").read_text())["rows_embedded"] == 0
+
+
+def test_which_manifest_files_describe_images():
+    from pipeline.read.image_folder import describes_images
+
+    images = ["c/00000/000000001.jpg", "c/00000/000000002.jpg", "c/photos/a.png"]
+    assert describes_images("c/00000/000000001.json", images)  # a sidecar
+    assert describes_images("c/00000.parquet", images) and describes_images("c/00000_stats.json", images)
+    assert not describes_images("c/photos.parquet", images)  # a manifest beside its images' folder
+    assert not describes_images("c/manifest.csv", images) and not describes_images("c/00001.parquet", images)

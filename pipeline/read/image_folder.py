@@ -29,6 +29,19 @@ def is_image_file(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_FILE_SUFFIXES
 
 
+def describes_images(path: str, images: list[str]) -> bool:
+    """Whether a file of a manifest format beside `images` describes them rather than being a
+    manifest: a sidecar of one image (KEY.json beside KEY.jpg), or a shard's metadata beside the
+    folder of its images (NNNNN.parquet and NNNNN_stats.json beside NNNNN/), as img2dataset's
+    `files` output has them."""
+    stem = posixpath.splitext(path)[0]
+    if any(posixpath.splitext(image)[0] == stem for image in images):
+        return True
+    # Only a shard's (digits) name: a manifest `images.parquet` beside `images/` is a manifest.
+    shard = stem[: -len("_stats")] if stem.endswith("_stats") else stem
+    return posixpath.basename(shard).isdigit() and any(image.startswith(shard + "/") for image in images)
+
+
 def listing_table(fs, images: list[str], others: set[str], root: str) -> pa.Table:
     """The rows of `images` (paths inside `fs`, under `root`): id and image their path under
     `root`, caption the bytes of the same-named `.txt` among `others`, as read (a caption that

@@ -216,12 +216,10 @@ def _list_files(fs, path: str, uri: str, excluded: str | None = None) -> _Listed
     files = [f for f in listed if _suffix(f) in FORMATS_BY_SUFFIX]
     root = root.rstrip("/")
     # Images (those in hidden folders, .thumbnails, are not the corpus), and whether the files of
-    # manifest formats are only their sidecars (img2dataset's `files` output: KEY.jpg, KEY.txt
-    # and KEY.json): then the folder is a folder of images.
+    # manifest formats are only what describes them: then the folder is a folder of images.
     images = [f for f in listed if image_folder.is_image_file(f)
               and not any(part.startswith(".") for part in posixpath.relpath(f, root).split("/"))]
-    stems = {posixpath.splitext(f)[0] for f in images}
-    if images and all(posixpath.splitext(f)[0] in stems for f in files):
+    if images and all(image_folder.describes_images(f, images) for f in files):
         return _Listed([], [], root, images, frozenset(listed))
     if not files:
         raise ConfigError(
