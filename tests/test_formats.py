@@ -137,10 +137,10 @@ def test_a_folder_of_images_is_a_manifest(tiny_model, baseline, tmp_path):
 
 
 def test_which_manifest_files_describe_images():
-    from pipeline.read.image_folder import describes_images
+    from pipeline.read.image_folder import ImageNames
 
-    images = ["c/00000/000000001.jpg", "c/00000/000000002.jpg", "c/photos/a.png"]
-    assert describes_images("c/00000/000000001.json", images)  # a sidecar
-    assert describes_images("c/00000.parquet", images) and describes_images("c/00000_stats.json", images)
-    assert not describes_images("c/photos.parquet", images)  # a manifest beside its images' folder
-    assert not describes_images("c/manifest.csv", images) and not describes_images("c/00001.parquet", images)
+    names = ImageNames(["c/00000/000000001.jpg", "c/00000/000000002.jpg", "c/photos/a.png"])
+    assert names.describe("c/00000/000000001.json")  # a sidecar
+    assert names.describe("c/00000.parquet") and names.describe("c/00000_stats.json")
+    assert not names.describe("c/photos.parquet")  # a manifest beside its images' folder
+    assert not names.describe("c/manifest.csv") and not names.describe("c/00001.parquet")

@@ -29,17 +29,32 @@ def is_image_file(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_FILE_SUFFIXES
 
 
-def describes_images(path: str, images: list[str]) -> bool:
-    """Whether a file of a manifest format beside `images` describes them rather than being a
-    manifest: a sidecar of one image (KEY.json beside KEY.jpg), or a shard's metadata beside the
-    folder of its images (NNNNN.parquet and NNNNN_stats.json beside NNNNN/), as img2dataset's
-    `files` output has them."""
-    stem = posixpath.splitext(path)[0]
-    if any(posixpath.splitext(image)[0] == stem for image in images):
-        return True
-    # Only a shard's (digits) name: a manifest `images.parquet` beside `images/` is a manifest.
-    shard = stem[: -len("_stats")] if stem.endswith("_stats") else stem
-    return posixpath.basename(shard).isdigit() and any(image.startswith(shard + "/") for image in images)
+class ImageNames:
+    """What the files of manifest formats beside `images` may be named and still describe them
+    rather than be a manifest: a sidecar of one image (KEY.json beside KEY.jpg), or a shard's
+    metadata beside the folder of its images (NNNNN.parquet and NNNNN_stats.json beside NNNNN/),
+    as img2dataset's `files` output has them. Sets, so that a million sidecars are looked up, not
+    compared with a million images each."""
+
+    def __init__(self, images: list[str]):
+        self.stems = {posixpath.splitext(image)[0] for image in images}
+        self.folders = {folder for image in images for folder in _folders_of(image)}
+
+    def describe(self, path: str) -> bool:
+        stem = posixpath.splitext(path)[0]
+        if stem in self.stems:
+            return True
+        # Only a shard's (digits) name: a manifest `images.parquet` beside `images/` is a manifest.
+        shard = stem[: -len("_stats")] if stem.endswith("_stats") else stem
+        return posixpath.basename(shard).isdigit() and shard in self.folders
+
+
+def _folders_of(path: str):
+    """Every folder above `path`."""
+    folder = posixpath.dirname(path)
+    while folder and folder not in ("/", "."):
+        yield folder
+        folder = posixpath.dirname(folder)
 
 
 def listing_table(fs, images: list[str], others: set[str], root: str) -> pa.Table:

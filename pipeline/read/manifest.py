@@ -219,7 +219,7 @@ def _list_files(fs, path: str, uri: str, excluded: str | None = None) -> _Listed
     # manifest formats are only what describes them: then the folder is a folder of images.
     images = [f for f in listed if image_folder.is_image_file(f)
               and not any(part.startswith(".") for part in posixpath.relpath(f, root).split("/"))]
-    if images and all(image_folder.describes_images(f, images) for f in files):
+    if images and all(map(image_folder.ImageNames(images).describe, files)):
         return _Listed([], [], root, images, frozenset(listed))
     if not files:
         raise ConfigError(
