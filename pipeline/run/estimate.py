@@ -133,7 +133,7 @@ def _projected(stages: list[Stage], projection, on_gpu: bool, devices: float, st
         "rows_per_second_per_device": round(projection.rows_per_second / devices, 3),
         "startup_seconds": {**{k: round(v, 2) for k, v in startup.items()},
                             "total": round(sum(startup.values()), 2)},
-        "wall_seconds": round(projection.wall_seconds, 1),
+        "wall_seconds": round(projection.wall_seconds, 2),
         "device_hours": float(f"{projection.device_hours:.4g}"),
     }
 
