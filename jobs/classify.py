@@ -7,7 +7,7 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.options import parse_storage_options, run_job, storage_option, table_name
+from jobs.options import finish_job, json_result, parse_storage_options, run_job, storage_option, table_name
 from pipeline import storage
 from pipeline.config import DEFAULT_TEMPLATE, ClassifyConfig
 from pipeline.query.classify import (
@@ -75,7 +75,8 @@ def run_classify(config: ClassifyConfig) -> dict:
               help="Model that embeds the labels.")
 @table_name
 @storage_option
-def classify_command(db, label_files, templates, top_k, out, model, table_name, storage_options):
+@json_result
+def classify_command(db, label_files, templates, top_k, out, model, table_name, storage_options, as_json):
     """Zero-shot labels for every image of a table in DB.
 
     Adds label, label_score and the top k labels to each row."""
@@ -84,4 +85,5 @@ def classify_command(db, label_files, templates, top_k, out, model, table_name, 
         out=out, model=model, table_name=table_name, storage_options=parse_storage_options(storage_options)))
     result = run_job(run_classify, config)
     where = f"Parquet under {out}" if out else f"the table (version {result['version']})"
-    click.echo(f"labelled {result['rows']} images with {result['labels']} labels into {where}")
+    finish_job(result, [f"labelled {result['rows']} images with {result['labels']} labels into {where}"],
+               as_json)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.options import parse_storage_options, run_job, storage_option, table_name
+from jobs.options import finish_job, json_result, parse_storage_options, run_job, storage_option, table_name
 from pipeline.config import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig
 
 
@@ -23,7 +23,8 @@ from pipeline.config import DEFAULT_THRESHOLD, KEEP_POLICIES, DedupConfig
                    "only rows new or changed since the last run).")
 @table_name
 @storage_option
-def dedup_command(db, against, threshold, keep, full, table_name, storage_options):
+@json_result
+def dedup_command(db, against, threshold, keep, full, table_name, storage_options, as_json):
     """Mark near-duplicate images or captions in a table in DB.
 
     Each row of a group of near-duplicates but one gets dup_of (the kept row's id) and dup_score
@@ -34,15 +35,17 @@ def dedup_command(db, against, threshold, keep, full, table_name, storage_option
     from pipeline.table.dedup import dedup_table  # torch: not for `altclip dedup -h`
 
     result = run_job(dedup_table, config)
+    lines = []
     if result["random_weights"]:
         from pipeline.embed.model import RANDOM_WEIGHTS_NOTE
 
-        click.echo(RANDOM_WEIGHTS_NOTE, err=True)
+        lines.append(RANDOM_WEIGHTS_NOTE)
     if not result["changed"]:
         reason = ("the table has no rows" if result["mode"] == "full"
                   else f"no {against} vector is new or changed since the last run")
-        click.echo(f"nothing to check: {reason} (table version {result['version']})")
-        return
-    click.echo(f"checked {result['rows_checked']} {against} vectors ({result['mode']}): "
-               f"{result['duplicates']} near-duplicates marked in {result['groups']} groups; "
-               f"table version {result['version']}")
+        lines.append(f"nothing to check: {reason} (table version {result['version']})")
+    else:
+        lines.append(f"checked {result['rows_checked']} {against} vectors ({result['mode']}): "
+                     f"{result['duplicates']} near-duplicates marked in {result['groups']} groups; "
+                     f"table version {result['version']}")
+    finish_job(result, lines, as_json)

@@ -15,6 +15,7 @@ from jobs.options import (
     ManifestCommand,
     db_option,
     embed_config,
+    finish_job,
     in_cli_terms,
     job_options,
     results_on_stdout,
@@ -170,16 +171,15 @@ def _settle_outputs(config: EmbedConfig, records: dict[str, dict], ledger, sink,
                    "bottleneck, wall time, device-hours, output, table and index bytes).")
 @click.option("--plan-rows", default=DEFAULT_SAMPLE_ROWS, type=int,
               help="With --plan: rows timed, spread over the manifest.")
-@click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as one JSON object.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Also print the result as one JSON object on stdout: the run's summary (as in "
+                   "OUT/summary.json), or with --plan the plan.")
 @job_options
 def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, plan_rows, as_json, **options):
     """Embed a manifest's images and captions.
 
     Writes Parquet shards to OUT and, with --db, loads them into a table. MANIFEST: Parquet, CSV
     or JSON Lines (a file, folder or quoted glob), or WebDataset shards."""
-    if as_json and not plan:
-        raise click.UsageError("--json prints the plan as JSON: use it with --plan (a run's own "
-                               "figures are in OUT/summary.json)")
     if plan and (retry_errors or retry_kinds):
         raise click.UsageError("--plan projects a run over the whole manifest; --retry-errors and "
                                "--retry-kind mend OUT: choose one")
@@ -189,6 +189,7 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
 
         with results_on_stdout() as results:
             projected = run_job(estimate_run, config, plan_rows)
+        # The plan is a table for a person: on stdout, as a query's rows are.
         click.echo(json.dumps(projected.to_dict()) if as_json else projected.text(), file=results)
         return
     if quiet:
@@ -197,48 +198,46 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
         kinds = (*(TRANSIENT_ERROR_KINDS if retry_errors else ()), *retry_kinds)
         options["retry_kinds"] = tuple(dict.fromkeys(kinds))
     config = embed_config(manifest, out, db, **options)
-    if config.progress == "json":
-        # JSON lines alone on stdout, for a log shipper: Ray's own log lines go to stderr.
-        with results_on_stdout() as results:
-            summary = run_job(run_embed, config, results)
-    else:
-        summary = run_job(run_embed, config)
-    if not quiet:
-        print_summary(summary)
+    # Only results on stdout: Ray's log lines go to stderr; with --progress json the progress
+    # lines go to stdout, for a log shipper.
+    with results_on_stdout() as results:
+        summary = run_job(run_embed, config, results if config.progress == "json" else None)
+    finish_job(summary, [] if quiet else summary_lines(summary), as_json)
 
 
-def print_summary(summary: dict) -> None:
+def summary_lines(summary: dict) -> list[str]:
+    """What a run did, for a person."""
     others = summary.get("rows_of_other_manifests", 0)
     errors = ", ".join(f"{k} {v}" for k, v in summary["errors_by_kind"].items()) or "none"
     rejected = summary["rows_rejected"]
     retried = summary.get("retried")
     if retried is not None and retried["rows"] == 0:
-        click.echo("nothing to retry: no row of the output has an error of the kinds asked for", err=True)
+        lines = ["nothing to retry: no row of the output has an error of the kinds asked for"]
     elif retried is not None:
         still = ", ".join(f"{k} {v}" for k, v in retried["still_failing"].items())
-        click.echo(f"retried {retried['rows']} rows: {retried['succeeded']} now succeeded"
-                   + (f"; still failing: {still}" if still else "")
-                   + f" ({summary['seconds_total']:.1f} s)", err=True)
+        lines = [f"retried {retried['rows']} rows: {retried['succeeded']} now succeeded"
+                 + (f"; still failing: {still}" if still else "")
+                 + f" ({summary['seconds_total']:.1f} s)"]
     elif summary["rows_in"] == 0:
-        click.echo("the manifest has no rows: nothing to embed", err=True)
+        lines = ["the manifest has no rows: nothing to embed"]
     elif summary["rows_embedded"] == 0:
-        click.echo(f"nothing to do: all {summary['rows_out'] - others} rows are already in the output "
-                   "(no model work)", err=True)
+        lines = [f"nothing to do: all {summary['rows_out'] - others} rows are already in the output "
+                 "(no model work)"]
     else:
         resumed = (f" (resumed: {summary['rows_already_done']} rows were already done)"
                    if summary["rows_already_done"] else "")
-        click.echo(f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s, "
-                   f"{summary['rows_per_second']} rows/s{resumed}", err=True)
+        lines = [f"embedded {summary['rows_embedded']} rows in {summary['seconds_total']:.1f} s, "
+                 f"{summary['rows_per_second']} rows/s{resumed}"]
     earlier = f", and {others} rows of other manifests embedded into this OUT before" if others else ""
-    click.echo(
+    lines += [
         f"output: {summary['rows_out'] - others} of {summary['rows_in']} manifest rows{earlier} "
         f"(image vectors {summary['image_ok']}, text vectors {summary['text_ok']}; errors: {errors}; "
         f"rejected: {rejected['missing_id']} without id, {rejected['duplicate_id']} duplicate ids)",
-        err=True,
-    )
-    click.echo(f"summary: {summary['summary_uri']}", err=True)
+        f"summary: {summary['summary_uri']}",
+    ]
     if "table" in summary:
-        click.echo(described_load(summary["table"]), err=True)
+        lines.append(described_load(summary["table"]))
+    return lines
 
 
 def main() -> None:

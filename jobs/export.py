@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.options import parse_storage_options, run_job, storage_option
+from jobs.options import finish_job, json_result, parse_storage_options, run_job, storage_option
 from pipeline.write.export import FORMATS, SIDES, export_embedding_reader
 
 SIDE_CHOICES = {**{side: (side,) for side in SIDES}, "both": tuple(SIDES)}
@@ -23,7 +23,8 @@ SIDE_CHOICES = {**{side: (side,) for side in SIDES}, "both": tuple(SIDES)}
               help="Replace DEST's img_emb/, text_emb/ and metadata/; without it a DEST that is "
                    "not empty is refused.")
 @storage_option
-def export_command(out, dest, export_format, side, overwrite, storage_options):
+@json_result
+def export_command(out, dest, export_format, side, overwrite, storage_options, as_json):
     """Write a run's outputs in clip-retrieval's layout (embedding-reader, autofaiss).
 
     From the Parquet shards of `embed` in OUT to DEST (a folder or URI): per shard,
@@ -32,26 +33,28 @@ def export_command(out, dest, export_format, side, overwrite, storage_options):
     left out and counted."""
     result = run_job(export_embedding_reader, out, dest, SIDE_CHOICES.get(side), overwrite,
                      parse_storage_options(storage_options))
-    print_export(result)
+    finish_job(result, export_lines(result), as_json)
 
 
-def print_export(result: dict) -> None:
+def export_lines(result: dict) -> list[str]:
+    """What an export wrote, for a person."""
     folders = ", ".join(f"{f}/" for f in result["folders"])
     files = f"{result['files']} file{'' if result['files'] == 1 else 's'} each"
-    click.echo(f"exported {result['rows_exported']} of {result['rows_in']} rows to {result['dest']}: "
+    lines = [f"exported {result['rows_exported']} of {result['rows_in']} rows to {result['dest']}: "
                f"{folders} ({files}; {result['dimension']}-d float16 vectors) "
-               f"in {result['seconds']:.1f} s")
+               f"in {result['seconds']:.1f} s"]
     if result["rows_skipped"]:
         reasons = "; ".join(f"{kind} {count} (e.g. {', '.join(result['missing_examples'][kind][:3])})"
                             for kind, count in result["missing_vectors"].items())
         hint = (" (--side image or --side text exports every vector of that side)"
                 if len(result["sides"]) > 1 else "")
-        click.echo(f"left out {result['rows_skipped']} rows lacking a vector: {reasons}{hint}")
+        lines.append(f"left out {result['rows_skipped']} rows lacking a vector: {reasons}{hint}")
     if result["older_copies"]:
-        click.echo(f"left out {result['older_copies']} older copies of ids published again "
-                   "(the newest copy of each id is exported)")
+        lines.append(f"left out {result['older_copies']} older copies of ids published again "
+                     "(the newest copy of each id is exported)")
     if not result["files"]:
-        return
+        return lines
     dest = result["dest"].rstrip("/")
-    click.echo(f"read with: EmbeddingReader(\"{dest}/{result['folders'][0]}\", file_format=\"parquet_npy\", "
-               f"metadata_folder=\"{dest}/metadata\", meta_columns=[\"id\", \"image_path\", \"caption\"])")
+    lines.append(f"read with: EmbeddingReader(\"{dest}/{result['folders'][0]}\", file_format=\"parquet_npy\", "
+                 f"metadata_folder=\"{dest}/metadata\", meta_columns=[\"id\", \"image_path\", \"caption\"])")
+    return lines

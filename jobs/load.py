@@ -9,8 +9,11 @@ import click
 from jobs.options import (
     cluster_option,
     db_option,
+    finish_job,
     join_cluster,
+    json_result,
     parse_storage_options,
+    results_on_stdout,
     run_job,
     storage_option,
     table_name,
@@ -49,7 +52,8 @@ def run_load(config: LoadConfig, after_embed: bool = True) -> dict:
 @table_name
 @cluster_option
 @storage_option
-def load_command(outputs, db, table_name, address, storage_options):
+@json_result
+def load_command(outputs, db, table_name, address, storage_options, as_json):
     """Load the outputs of `embed` into a table.
 
     The Parquet shards in OUTPUTS are upserted by id; shards this table already took from
@@ -58,7 +62,9 @@ def load_command(outputs, db, table_name, address, storage_options):
     (or RAY_ADDRESS) a new table is written and indexed by the cluster's tasks."""
     config = run_job(lambda: LoadConfig(outputs, db, table_name, parse_storage_options(storage_options)))
     run_job(join_cluster, address)
-    click.echo(described_load(run_job(run_load, config, False)))
+    with results_on_stdout():  # only the result on stdout: Ray's log lines go to stderr
+        result = run_job(run_load, config, False)
+    finish_job(result, [described_load(result)], as_json)
 
 
 def described_load(result: dict) -> str:

@@ -8,6 +8,8 @@ import os
 
 import click
 
+from jobs.options import finish_job, json_result
+
 # Sentences in several scripts (Latin, Cyrillic, Arabic, Greek, Devanagari, Hebrew, CJK, Hangul),
 # combined so the unigram model sees each word in many contexts.
 _SUBJECTS = {
@@ -125,9 +127,10 @@ def make_test_model(out_dir: str, seed: int = 0, vocab_size: int = 600) -> str:
 @click.command("make-test-model")
 @click.argument("out_dir")
 @click.option("--seed", default=0, type=int, help="Seed of the random weights.")
-def make_test_model_command(out_dir, seed):
+@json_result
+def make_test_model_command(out_dir, seed, as_json):
     """Save a tiny random-weight AltCLIP to OUT_DIR (for tests).
 
     Its vectors are meaningless; the tokenizer is a real SentencePiece one."""
     make_test_model(out_dir, seed=seed)
-    click.echo(f"tiny random-weight AltCLIP saved to {out_dir}")
+    finish_job({"model": out_dir}, [f"tiny random-weight AltCLIP saved to {out_dir}"], as_json)

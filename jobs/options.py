@@ -98,6 +98,21 @@ def results_on_stdout():
         sys.stdout = results
 
 
+json_result = click.option(
+    "--json", "as_json", is_flag=True,
+    help="Also print the result as one JSON object on stdout (the lines for a person go to stderr).")
+
+
+def finish_job(result: dict, lines: list[str], as_json: bool) -> None:
+    """How every job ends: its lines for a person on stderr and, with --json, its result as one
+    JSON object alone on stdout, for a program to read. (A query's rows, from search, sql and
+    table versions, are its result: those go to stdout, as a table or with --json as lines.)"""
+    for line in lines:
+        click.echo(line, err=True)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, default=str))
+
+
 class StoreOutage(click.ClickException):
     # EX_TEMPFAIL: a scheduler may rerun the job, which resumes.
     exit_code = 75

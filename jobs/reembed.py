@@ -8,14 +8,24 @@ bytes the table already holds a vector for reuses it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 
 import click
 import pyarrow as pa
 
-from jobs.options import CONTEXT, ManifestCommand, db_option, embed_config, in_cli_terms, job_options, run_job
+from jobs.options import (
+    CONTEXT,
+    ManifestCommand,
+    db_option,
+    embed_config,
+    finish_job,
+    in_cli_terms,
+    job_options,
+    json_result,
+    results_on_stdout,
+    run_job,
+)
 from pipeline.config import ReembedConfig
 from pipeline.timing import pop_figures
 from schemas.embeddings import CAPTION_SHA256, IMAGE_EMBEDDING, TEXT_EMBEDDING, embeddings_schema
@@ -137,28 +147,30 @@ def run_reembed(config: ReembedConfig) -> dict:
 @click.option("--out", default=None, help="Also write the re-embedded rows as Parquet here.")
 @click.option("--prune", is_flag=True, help="Delete table rows whose id left the manifest.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+@json_result
 @job_options
-def reembed_command(manifest, db, out, prune, dry_run, **options):
+def reembed_command(manifest, db, out, prune, dry_run, as_json, **options):
     """Update a table from its manifest, embedding what changed.
 
     Only new and changed rows of MANIFEST go through the towers."""
     config = ReembedConfig(embed_config(manifest, out, db, **options), prune=prune,
                            dry_run=dry_run)
-    summary = run_job(run_reembed, config)
+    with results_on_stdout():  # only the result on stdout: Ray's log lines go to stderr
+        summary = run_job(run_reembed, config)
     counts = (f"new {summary['new']}, image changed {summary['image_changed']}, "
               f"caption changed {summary['caption_changed']}, "
               f"model stale {'all' if summary['model_stale'] else 0}, "
               f"gone from the manifest {summary['deleted']}, unchanged {summary['unchanged']}")
     if dry_run:
-        click.echo(f"dry run, nothing changed: {counts}; would embed {summary['images_to_embed']} "
-                   f"images and {summary['captions_to_embed']} captions, reuse "
-                   f"{summary['images_reused']} image vectors")
-        return
-    click.echo(f"{counts}; embedded {summary['image_tower_rows']} images and "
-               f"{summary['text_tower_rows']} captions, reused {summary['images_reused']} image "
-               f"vectors; upserted {summary['rows_upserted']}, deleted {summary['rows_deleted']} rows "
-               f"in {summary['seconds_total']:.1f} s", err=True)
-    click.echo(json.dumps(summary, default=str))
+        line = (f"dry run, nothing changed: {counts}; would embed {summary['images_to_embed']} "
+                f"images and {summary['captions_to_embed']} captions, reuse "
+                f"{summary['images_reused']} image vectors")
+    else:
+        line = (f"{counts}; embedded {summary['image_tower_rows']} images and "
+                f"{summary['text_tower_rows']} captions, reused {summary['images_reused']} image "
+                f"vectors; upserted {summary['rows_upserted']}, deleted {summary['rows_deleted']} rows "
+                f"in {summary['seconds_total']:.1f} s")
+    finish_job(summary, [line], as_json)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.options import parse_storage_options, run_job, storage_option
+from jobs.options import finish_job, json_result, parse_storage_options, run_job, storage_option
 from pipeline.write.report import render_report
 
 
@@ -15,11 +15,12 @@ from pipeline.write.report import render_report
 @click.option("--samples", default=12, type=int,
               help="Images on the contact sheet.")
 @storage_option
-def report_command(outputs, html_path, samples, storage_options):
+@json_result
+def report_command(outputs, html_path, samples, storage_options, as_json):
     """Render a run as one self-contained HTML page.
 
     From the outputs of `embed` in OUTPUTS: counts, errors, a contact sheet."""
     page = run_job(render_report, outputs, parse_storage_options(storage_options), samples)
     with open(html_path, "w", encoding="utf-8") as f:
         f.write(page)
-    click.echo(f"report: {html_path}")
+    finish_job({"report": html_path}, [f"report: {html_path}"], as_json)

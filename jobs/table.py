@@ -6,9 +6,12 @@ import click
 
 from jobs.options import (
     cluster_option,
+    finish_job,
     join_cluster,
+    json_result,
     parse_storage_options,
     print_rows,
+    results_on_stdout,
     run_job,
     storage_option,
     table_name,
@@ -42,7 +45,8 @@ def table_versions_command(db, table_name, storage_options):
                    "recall@10 (0: do not measure).")
 @cluster_option
 @storage_option
-def table_index_command(db, table_name, recall_queries, address, storage_options):
+@json_result
+def table_index_command(db, table_name, recall_queries, address, storage_options, as_json):
     """Rebuild the table's indexes in DB.
 
     Full-text on captions; an ANN index per vector column once it holds enough vectors, with
@@ -50,19 +54,22 @@ def table_index_command(db, table_name, recall_queries, address, storage_options
     (or RAY_ADDRESS), the cluster's tasks build every index, a large one as segments."""
     table = run_job(open_table, db, table_name, parse_storage_options(storage_options))
     run_job(join_cluster, address)
-    built = run_job(lambda: index_table(table, retrain=True))
+    with results_on_stdout():  # only the result on stdout: Ray's log lines go to stderr
+        built = run_job(lambda: index_table(table, retrain=True))
+    lines = []
     for column, info in built.items():
         segments = info.get("segments", 1)
-        click.echo(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
-                   f"{info['vectors']} vectors"
-                   + (f", built as {segments} segments by the cluster's tasks" if segments > 1 else ""))
+        lines.append(f"{column}: IVF_HNSW_SQ, cosine, {info['partitions']} partitions over "
+                     f"{info['vectors']} vectors"
+                     + (f", built as {segments} segments by the cluster's tasks" if segments > 1 else ""))
         if recall_queries:
-            measured = run_job(index_recall, table, column, recall_queries)
-            click.echo(f"  recall@{measured['k']} {measured['recall']} against exact search on "
-                       f"{measured['queries']} sampled rows (p50 {measured['ann_p50_ms']} ms, "
-                       f"exact {measured['exact_p50_ms']} ms)")
+            measured = info["recall"] = run_job(index_recall, table, column, recall_queries)
+            lines.append(f"  recall@{measured['k']} {measured['recall']} against exact search on "
+                         f"{measured['queries']} sampled rows (p50 {measured['ann_p50_ms']} ms, "
+                         f"exact {measured['exact_p50_ms']} ms)")
     if not built:
-        click.echo("full-text index rebuilt; too few vectors for an ANN index: search is exact")
+        lines.append("full-text index rebuilt; too few vectors for an ANN index: search is exact")
+    finish_job({"indexes": built}, lines, as_json)
 
 
 @table_group.command("restore")
@@ -70,10 +77,11 @@ def table_index_command(db, table_name, recall_queries, address, storage_options
 @click.argument("version", type=int)
 @table_name
 @storage_option
-def table_restore_command(db, version, table_name, storage_options):
+@json_result
+def table_restore_command(db, version, table_name, storage_options, as_json):
     """Make an old version of the table the latest again.
 
     VERSION's rows become a new version of the table in DB; the history stays."""
     result = run_job(restore_version, db, table_name, version, parse_storage_options(storage_options))
-    click.echo(f"table: {result['uri']} '{result['name']}' restored to version {version} "
-               f"({result['rows']} rows, now version {result['version']})")
+    finish_job(result, [f"table: {result['uri']} '{result['name']}' restored to version {version} "
+                        f"({result['rows']} rows, now version {result['version']})"], as_json)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import altclip, marked_environment, processes_left
+from tests.conftest import altclip, embedded_corpus, marked_environment, processes_left
 from tests.corpus import write_corpus
 
 
@@ -110,6 +110,25 @@ def test_a_manifest_without_rows(tiny_model, ray_session, tmp_path):
     assert table.count_rows() == 0 and "image_embedding" in table.schema.names
     altclip("embed", tmp_path / "empty.parquet", "--out", tmp_path / "out3", "--model", tiny_model,
             "--db", tmp_path / "db")  # again: the table is left as it is
+
+
+def test_a_job_prints_its_result_on_stdout_as_json_only_when_asked(standard_run, tiny_model,
+                                                                    tmp_path_factory):
+    """One convention for every command: the lines for a person go to stderr; with --json the
+    result goes to stdout as one JSON object, alone there (Ray's log lines included elsewhere)."""
+    folder = embedded_corpus(standard_run, tmp_path_factory, "results")
+    rerun = ("embed", folder / "manifest.parquet", "--out", folder / "out", "--model", tiny_model,
+             "--dtype", "float32")
+    said = altclip(*rerun)  # the copy's manifest is another path: its rows are embedded again
+    assert said.stdout == "" and "summary: " in said.stderr
+    summary = json.loads(altclip(*rerun, "--json").stdout)
+    assert summary["rows_embedded"] == 0  # nothing to do
+    assert summary["rows_out"] == json.loads((folder / "out" / "summary.json").read_text())["rows_out"] > 0
+
+    loaded = altclip("load", folder / "out", "--db", folder / "db")
+    assert loaded.stdout == "" and "table: " in loaded.stderr
+    result = json.loads(altclip("load", folder / "out", "--db", folder / "db", "--json").stdout)
+    assert result["inserted"] == result["updated"] == 0 and result["shards_already_loaded"] > 0
 
 
 def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_session, tmp_path, monkeypatch):

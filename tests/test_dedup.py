@@ -135,7 +135,7 @@ def test_tiny_model_copies_reencodes_and_resizes_are_grouped(corpus):
     rows = _rows(db)
     threshold = _tiny_threshold(rows)
     result = altclip("dedup", db, "--threshold", threshold)
-    out = result.stdout
+    out = result.stderr
     assert "test model of RANDOM WEIGHTS" in result.stderr  # as the demo says, these groups mean nothing
     expected = {frozenset(f"p{p}-{v}" for v in ("a-q95", "b-copy", "c-q60", "d-half"))
                 for p in range(PICTURES)}
@@ -161,7 +161,7 @@ def test_caption_duplicates_against_text(corpus):
     # identical captions are told apart, at cosine 1.
     assert lowest_planted > highest_other
     out = altclip("dedup", db, "--against", "text", "--keep", "longest",
-                  "--threshold", (lowest_planted + highest_other) / 2).stdout
+                  "--threshold", (lowest_planted + highest_other) / 2).stderr
     assert "checked 26 text vectors (full): 3 near-duplicates marked in 2 groups" in out
     after = _rows(db)
     by_caption = {}
@@ -184,7 +184,7 @@ def test_reembed_clears_the_marks_of_changed_rows(corpus, tiny_model):
     upserted = _rows(db)["p1-c-q60"]
     assert (upserted["dup_of"], upserted["dup_score"], upserted["dup_checked"]) == (None, None, None)
     result = altclip("dedup", db, "--threshold", threshold)
-    out = result.stdout
+    out = result.stderr
     assert "test model of RANDOM WEIGHTS" in result.stderr  # as the demo says, these groups mean nothing
     assert "checked 1 image vectors (incremental): 0 near-duplicates marked in 0 groups" in out
     after = _rows(db)
@@ -237,7 +237,7 @@ def _planted(rng) -> tuple[list[dict], set[frozenset]]:
 def test_groups_at_the_default_threshold_and_one_row_per_group(tmp_path, tiny_model):
     rows, planted = _planted(np.random.default_rng(0))
     _vector_table(tmp_path / "db", rows)
-    out = altclip("dedup", tmp_path / "db").stdout
+    out = altclip("dedup", tmp_path / "db").stderr
     found = _rows(tmp_path / "db")
     assert _groups(found) == planted
     assert "20 near-duplicates marked in 5 groups" in out
@@ -310,7 +310,7 @@ def test_incremental_after_load(tmp_path):
     assert loaded["b1"]["dup_of"] == "b0"  # still pointing at the row that changed, until dedup
     version = lancedb.connect(str(tmp_path / "db")).open_table("embeddings").version
 
-    result = altclip("dedup", tmp_path / "db").stdout
+    result = altclip("dedup", tmp_path / "db").stderr
     # a, n1, n2, b0 (unchecked) and b1 (its kept row changed): nothing else is read again.
     assert "checked 5 image vectors (incremental): 2 near-duplicates marked in 2 groups" in result
     after = _rows(tmp_path / "db")
@@ -320,7 +320,10 @@ def test_incremental_after_load(tmp_path):
     for i in ("a0", "a1", "a2", "lone"):
         assert after[i] == before[i]
     assert lancedb.connect(str(tmp_path / "db")).open_table("embeddings").version == version + 1
-    assert "nothing to check" in altclip("dedup", tmp_path / "db").stdout
+    # The lines for a person on stderr; with --json the result alone on stdout, for a program.
+    again = altclip("dedup", tmp_path / "db", "--json")
+    assert "nothing to check" in again.stderr
+    assert json.loads(again.stdout) == {**json.loads(again.stdout), "changed": False, "rows_checked": 0}
 
     altclip("dedup", tmp_path / "db", "--full")  # the keep policy across everything again
     assert _rows(tmp_path / "db")["a0"]["dup_of"] == "a"

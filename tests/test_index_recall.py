@@ -45,12 +45,15 @@ def uniform_table(tmp_path_factory):
 def test_table_index_prints_the_recall_it_measured(tmp_path):
     _table(tmp_path, _unit(np.random.default_rng(0), ROWS))
     result = altclip("table", "index", tmp_path, "--recall-queries", "20")
-    assert f"{IMAGE_EMBEDDING}: IVF_HNSW_SQ, cosine, 1 partitions over {ROWS} vectors" in result.stdout
-    measured = re.search(r"recall@10 ([0-9.]+) against exact search on (\d+) sampled rows", result.stdout)
-    assert measured, result.stdout
+    assert f"{IMAGE_EMBEDDING}: IVF_HNSW_SQ, cosine, 1 partitions over {ROWS} vectors" in result.stderr
+    measured = re.search(r"recall@10 ([0-9.]+) against exact search on (\d+) sampled rows", result.stderr)
+    assert measured, result.stderr
     assert 0.5 <= float(measured.group(1)) <= 1.0 and measured.group(2) == "20"
-    quiet = altclip("table", "index", tmp_path, "--recall-queries", "0")
-    assert "recall@" not in quiet.stdout
+    assert result.stdout == ""  # stdout is for --json
+    quiet = altclip("table", "index", tmp_path, "--recall-queries", "0", "--json")
+    assert "recall@" not in quiet.stderr
+    built = json.loads(quiet.stdout)["indexes"][IMAGE_EMBEDDING]
+    assert built["vectors"] == ROWS and built["partitions"] == 1 and "recall" not in built
 
 
 def test_recall_tells_a_starved_search_from_a_thorough_one(uniform_table):

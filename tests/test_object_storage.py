@@ -85,7 +85,7 @@ def test_everything_in_s3_equals_the_local_run(s3, tiny_model, local_run, tmp_pa
                            pa.array([f"more-{i}" for i in range(more.num_rows)]))
     pq.write_table(more, tmp_path / "more.parquet")
     s3.put(str(tmp_path / "more.parquet"), f"out/run/part-{time.time_ns():020d}-more.parquet")
-    loaded = altclip("load", "s3://out/run", "--db", "s3://tables/db").stdout
+    loaded = altclip("load", "s3://out/run", "--db", "s3://tables/db").stderr
     assert f"{more.num_rows} inserted, 0 updated" in loaded and f"{len(shards)} shards already loaded" in loaded
     counted = altclip("sql", "s3://tables/db", "SELECT count(*) AS n FROM embeddings", "--json")
     assert json.loads(counted.stdout) == {"n": len(expected) + more.num_rows}

@@ -32,8 +32,8 @@ def _table_rows(db) -> dict[str, dict]:
 
 
 def _reembed(*args) -> dict:
-    result = altclip("reembed", *args)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    result = altclip("reembed", *args, "--json")
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,9 @@ def test_day_two_embeds_only_what_changed(days, tiny_model, ray_session, tmp_pat
 
     dry = altclip("reembed", day2_manifest, "--db", db, "--model", tiny_model, "--dtype", "float32",
                   "--prune", "--dry-run")
-    assert "dry run, nothing changed: new 25, image changed 10, caption changed 10" in dry.stdout
-    assert "would embed 30 images and 35 captions, reuse 5 image vectors" in dry.stdout
+    assert "dry run, nothing changed: new 25, image changed 10, caption changed 10" in dry.stderr
+    assert "would embed 30 images and 35 captions, reuse 5 image vectors" in dry.stderr
+    assert dry.stdout == ""  # without --json, stdout is for results alone
     assert len(_table_rows(db)) == 200
 
     second = _reembed(day2_manifest, "--db", db, "--model", tiny_model, "--dtype", "float32",

@@ -324,7 +324,7 @@ def test_a_load_on_ray_builds_a_large_ann_index_as_segments_on_the_workers(ray_s
 
     # `altclip table index` on Ray trains again over every row, as segments again: one per
     # fragment here (4,000, 4,000, 4,000 and the 300 added).
-    shown = altclip("table", "index", db, "--recall-queries", "20").stdout
+    shown = altclip("table", "index", db, "--recall-queries", "20").stderr
     table.checkout_latest()
     vectors = table.count_rows(f"{IMAGE_EMBEDDING} IS NOT NULL")
     partitions = vectors // ROWS_PER_PARTITION
@@ -425,7 +425,7 @@ def test_altclip_load_with_address_writes_the_table_through_that_cluster(ray_ses
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "800 rows: 800 inserted" in result.stdout
+    assert "800 rows: 800 inserted" in result.stderr
     table = lancedb.connect(str(db)).open_table("embeddings")
     assert sorted(table.to_arrow().column("id").to_pylist()) == sorted(
         outputs_dataset(str(out)).to_table(columns=["id"]).column("id").to_pylist())
@@ -459,7 +459,7 @@ def test_a_load_adds_the_metadata_columns_the_table_lacks(tmp_path, first_column
     then = _outputs(tmp_path / "then", rng, 20, 30, then_columns)  # rows 20..29 in both
     db = tmp_path / "db"
     altclip("load", first, "--db", db)
-    shown = altclip("load", then, "--db", db).stdout
+    shown = altclip("load", then, "--db", db).stderr
     assert "(50 rows: 20 inserted, 10 updated;" in shown
     assert f"columns added: {', '.join(then_columns)}" in shown
 
@@ -545,7 +545,7 @@ def test_a_repeated_id_is_loaded_once_from_its_newest_shard(tmp_path, request, m
     for n in range(3):
         shard(list(range(100 + 10 * n, 110 + 10 * n)), f"filler{n}")
     shard([4, 30], "newest")
-    shown = altclip("load", out, "--db", db).stdout
+    shown = altclip("load", out, "--db", db).stderr
     # Left out: 3 and 4 of "first", 4 of "third", the first 20 of "third".
     assert "4 rows of repeated ids left out (each id loaded once, from its newest shard)" in shown
     table = lancedb.connect(str(db)).open_table("embeddings")
@@ -557,7 +557,7 @@ def test_a_repeated_id_is_loaded_once_from_its_newest_shard(tmp_path, request, m
     # An upsert of shards repeating ids among themselves and the table's.
     shard([5, 5, 40], "later")
     shard([40, 41], "latest")
-    shown = altclip("load", out, "--db", db).stdout
+    shown = altclip("load", out, "--db", db).stderr
     assert "(55 rows: 2 inserted, 1 updated;" in shown and "2 rows of repeated ids left out" in shown
     table.checkout_latest()
     captions = dict(zip(*(table.to_arrow().column(c).to_pylist() for c in ("id", "caption"))))

@@ -128,8 +128,8 @@ def test_reembed_finds_the_one_image_a_shard_changed(tiny_model, ray_session, tm
 
     def reembed(manifest) -> dict:
         result = altclip("reembed", manifest, "--db", tmp_path / "db", "--model", tiny_model,
-                         "--dtype", "float32")
-        return json.loads(result.stdout.strip().splitlines()[-1])
+                         "--dtype", "float32", "--json")
+        return json.loads(result.stdout)
 
     first = reembed(day(False))
     assert first["new"] == 3 and first["rows_rejected"]["duplicate_id"] == 1
@@ -164,9 +164,10 @@ def test_image_only_shards_are_a_corpus_of_images(tiny_model, ray_session, tmp_p
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["rows_out"] == 4 and not summary["errors_by_kind"]
 
-    result = altclip("reembed", tmp_path / "00000.tar", "--db", tmp_path / "db", "--model", tiny_model)
+    result = altclip("reembed", tmp_path / "00000.tar", "--db", tmp_path / "db", "--model", tiny_model,
+                     "--json")
     assert "no captions: image tower only" in result.stderr
-    reembedded = json.loads(result.stdout.strip().splitlines()[-1])
+    reembedded = json.loads(result.stdout)
     assert reembedded["new"] == 4 and reembedded["image_tower_rows"] == 4 and reembedded["text_tower_rows"] == 0
     rows = lancedb.connect(str(tmp_path / "db")).open_table("embeddings").to_arrow().to_pylist()
     assert len(rows) == 4 and all(r["image_embedding"] is not None and r["text_error"] is None for r in rows)
