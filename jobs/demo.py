@@ -42,7 +42,8 @@ _WORDS = {
 
 
 def make_sample_corpus(folder: str) -> str:
-    """36 images (6 colours x 3 shapes x 2 sizes) with captions in 6 languages; returns the manifest."""
+    """36 images (6 colours x 3 shapes x 2 sizes) with captions in 6 languages, and the shapes'
+    names as label files (shapes.LANG.txt); returns the manifest."""
     images = os.path.join(folder, "images")
     os.makedirs(images, exist_ok=True)
     rows = []
@@ -69,6 +70,9 @@ def make_sample_corpus(folder: str) -> str:
                      "colour": colour, "shape": shape})
     manifest = os.path.join(folder, "manifest.parquet")
     pq.write_table(pa.Table.from_pylist(rows), manifest)
+    for lang, (_, _, shapes) in _WORDS.items():  # label files for `altclip classify`, a language each
+        with open(os.path.join(folder, f"shapes.{lang}.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(f"{shapes[s]}\n" for s in _SHAPES))
     return manifest
 
 
