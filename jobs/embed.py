@@ -49,6 +49,8 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     Rerun with the same arguments, it resumes: the partitions (manifest files) OUT's commit
     records name are not read again, and the others are embedded whole.
     """
+    import ray
+
     from pipeline.progress import RowCounter
     from pipeline.run.prepare import prepare_run
     from pipeline.run.resume import retry_outcome, work_to_do
@@ -74,42 +76,50 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
         config.out, {k: {"path": uri, "rows": scan.partition_kept[k]} for k, uri in work.partitions.items()
                      if k not in done},
         config.storage_options, config.storage_patience_s)
-    schema = embeddings_schema(model.dim, list(manifest.metadata_fields), provenance)
-    sink = ParquetShardSink(
-        config.out, schema, model.label, config.rows_per_shard, config.storage_options,
-        config.storage_patience_s, counter, ledger, partitions=frozenset(records),
-        rows_per_write=rows_per_write(scan.partition_kept, done),
-    )
-    if work.pending > 0:
-        rows = manifest_rows(manifest.only(work.todo), tuple(work.file_slices[i] for i in work.todo),
-                             config.batch_size, retry)
-        dataset = embed_dataset(rows, config, model, dtype, placement, counter)
-        with _progress(progress_mode, config, counter, work.pending, progress_stream) as progress, \
-                TowerStartWatch(counter, config, placement):
-            # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
-            # machine, a write asking for one would wait for ever while the stages before it
-            # wait on its queue.
-            dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
-            if progress is not None:
-                progress.expect(sum(s["rows"] for s in sink.shards))
-    totals, duplicates_removed = _settle_outputs(config, records, ledger, sink, scan.distinct_ids)
-    # A retry's rows replace rows OUT held: what was there before is what it holds less them.
-    already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else work.already
-    summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, provenance,
-                        started_at)
-    summary["duplicate_rows_removed"] = duplicates_removed
-    # An OUT given to several manifests holds the partitions of each: what is not this
-    # manifest's, said apart, so that rows_out adds up with rows_in.
-    summary["rows_of_other_manifests"] = sum(r["rows"] for key, r in records.items()
-                                             if key not in work.partitions)
-    if retry is not None:
-        summary["retried"] = retry_outcome(config, retry)
-    summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
-    if config.db and totals["rows"] == 0:  # a manifest without rows: the table as it is
-        summary["table"] = ensure_table(config.db, config.table_name, schema, config.storage_options)
-    elif config.db:
-        summary["table"] = run_load(LoadConfig(config.out, config.db, config.table_name, config.storage_options))
-    return summary
+    try:
+        schema = embeddings_schema(model.dim, list(manifest.metadata_fields), provenance)
+        sink = ParquetShardSink(
+            config.out, schema, model.label, config.rows_per_shard, config.storage_options,
+            config.storage_patience_s, counter, ledger, partitions=frozenset(records),
+            rows_per_write=rows_per_write(scan.partition_kept, done),
+        )
+        if work.pending > 0:
+            rows = manifest_rows(manifest.only(work.todo), tuple(work.file_slices[i] for i in work.todo),
+                                 config.batch_size, retry)
+            dataset = embed_dataset(rows, config, model, dtype, placement, counter)
+            with _progress(progress_mode, config, counter, work.pending, progress_stream) as progress, \
+                    TowerStartWatch(counter, config, placement):
+                # Writing reserves no CPU: with a decode task and the tower actor holding a 2-CPU
+                # machine, a write asking for one would wait for ever while the stages before it
+                # wait on its queue.
+                dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+                if progress is not None:
+                    progress.expect(sum(s["rows"] for s in sink.shards))
+        totals, duplicates_removed = _settle_outputs(config, records, ledger, sink, scan.distinct_ids)
+        # A retry's rows replace rows OUT held: what was there before is what it holds less them.
+        already = totals["rows"] - sum(s["rows"] for s in sink.shards) if retry is not None else work.already
+        summary = summarize(sink.shards, totals, scan, already, time.perf_counter() - started, provenance,
+                            started_at)
+        summary["duplicate_rows_removed"] = duplicates_removed
+        # An OUT given to several manifests holds the partitions of each: what is not this
+        # manifest's, said apart, so that rows_out adds up with rows_in.
+        summary["rows_of_other_manifests"] = sum(r["rows"] for key, r in records.items()
+                                                 if key not in work.partitions)
+        if retry is not None:
+            summary["retried"] = retry_outcome(config, retry)
+        summary["summary_uri"] = write_summary(config.out, summary, config.storage_options)
+        if config.db and totals["rows"] == 0:  # a manifest without rows: the table as it is
+            summary["table"] = ensure_table(config.db, config.table_name, schema, config.storage_options)
+        elif config.db:
+            summary["table"] = run_load(LoadConfig(config.out, config.db, config.table_name, config.storage_options))
+        return summary
+    finally:
+        # The run's own actors end with it, not with the driver: a driver that runs more than
+        # one job (a notebook, a scheduler, the tests' session) would keep two per run.
+        for actor in (counter, ledger):
+            if actor is not None:
+                with contextlib.suppress(Exception):  # Ray may be going down with the driver
+                    ray.kill(actor)
 
 
 def _settle_outputs(config: EmbedConfig, records: dict[str, dict], ledger, sink, distinct_ids: int) -> tuple[dict, int]:

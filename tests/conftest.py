@@ -60,10 +60,13 @@ def ray_session(s3_server, tmp_path_factory):
     # their decoding processes crash on the one image tests plant for it.
     os.environ["ALTCLIP_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ[CRASH_TEST_VARIABLE] = hashlib.sha256(crash_image()).hexdigest()
+    # The session's Ray processes carry a mark of their own (see RUN_MARK): the value is the
+    # fixture's, for tests that look for what runs in it.
+    os.environ[RUN_MARK] = mark = uuid.uuid4().hex
     ray.init(address="local", num_cpus=2, logging_level="ERROR", log_to_driver=False,
              include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
+    yield mark
     ray.shutdown()
 
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import altclip, embedded_corpus, marked_environment, processes_left
+from tests.conftest import altclip, embedded_corpus, marked_environment, marked_processes, processes_left
 from tests.corpus import write_corpus
 
 
@@ -112,7 +112,7 @@ def test_a_manifest_without_rows(tiny_model, ray_session, tmp_path):
             "--db", tmp_path / "db")  # again: the table is left as it is
 
 
-def test_a_job_prints_its_result_on_stdout_as_json_only_when_asked(standard_run, tiny_model,
+def test_a_job_prints_its_result_on_stdout_as_json_only_when_asked(standard_run, tiny_model, ray_session,
                                                                     tmp_path_factory):
     """One convention for every command: the lines for a person go to stderr; with --json the
     result goes to stdout as one JSON object, alone there (Ray's log lines included elsewhere)."""
@@ -129,6 +129,12 @@ def test_a_job_prints_its_result_on_stdout_as_json_only_when_asked(standard_run,
     assert loaded.stdout == "" and "table: " in loaded.stderr
     result = json.loads(altclip("load", folder / "out", "--db", folder / "db", "--json").stdout)
     assert result["inserted"] == result["updated"] == 0 and result["shards_already_loaded"] > 0
+    # The runs' own actors ended with them: a driver that runs many jobs does not gather them.
+    deadline = time.monotonic() + 10  # a kill is asynchronous
+    while actors := [c for c in marked_processes(ray_session)
+                     if c.startswith(("ray::RowCounter", "ray::PartitionLedger"))]:
+        assert time.monotonic() < deadline, actors
+        time.sleep(0.5)
 
 
 def test_a_relative_model_path_works_from_another_directory(tiny_model, ray_session, tmp_path, monkeypatch):
