@@ -17,6 +17,7 @@ import torch
 from pipeline.embed.towers import accelerator_stats
 from pipeline.progress import format_progress
 from pipeline.read.ids import scan_ids
+from pipeline.write.report import spread_sample
 from tests.conftest import altclip
 from tests.corpus import odd_images, write_corpus
 
@@ -67,6 +68,8 @@ def test_progress_lines_and_summary_figures(run):
     assert summary["error_examples"] == {"image.not_found": ["broken"]}
     assert set(summary["stage_busy_seconds"]) == {"fetch", "decode", "tokenize", "image_tower", "text_tower", "write"}
     assert sum(r for _, r in summary["stage_timeline"]["image_tower"]) == rows
+    # The timeline counts from the run's start: the start-up is the time before the first rows.
+    assert summary["stage_timeline"]["image_tower"][0][0] >= summary["seconds_to_first_row"] - 0.01
     assert summary["bottleneck"] in summary["stage_busy_seconds"]
     assert summary["stage_busy_seconds"][summary["bottleneck"]] == max(summary["stage_busy_seconds"].values())
     assert 0 < summary["seconds_to_first_row"] < summary["seconds_total"]
@@ -81,8 +84,9 @@ def test_report_renders_plot_errors_and_contact_sheet(run, tmp_path):
     altclip("report", folder / "out", "--html", page, "--samples", "6")
     text = page.read_text()
     assert '<svg id="throughput"' in text and text.count("<polyline") == 6
-    assert "image.not_found" in text and "broken" in text
+    assert "image.not_found" in text and "broken (" in text and "missing.jpg)" in text  # id and path
     assert text.count('src="data:image/jpeg;base64,') == 6
+    assert 'id="start-up"' in text and "seconds to first row" in text and "<th>bottleneck</th>" in text
     if CHROMIUM is None:
         pytest.skip("chromium is not installed: the page was checked as HTML only")
     shot = tmp_path / "report.png"
@@ -97,6 +101,17 @@ def test_report_renders_plot_errors_and_contact_sheet(run, tmp_path):
     assert picture.size == (1000, 1500) and colours is not None and len(colours) > 200  # not blank
     if os.environ.get("ALTCLIP_UPDATE_SCREENSHOTS"):  # refresh the README's picture on request
         shutil.copy(shot, os.path.join(REPO, "docs", "report.png"))
+
+
+def test_the_contact_sheet_shows_each_image_once_spread_over_the_run():
+    # Ten copies of one photo first (a corpus with repeats), then twenty distinct images.
+    rows = ([{"id": f"copy{n}", "image": f"c{n}.jpg", "image_sha256": "same"} for n in range(10)]
+            + [{"id": f"r{n}", "image": f"r{n}.jpg", "image_sha256": f"h{n}"} for n in range(20)])
+    picked = spread_sample(rows, 6)
+    assert [r["id"] for r in picked] == ["copy0", "r3", "r7", "r11", "r15", "r19"]
+    assert len(spread_sample(rows, 50)) == 21  # fewer distinct images than asked: each once
+    without_hashes = [{"id": "a", "image": "x.jpg"}, {"id": "b", "image": "x.jpg"}, {"id": "c", "image": "y.jpg"}]
+    assert [r["id"] for r in spread_sample(without_hashes, 5)] == ["a", "c"]
 
 
 def test_progress_line_names_stages_bottleneck_and_accelerators():

@@ -599,8 +599,8 @@ def test_an_image_that_crashes_the_decoder_fails_its_thumbnail_and_report_not_th
 
     from tests.corpus import crash_image
 
-    for name in ("ok.png", "crash.png"):
-        (tmp_path / name).write_bytes(_png_bytes())
+    for name, colour in (("ok.png", (200, 20, 20)), ("crash.png", (20, 20, 200))):  # two images
+        (tmp_path / name).write_bytes(_png_bytes(colour))
     pq.write_table(pa.table({"id": ["ok", "crash"], "caption": ["a", "b"], "image": ["ok.png", "crash.png"]}),
                    tmp_path / "m.parquet")
     altclip("embed", tmp_path / "m.parquet", "--out", tmp_path / "out", "--model", tiny_model,
@@ -618,9 +618,9 @@ def test_an_image_that_crashes_the_decoder_fails_its_thumbnail_and_report_not_th
     assert page.count('src="data:image/jpeg;base64,') == 1 and "(no image)" in page
 
 
-def _png_bytes() -> bytes:
+def _png_bytes(colour=(200, 20, 20)) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 20, 20)).save(buf, "PNG")
+    Image.new("RGB", (40, 30), colour).save(buf, "PNG")
     return buf.getvalue()
 
 

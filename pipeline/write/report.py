@@ -30,8 +30,10 @@ def read_summary(out: str, storage_options: dict | None = None) -> dict:
         raise ConfigError(f"{out} has no {SUMMARY_NAME}: is it the {named('out')} of an embed run?") from None
 
 
-def _throughput_svg(timeline: dict[str, list], width: int = 720, height: int = 260) -> str:
-    """Cumulative rows finished per stage over the run's seconds, as an SVG line plot."""
+def _throughput_svg(timeline: dict[str, list], first_row: float | None, width: int = 720,
+                    height: int = 260) -> str:
+    """Cumulative rows finished per stage over the run's seconds, as an SVG line plot, with the
+    start-up (until the first row out of a tower, `first_row` seconds) shaded."""
     if not timeline:
         return "<p>No timeline recorded.</p>"
     series = {stage: np.cumsum([rows for _, rows in points]) for stage, points in timeline.items()}
@@ -39,7 +41,14 @@ def _throughput_svg(timeline: dict[str, list], width: int = 720, height: int = 2
     t_max = max(max(t) for t in times.values()) or 1.0
     y_max = max(s[-1] for s in series.values()) or 1
     left, bottom, plot_w, plot_h = 60, height - 40, width - 200, height - 60
-    parts = [f'<svg id="throughput" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+    parts = [f'<svg id="throughput" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
+    if first_row:
+        start_w = plot_w * min(first_row / t_max, 1.0)
+        parts += [f'<rect id="start-up" x="{left}" y="{bottom - plot_h}" width="{start_w:.1f}" '
+                  f'height="{plot_h}" fill="#eee"/>',
+                  f'<text x="{left + 4}" y="{bottom - plot_h + 14}" font-size="12" fill="#777">'
+                  f'start-up {first_row:.1f} s</text>']
+    parts += [
              f'<line x1="{left}" y1="{bottom}" x2="{left + plot_w}" y2="{bottom}" stroke="#333"/>',
              f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{bottom - plot_h}" stroke="#333"/>',
              f'<text x="{left}" y="{height - 10}" font-size="12">0 s</text>',
@@ -48,7 +57,8 @@ def _throughput_svg(timeline: dict[str, list], width: int = 720, height: int = 2
              f'<text x="5" y="{bottom}" font-size="12">0 rows</text>']
     for n, (stage, cumulative) in enumerate(sorted(series.items())):
         colour = _COLOURS[n % len(_COLOURS)]
-        points = [(left, bottom)] + [
+        # From nothing at its first bucket: no rows before it, the start-up included.
+        points = [(left + plot_w * times[stage][0] / t_max, bottom)] + [
             (left + plot_w * t / t_max, bottom - plot_h * c / y_max)
             for t, c in zip(times[stage], cumulative)]
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
@@ -77,15 +87,25 @@ def _thumbnails(uris: list[str | None], storage_options: dict | None) -> list[st
             if isinstance(made.get(n), bytes) else None for n in range(len(uris))]
 
 
-def _contact_sheet(out: str, storage_options: dict | None, samples: int) -> str:
-    dataset = outputs_dataset(out, storage_options)
-    if dataset is None:  # a run of an empty manifest
-        return "<p>No rows with both kinds of vectors to show.</p>"
-    rows = dataset.to_table(columns=[ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING]).to_pylist()
+def spread_sample(rows: list[dict], samples: int) -> list[dict]:
+    """One row per distinct image (by its bytes' hash, else its path), `samples` of them spread
+    evenly over the run's rows: a corpus with copies of one photo shows it once."""
+    seen, distinct = set(), []
+    for row in rows:
+        key = row.get("image_sha256") or row[IMAGE]
+        if key not in seen:
+            seen.add(key)
+            distinct.append(row)
+    if len(distinct) <= samples:
+        return distinct
+    return [distinct[int(i)] for i in np.linspace(0, len(distinct) - 1, samples).round()]
+
+
+def _contact_sheet(rows: list[dict], storage_options: dict | None, samples: int) -> str:
     texts = [r for r in rows if r[TEXT_EMBEDDING] is not None]
     # Only images the job embedded: what it refused (a local file from a remote manifest, a
     # private URL) is not read here either.
-    images = [r for r in rows if r[IMAGE_EMBEDDING] is not None][:samples]
+    images = spread_sample([r for r in rows if r[IMAGE_EMBEDDING] is not None], samples)
     if not texts or not images:
         return "<p>No rows with both kinds of vectors to show.</p>"
     text_matrix = np.asarray([r[TEXT_EMBEDDING] for r in texts], dtype=np.float32)
@@ -103,21 +123,38 @@ def _contact_sheet(out: str, storage_options: dict | None, samples: int) -> str:
     return '<div class="sheet">' + "".join(cells) + "</div>"
 
 
+def _error_rows(errors: dict, examples: dict, image_of: dict) -> str:
+    """A row per error kind: its count and example ids, each image error's id beside its path."""
+    def example(kind: str, id_: str) -> str:
+        path = image_of.get(id_) if kind.startswith("image.") else None
+        return f"{id_} ({storage.redact(path)})" if path else id_
+    return "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{v}</td>"
+        f"<td>{html.escape(', '.join(example(k, i) for i in examples.get(k, [])))}</td></tr>"
+        for k, v in errors.items()) or '<tr><td colspan="3">none</td></tr>'
+
+
 def render_report(out: str, storage_options: dict | None = None, samples: int = 12) -> str:
     summary = read_summary(out, storage_options)
     figures = [("rows in", summary["rows_in"]), ("rows out", summary["rows_out"]),
                ("image vectors", summary["image_ok"]), ("text vectors", summary["text_ok"]),
                ("rows embedded this run", summary["rows_embedded"]),
-               ("wall seconds", summary["seconds_total"]), ("rows/s", summary["rows_per_second"])]
+               ("wall seconds", summary["seconds_total"]), ("rows/s", summary["rows_per_second"]),
+               ("seconds to first row", summary.get("seconds_to_first_row")),
+               ("bottleneck", summary.get("bottleneck"))]
     busy = summary.get("stage_busy_seconds", {})
     errors = summary.get("errors_by_kind", {})
     examples = summary.get("error_examples", {})
     provenance = summary.get("provenance", {})
     rows = lambda pairs: "".join(  # noqa: E731
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
-    error_rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{v}</td><td>{html.escape(', '.join(examples.get(k, [])))}</td></tr>"
-        for k, v in errors.items()) or '<tr><td colspan="3">none</td></tr>'
+    dataset = outputs_dataset(out, storage_options)  # None: a run of an empty manifest
+    columns = [c for c in (ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING, "image_sha256")
+               if dataset is not None and c in dataset.schema.names]
+    outputs = dataset.to_table(columns=columns).to_pylist() if dataset is not None else []
+    image_of = {r[ID]: r[IMAGE] for r in outputs}
+    error_rows = _error_rows(errors, examples, image_of)
+    throughput = _throughput_svg(summary.get("stage_timeline", {}), summary.get("seconds_to_first_row"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>altclip run: {html.escape(storage.redact(out))}</title>
 <style>
@@ -130,9 +167,9 @@ figure {{ margin: 0; font-size: 12px; }} figure img {{ max-width: 160px; max-hei
 </style></head><body>
 <h1>Embedding run</h1><p>{html.escape(storage.redact(out))}</p>
 <h2>Figures</h2><table>{rows(figures)}</table>
-<h2>Throughput over time (rows finished per stage)</h2>{_throughput_svg(summary.get("stage_timeline", {}))}
+<h2>Throughput over time (rows finished per stage)</h2>{throughput}
 <h2>Busy seconds per stage</h2><table>{rows(busy.items())}</table>
 <h2>Errors by kind</h2><table><tr><th>kind</th><th>rows</th><th>example ids</th></tr>{error_rows}</table>
 <h2>Provenance</h2><table>{rows((k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in provenance.items())}</table>
-<h2>Contact sheet: images and their nearest captions</h2>{_contact_sheet(out, storage_options, samples)}
+<h2>Contact sheet: images and their nearest captions</h2>{_contact_sheet(outputs, storage_options, samples)}
 </body></html>"""

@@ -12,11 +12,13 @@ from pipeline.timing import merge_figures
 SUMMARY_NAME = "summary.json"
 
 
-def _bucketed(timeline: dict[str, list], buckets: int = 60) -> dict[str, list[list[float]]]:
+def _bucketed(timeline: dict[str, list], start: float | None, buckets: int = 60) -> dict[str, list[list[float]]]:
+    """Rows each stage finished per time bucket, as [seconds since `start` (the run's; None: the
+    first row's), rows]."""
     points = [p for stage in timeline.values() for p in stage]
     if not points:
         return {}
-    start = min(p[0] for p in points)
+    start = min(p[0] for p in points) if start is None else min(start, *(p[0] for p in points))
     width = max((max(p[0] for p in points) - start) / buckets, 1e-6)
     result = {}
     for stage, stage_points in sorted(timeline.items()):
@@ -72,8 +74,9 @@ def summarize(shards: list[dict], totals: dict, scan, rows_done_before: int, sec
         "images_compiled": figures["counts"].get("images_compiled", 0),
         # Which Ray nodes ran each stage (decode, tokenize, image_tower, text_tower, write).
         "stage_nodes": dict(sorted(figures["nodes"].items())),
-        # Rows each stage finished over time: [seconds since the first, rows], per time bucket.
-        "stage_timeline": _bucketed(timeline),
+        # Rows each stage finished over time: [seconds since the run started, rows], per time
+        # bucket, so that the start-up shows as the time before the first rows.
+        "stage_timeline": _bucketed(timeline, started_at),
         "shards_written": sorted(n for s in shards for n in s["shards"]),
         "provenance": provenance,
     }
