@@ -199,8 +199,12 @@ def embed_command(manifest, out, db, quiet, retry_errors, retry_kinds, plan, pla
 
         with results_on_stdout() as results:
             projected = run_job(estimate_run, config, plan_rows)
+        notes = [in_cli_terms(n) for n in projected.notes]  # as the run itself would say them
+        for note in notes:
+            click.echo(note, err=True)
         # The plan is a table for a person: on stdout, as a query's rows are.
-        click.echo(json.dumps(projected.to_dict()) if as_json else projected.text(), file=results)
+        click.echo(json.dumps({**projected.to_dict(), "notes": notes}) if as_json else projected.text(),
+                   file=results)
         return
     if quiet:
         options["progress"] = "quiet"

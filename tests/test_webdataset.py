@@ -165,6 +165,13 @@ def test_image_only_shards_are_a_corpus_of_images(tiny_model, ray_session, tmp_p
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["rows_out"] == 4 and not summary["errors_by_kind"]
 
+    planned = altclip("embed", tmp_path / "00000.tar", "--out", tmp_path / "planned", "--model", tiny_model,
+                      "--plan", "--plan-rows", "4", "--json")  # the plan says it as the run does
+    assert "no captions: image tower only" in planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["towers"] == ["image"] and list(plan["notes"]) == [
+        "no captions: image tower only (name a column of captions with --caption-col)"]
+
     result = altclip("reembed", tmp_path / "00000.tar", "--db", tmp_path / "db", "--model", tiny_model,
                      "--json")
     assert "no captions: image tower only" in result.stderr

@@ -174,6 +174,7 @@ class Estimate:
     vectors: dict  # vector column -> rows with a vector
     ann_index_bytes: int
     plan_seconds: float
+    notes: tuple = ()  # what the run would settle that was not asked for (prepare.Run.notes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -307,4 +308,5 @@ def estimate_run(config: EmbedConfig, sample_rows: int = DEFAULT_SAMPLE_ROWS) ->
         **_projected(stages, projection, placement.on_gpu, devices, startup),
         **_output_sizes(out, rows, config, manifest, model, dtype),
         plan_seconds=round(time.perf_counter() - started, 1),
+        notes=run.notes,
     )
