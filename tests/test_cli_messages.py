@@ -20,11 +20,8 @@ from tests.corpus import write_corpus
 
 
 @pytest.fixture(scope="module")
-def db(tiny_model, ray_session, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    manifest = write_corpus(folder)
-    altclip("embed", manifest, "--out", folder / "out", "--model", tiny_model, "--db", folder / "db")
-    return folder / "db"
+def db(standard_run, tmp_path_factory):
+    return embedded_corpus(standard_run, tmp_path_factory, "cli") / "db"
 
 
 def test_sql_columns_of_the_same_name_all_come_out(db):

@@ -26,23 +26,23 @@ from pipeline.table.store import load_outputs
 from pipeline.write.report import render_report
 from pipeline.write.shards import list_shards, read_output_provenance
 from schemas.embeddings import VECTOR_COLUMNS
-from tests.conftest import read_output
-from tests.corpus import CAPTIONS, write_corpus
+from tests.conftest import embedded_corpus, read_output
+from tests.corpus import CAPTIONS
 
 DIM = 64  # the tiny test model's
 BOTH = ("float32", "float16")
 
 
 @pytest.fixture(scope="module")
-def twins(tiny_model, ray_session, tmp_path_factory):
-    """The same corpus embedded twice (towers in float32), stored as float32 and as float16,
-    each in its outputs and its table."""
-    folder = tmp_path_factory.mktemp("vector-dtype")
-    manifest = write_corpus(folder)
-    for vector_dtype in BOTH:
-        run_embed(EmbedConfig(manifest=manifest, out=str(folder / f"out-{vector_dtype}"),
-                              db=str(folder / f"db-{vector_dtype}"), model=tiny_model,
-                              dtype="float32", vector_dtype=vector_dtype, progress="quiet"))
+def twins(standard_run, tiny_model, tmp_path_factory):
+    """The same corpus embedded twice (towers in float32), stored as float32 (the standard run)
+    and as float16, each in its outputs and its table."""
+    folder = embedded_corpus(standard_run, tmp_path_factory, "vector-dtype")
+    (folder / "out").rename(folder / "out-float32")
+    (folder / "db").rename(folder / "db-float32")
+    run_embed(EmbedConfig(manifest=str(folder / "manifest.parquet"), out=str(folder / "out-float16"),
+                          db=str(folder / "db-float16"), model=tiny_model, dtype="float32",
+                          vector_dtype="float16", progress="quiet"))
     halves = pq.read_schema(next((folder / "out-float16").glob("part-*.parquet")))
     assert halves.field("image_embedding").type.value_type == pa.float16()  # what every test reads
     return folder
