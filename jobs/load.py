@@ -31,7 +31,9 @@ def run_load(config: LoadConfig, after_embed: bool = True) -> dict:
     hide: the embedding is done, the outputs are complete, and the command that loads them.
     An outage is left to say "rerun the same command" (which resumes: nothing to embed)."""
     try:
-        return load_outputs(config.outputs, config.db, config.table_name, config.storage_options)
+        # Absolute here: with --address the cluster's tasks read and write them.
+        return load_outputs(storage.absolute(config.outputs), storage.absolute(config.db), config.table_name,
+                            config.storage_options)
     except Exception as exc:
         if not after_embed or outage_in(exc) is not None:
             raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -63,17 +62,6 @@ def check_table_name(name: str) -> None:
                           f"(the database folder or URI is given as {named('db')})")
 
 
-def absolute(path: str | None) -> str | None:
-    """A local path made absolute in the driver's working directory, which Ray's workers do not
-    share: on another node, or started from another directory (`ray start`, a session that
-    outlives a `cd`), they would resolve a relative path against their own. URIs as they are."""
-    from pipeline import storage  # which imports this module
-
-    if not path or not storage.is_local(path) or storage.has_scheme(path):
-        return path
-    return os.path.abspath(path)
-
-
 @dataclass(frozen=True)
 class EmbedConfig:
     manifest: str
@@ -119,8 +107,6 @@ class EmbedConfig:
     retry_kinds: tuple[str, ...] = ()
 
     def __post_init__(self):
-        for setting in ("manifest", "out", "db"):
-            object.__setattr__(self, setting, absolute(getattr(self, setting)))
         check_table_name(self.table_name)
         unknown = [t for t in self.towers if t not in TOWERS]
         if unknown or not self.towers:
@@ -167,8 +153,6 @@ class LoadConfig:
     storage_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for setting in ("outputs", "db"):
-            object.__setattr__(self, setting, absolute(getattr(self, setting)))
         check_table_name(self.table_name)
 
 

@@ -41,6 +41,15 @@ def is_local(uri: str) -> bool:
     return scheme(uri) == "file"
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path made absolute in the driver's working directory, which Ray's workers do not
+    share: on another node, or started from another directory (`ray start`, a session that
+    outlives a `cd`), they would resolve a relative path against their own. URIs as they are."""
+    if not path or has_scheme(path):
+        return path
+    return os.path.abspath(path)
+
+
 def is_url(uri: str) -> bool:
     return scheme(uri) in ("http", "https")
 

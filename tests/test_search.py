@@ -47,7 +47,7 @@ def test_text_query_against_captions_and_a_filter(db):
 
 def test_load_upserts_by_id(db):
     result = altclip("load", db / "out", "--db", db / "db")
-    assert "0 inserted" in result.stdout
+    assert "0 inserted" in result.stderr
     table = lancedb.connect(str(db / "db")).open_table("embeddings")
     assert table.count_rows() == len(read_output(db / "out"))
 
@@ -72,7 +72,7 @@ def test_vector_file_hybrid_and_index(db, tmp_path):
     assert hits[0]["id"] == "row-07"  # first in both rankings
 
     result = altclip("table", "index", db / "db")
-    assert "too few vectors for an ANN index: search is exact" in result.stdout
+    assert "too few vectors for an ANN index: search is exact" in result.stderr
     table = altclip("search", db / "db", "--text", "un gato", "--k", "2").stdout.splitlines()
     assert len(table) == 3 and table[0].split()[0] == "rank" and table[1].split()[0] == "1"
 

@@ -36,6 +36,8 @@ def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True
     The run's config is the one to go on with: a manifest without captions runs the image
     tower only, one without images the text tower only."""
     started = time.perf_counter()
+    config = dataclasses.replace(config, manifest=storage.absolute(config.manifest),
+                                 out=storage.absolute(config.out), db=storage.absolute(config.db))
     # A folder of images is listed into OUT, unless the run is to write nothing (see image_folder).
     manifest = open_manifest(config, listing_dest=config.out if check_out else None)
     notes = ()
