@@ -49,12 +49,10 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
     Rerun with the same arguments, it resumes: the partitions (manifest files) OUT's commit
     records name are not read again, and the others are embedded whole.
     """
-    import ray
-
     from pipeline.progress import RowCounter
     from pipeline.run.prepare import prepare_run
     from pipeline.run.resume import retry_outcome, work_to_do
-    from pipeline.run.stages import TowerStartWatch, embed_dataset, manifest_rows
+    from pipeline.run.stages import TowerStartWatch, embed_dataset, end_actors, manifest_rows
     from pipeline.table.store import check_manifest_columns, ensure_table
     from pipeline.write.ledger import start_ledger
     from pipeline.write.sink import ParquetShardSink, rows_per_write
@@ -114,12 +112,7 @@ def run_embed(config: EmbedConfig, progress_stream=None) -> dict:
             summary["table"] = run_load(LoadConfig(config.out, config.db, config.table_name, config.storage_options))
         return summary
     finally:
-        # The run's own actors end with it, not with the driver: a driver that runs more than
-        # one job (a notebook, a scheduler, the tests' session) would keep two per run.
-        for actor in (counter, ledger):
-            if actor is not None:
-                with contextlib.suppress(Exception):  # Ray may be going down with the driver
-                    ray.kill(actor)
+        end_actors(counter, ledger)
 
 
 def _settle_outputs(config: EmbedConfig, records: dict[str, dict], ledger, sink, distinct_ids: int) -> tuple[dict, int]:

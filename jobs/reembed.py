@@ -7,7 +7,6 @@ bytes the table already holds a vector for reuses it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -80,13 +79,11 @@ def _embedded(results: pa.Table, column: str) -> int:
 
 def run_reembed(config: ReembedConfig) -> dict:
     """Compare the manifest with the table, embed only new content, upsert one new version."""
-    import ray
-
     from pipeline.embed.provenance import changed_provenance
     from pipeline.progress import RowCounter
     from pipeline.read.ids import scan_ids
     from pipeline.run.prepare import prepare_run
-    from pipeline.run.stages import fetch_policy
+    from pipeline.run.stages import end_actors, fetch_policy
     from pipeline.table import store as tables
     from pipeline.table.changes import find_changes, kept_from_table, stored_state
     from pipeline.write.shards import conform, write_shard
@@ -122,9 +119,7 @@ def run_reembed(config: ReembedConfig) -> dict:
         image_results = _embed(image_input, "image", e, model, dtype, placement, counter)
         text_results = _embed(text_input, "text", e, model, dtype, placement, counter)
     finally:
-        if counter is not None:  # it ends with the run, not with the driver (see run_embed)
-            with contextlib.suppress(Exception):
-                ray.kill(counter)
+        end_actors(counter)
     reused, old_rows = ({}, {}) if table is None or model_stale or not len(changes.upserted) else (
         kept_from_table(table, current, changes))
     rows = changes.assemble(current, image_results, text_results, reused, old_rows)

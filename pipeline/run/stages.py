@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import math
 import os
@@ -83,6 +84,15 @@ def ensure_ray(address: str | None = None, verbose: bool = False) -> None:
                 f"Ray did not start {where}, twice: {exc}. The machine may be overloaded or short "
                 "of memory; free some, or start Ray first (ray start --head) and give "
                 f"{named('address')} auto") from None
+
+
+def end_actors(*actors) -> None:
+    """A run's own actors (None: not started) end with the run, not with the driver: a driver
+    that runs more than one job (a notebook, a scheduler, the tests' session) would gather them."""
+    for actor in actors:
+        if actor is not None:
+            with contextlib.suppress(Exception):  # Ray may be going down with the driver
+                ray.kill(actor)
 
 
 def quiet_libraries() -> None:

@@ -204,7 +204,7 @@ def load_outputs(out: str, db_uri: str, name: str, storage_options: dict | None 
     if not shards:
         raise ConfigError(f"{out} holds no embeddings (no part-*.parquet): embed into it first")
     # The record outlives the command: a relative folder would mean nothing from elsewhere.
-    where = os.path.abspath(out) if storage.is_local(out) and "://" not in out else storage.redact(out)
+    where = storage.redact(out) if storage.has_scheme(out) else storage.absolute(out)
     conn = connect(db_uri, storage_options)
     if name in conn.table_names():
         table = conn.open_table(name)
