@@ -15,7 +15,7 @@ from pipeline.decode.fetch import FetchPolicy, read_bytes
 from pipeline.decode.thumbnails import make_thumbnails
 from pipeline.write.shards import outputs_dataset
 from pipeline.write.summary import SUMMARY_NAME
-from schemas.embeddings import IMAGE_EMBEDDING, TEXT_EMBEDDING
+from schemas.embeddings import IMAGE_EMBEDDING, IMAGE_SHA256, TEXT_EMBEDDING
 from schemas.manifest import CAPTION, ID, IMAGE
 
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
@@ -92,7 +92,7 @@ def spread_sample(rows: list[dict], samples: int) -> list[dict]:
     evenly over the run's rows: a corpus with copies of one photo shows it once."""
     seen, distinct = set(), []
     for row in rows:
-        key = row.get("image_sha256") or row[IMAGE]
+        key = row.get(IMAGE_SHA256) or row[IMAGE]
         if key not in seen:
             seen.add(key)
             distinct.append(row)
@@ -149,9 +149,8 @@ def render_report(out: str, storage_options: dict | None = None, samples: int = 
     rows = lambda pairs: "".join(  # noqa: E731
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
     dataset = outputs_dataset(out, storage_options)  # None: a run of an empty manifest
-    columns = [c for c in (ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING, "image_sha256")
-               if dataset is not None and c in dataset.schema.names]
-    outputs = dataset.to_table(columns=columns).to_pylist() if dataset is not None else []
+    outputs = [] if dataset is None else dataset.to_table(
+        columns=[ID, IMAGE, CAPTION, IMAGE_EMBEDDING, TEXT_EMBEDDING, IMAGE_SHA256]).to_pylist()
     image_of = {r[ID]: r[IMAGE] for r in outputs}
     error_rows = _error_rows(errors, examples, image_of)
     throughput = _throughput_svg(summary.get("stage_timeline", {}), summary.get("seconds_to_first_row"))
