@@ -202,7 +202,8 @@ class ImageEmbedder(_TowerActor):
                  compile_batch: int = 0):
         super().__init__(model, dtype, num_threads, counter, reports_rows, vector_dtype)
         self.height, self.width = model.preprocessing.output_hw()
-        self.lookup = torch.from_numpy(model.preprocessing.normalization_table()).to(self.device)
+        self.table = model.preprocessing.normalization_table()
+        self.lookup = torch.from_numpy(self.table).to(self.device)
         self.staging = PixelStaging(self.device)
         self.channels = torch.arange(3, device=self.device)[None, :, None, None]
         self.recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
@@ -233,8 +234,18 @@ class ImageEmbedder(_TowerActor):
     def pixel_values(self, pixels: np.ndarray | list[bytes]) -> torch.Tensor:
         """(N, H, W, 3) uint8 (an array, or each image's bytes) -> (N, 3, H, W) normalised, in
         the tower's dtype, on the tower's device."""
-        x = self.staging.to_device(pixels, (self.height, self.width, 3)).permute(0, 3, 1, 2).long()
-        return self.lookup[self.channels, x].to(self.tower.projection.weight.dtype)
+        x = self.staging.to_device(pixels, (self.height, self.width, 3))
+        dtype = self.tower.projection.weight.dtype
+        if self.device.type == "cpu":
+            # numpy's take, a channel at a time with the uint8 values as indices: the same values
+            # at four times the speed of torch's gather through int64 indices, which took half
+            # the tiny model's actor time on CPUs.
+            values = x.numpy()
+            out = np.empty((len(values), 3, self.height, self.width), np.float32)
+            for channel in range(3):
+                np.take(self.table[channel], values[..., channel], out=out[:, channel])
+            return torch.from_numpy(out).to(dtype)
+        return self.lookup[self.channels, x.permute(0, 3, 1, 2).long()].to(dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         started, compiled_before = time.perf_counter(), self.images_compiled

@@ -66,9 +66,13 @@ def ensure_ray(address: str | None = None, verbose: bool = False) -> None:
     # even one long gone.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     _check_cluster_answers(address)
+    # A Ray started for this one job runs without its dashboard, which nobody opens for it and
+    # which took 5% of the CPU of a job on 2 cores (a cluster's own dashboard is the cluster's:
+    # `ray start --head`, then --address auto).
+    own = {"include_dashboard": False} if address == "local" else {}
     for attempt in (1, 2):
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, **own)
             return
         except Exception as exc:
             if not _start_timed_out(exc):
@@ -102,6 +106,9 @@ def quiet_libraries() -> None:
     of the job's own stages still print."""
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's advice on its own operators ("consider setting memory=... in the appropriate
+    # function call"): the stages are ours, not the user's to configure.
+    logging.getLogger("ray.data._internal.issue_detection").setLevel(logging.ERROR)
     # Read by Lance's Rust logger when lance is first imported, in this process and in the
     # Ray workers it starts ("WARN lance::dataset::write::insert No existing dataset ...").
     os.environ.setdefault("LANCE_LOG", "error")
@@ -230,6 +237,10 @@ def configure_ray_data(progress_bars: bool, verbose: bool = False) -> None:
     # Off: no bars and no status block every 10 s in a log; the job's own progress line stays.
     ctx.enable_progress_bars = progress_bars
     ctx.print_on_execution_start = verbose  # the plan's operators, a line per dataset
+    # Ray Data polls each map task's memory from a thread the task starts; a fetch actor runs
+    # FETCH_CALLS tasks at once, so as many threads read /proc about it every second (a tenth
+    # of its time). The figure feeds only Ray Data's own statistics.
+    ctx.memory_usage_poll_interval_s = None
     # Off on purpose, so Ray Data's warning that bars are off (with how to turn them on, which
     # is not ours to offer) says nothing a user can act on.
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
