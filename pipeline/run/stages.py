@@ -66,9 +66,10 @@ def ensure_ray(address: str | None = None, verbose: bool = False) -> None:
     # even one long gone.
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     _check_cluster_answers(address)
-    # A Ray started for this one job runs without its dashboard, which nobody opens for it and
-    # which took 5% of the CPU of a job on 2 cores (a cluster's own dashboard is the cluster's:
-    # `ray start --head`, then --address auto).
+    # A Ray started for this one job runs without its dashboard (Ray keeps a minimal process of
+    # it for its own APIs): nobody opens it for one job, and its UI's dozen processes took 5% of
+    # the CPU of a job on 2 cores. A cluster's own dashboard is the cluster's (`ray start
+    # --head`, then --address auto).
     own = {"include_dashboard": False} if address == "local" else {}
     for attempt in (1, 2):
         try:
