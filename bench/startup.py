@@ -64,7 +64,8 @@ def main() -> None:
     for name, command, target in cases:
         runs = sorted(timed(command) for _ in range(args.repeat))
         median = runs[len(runs) // 2]
-        print(f"{name:34} {runs[0]:10.2f} {median:9.2f} {runs[-1]:10.2f} {target:9.1f}  {'yes' if median < target else 'no'}")
+        met = "yes" if median < target else "no"
+        print(f"{name:34} {runs[0]:10.2f} {median:9.2f} {runs[-1]:10.2f} {target:9.1f}  {met}")
     print(f"load average {os.getloadavg()[0]:.2f} after")
 
 

@@ -68,7 +68,14 @@ def test_unreadable_and_missing_manifests(tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_that_cannot_be_loaded_is_named(manifest, tmp_path):
+def test_a_model_that_cannot_be_loaded_is_named(manifest, tmp_path, monkeypatch):
+    """... in seconds: a model that cannot be found fails the run before Ray starts."""
+    from pipeline.run import prepare
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run whose model cannot be found")
+
+    monkeypatch.setattr(prepare, "ensure_ray", no_ray)
     result = altclip("embed", manifest, "--out", tmp_path / "out", "--id-col", "key",
                      "--image-col", "url", "--caption-col", "TEXT",
                      "--model", "no-such-org/no-such-model", expect_exit=1)

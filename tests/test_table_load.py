@@ -517,7 +517,7 @@ def test_a_column_of_another_type_is_refused_before_anything_is_written(tmp_path
     assert table.search().where("id = 'row-000012'").to_arrow().column("year").to_pylist() == [2012]
 
 
-@pytest.mark.parametrize("on_ray", [False, True], ids=["in-process", "ray-tasks"])
+@pytest.mark.parametrize("on_ray", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["in-process", "ray-tasks"])
 def test_a_repeated_id_is_loaded_once_from_its_newest_shard(tmp_path, request, monkeypatch, on_ray):
     """Outputs holding an id more than once (shards put together by hand, an older version's
     leftovers): a load takes each id once, the last copy of the newest shard, and says how many

@@ -55,6 +55,22 @@ class ModelSpec:
 
 def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
     """A hub id, a folder saved with `save_pretrained`, or its URI -> its spec (reads no weights)."""
+    return open_model(locate_model(ref, storage_options))
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """Where a model's files are on this machine, found, before any of them is opened."""
+
+    ref: str
+    revision: str
+    local_dir: str
+    storage_options: dict = field(default_factory=dict, repr=False)
+
+
+def locate_model(ref: str, storage_options: dict | None = None) -> ModelFolder:
+    """The model's folder on this machine (fetched from the hub or a store where it is not),
+    or a ConfigError naming what is wrong with `ref`: seconds, without transformers' imports."""
     storage_options = dict(storage_options or {})
     if storage.has_scheme(ref) and not storage.is_local(ref):
         revision = _remote_fingerprint(ref, storage_options)
@@ -66,29 +82,34 @@ def resolve_model(ref: str, storage_options: dict | None = None) -> ModelSpec:
         raise ConfigError(f"{named('model')} {ref}: not a folder; name a folder saved with save_pretrained")
     else:
         revision = os.path.basename(_download(ref, None).rstrip("/"))
-    local_dir = _local_dir(ref, revision, tuple(sorted(storage_options.items())))
+    return ModelFolder(ref, revision, _local_dir(ref, revision, tuple(sorted(storage_options.items()))),
+                       storage_options)
+
+
+def open_model(folder: ModelFolder) -> ModelSpec:
+    """The spec of the model in `folder`, from its configuration, image processor and tokenizer."""
     from transformers import AltCLIPConfig, AutoImageProcessor, AutoTokenizer
 
     try:
-        config = AltCLIPConfig.from_pretrained(local_dir)
-        image_processor = AutoImageProcessor.from_pretrained(local_dir, backend="pil")
-        tokenizer = AutoTokenizer.from_pretrained(local_dir)
+        config = AltCLIPConfig.from_pretrained(folder.local_dir)
+        image_processor = AutoImageProcessor.from_pretrained(folder.local_dir, backend="pil")
+        tokenizer = AutoTokenizer.from_pretrained(folder.local_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"{named('model')} {ref}: not a complete AltCLIP folder ({exc}); save model and processor "
-            "there with save_pretrained"
+            f"{named('model')} {folder.ref}: not a complete AltCLIP folder ({exc}); save model and "
+            "processor there with save_pretrained"
         ) from exc
     text = config.text_config
     # XLM-R positions start after the padding index, so two positions are never used.
     max_tokens = min(tokenizer.model_max_length, text.max_position_embeddings - text.pad_token_id - 1)
     return ModelSpec(
-        ref=ref,
-        revision=revision,
+        ref=folder.ref,
+        revision=folder.revision,
         dim=config.projection_dim,
         preprocessing=ImagePreprocessing.from_image_processor(image_processor),
         max_tokens=max_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        storage_options=storage_options,
+        storage_options=folder.storage_options,
         random_weights=bool(getattr(config, RANDOM_WEIGHTS_KEY, False)),
     )
 

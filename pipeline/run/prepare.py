@@ -13,7 +13,7 @@ import ray
 
 from pipeline import storage
 from pipeline.config import EmbedConfig, named
-from pipeline.embed.model import ModelSpec, resolve_dtype, resolve_model
+from pipeline.embed.model import ModelSpec, locate_model, open_model, resolve_dtype
 from pipeline.embed.provenance import provenance
 from pipeline.read.manifest import Manifest, open_manifest
 from pipeline.run.stages import Placement, configure_ray_data, ensure_ray, plan_placement
@@ -52,12 +52,13 @@ def prepare_run(config: EmbedConfig, progress_bars: bool, check_out: bool = True
         notes = (f"no images: text tower only (name a column of images with {named('image_col')})",)
     if check_out and config.out:
         storage.check_writable(config.out, config.storage_options)
+    folder = locate_model(config.model, config.storage_options)
     ray_running = ray.is_initialized()
-    # The model is opened (transformers' and torch's imports: 2-3 s) while Ray starts (3-5 s,
-    # mostly waiting on its own processes): a model that cannot be opened fails the run a few
-    # seconds later than it would before Ray, and every run starts that much sooner.
+    # The model found, it is opened (transformers' and torch's imports: 2-3 s) while Ray starts
+    # (3-5 s, mostly waiting on its own processes): only a folder whose files transformers
+    # refuses fails after Ray has started.
     with ThreadPoolExecutor(1, thread_name_prefix="open-model") as pool:
-        opening = pool.submit(resolve_model, config.model, config.storage_options)
+        opening = pool.submit(open_model, folder)
         starting = time.perf_counter()
         ensure_ray(config.address, verbose=config.verbose)
         ray_seconds = 0.0 if ray_running else time.perf_counter() - starting
