@@ -285,3 +285,30 @@ def test_pixels_pass_through_one_reused_buffer_without_changing_any_batch(tiny_m
         assert torch.equal(got, expected(pixels))
     # Grown at 3 and at 5 rows only: one buffer per size that outgrew the last.
     assert len(buffers) == 2 and embedder.staging.buffer.numel() == 5 * height * width * 3
+
+
+def test_caption_token_ids_equal_transformers_tokenizer_without_importing_torch(tiny_model):
+    """The tokenizer the decode workers load (tokenizer.json through `tokenizers`) gives the ids
+    transformers' AltCLIP processor gives, on every kind of caption and at every length, and
+    loading it imports neither transformers nor torch."""
+    import subprocess
+    import sys
+
+    from transformers import AltCLIPProcessor
+
+    from pipeline.decode.text import CaptionTokenizer, load_tokenizer, token_ids
+    from tests.fuzz import CAPTIONS
+
+    ours = load_tokenizer(tiny_model)
+    assert isinstance(ours, CaptionTokenizer)
+    reference = AltCLIPProcessor.from_pretrained(tiny_model).tokenizer
+    captions = [*CAPTIONS, LONG_CAPTION, "a red circle", "红色圆形", "<s> a </s> b <mask> <pad>", "", " ",
+                "नमस्ते दुनिया", "مرحبا بالعالم", "ＦＵＬＬ ｗｉｄｔｈ", "e\u0301te\u0301", "a\u200bb"]
+    for max_tokens in (4, 16, 62):
+        assert token_ids(ours, captions, max_tokens) == token_ids(reference, captions, max_tokens), max_tokens
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline.decode.text import load_tokenizer; "
+         f"load_tokenizer({str(tiny_model)!r})(['a red circle']); "
+         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"],
+        capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr

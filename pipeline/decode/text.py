@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import os
+import threading
 import time
 
 import pyarrow as pa
@@ -24,10 +27,64 @@ CHARACTERS_PER_TOKEN = 64
 
 @functools.lru_cache(maxsize=2)
 def load_tokenizer(model_dir: str):
-    """The tokenizer saved with the model; loaded once per worker process."""
+    """The tokenizer saved with the model; loaded once per worker process.
+
+    A folder with `tokenizer.json` (what save_pretrained writes for XLM-R's fast tokenizer) is
+    read by `tokenizers` alone: importing transformers brings torch, 2.3 s of a core and some
+    hundred MB in every decode worker, which needs neither. tests/test_fidelity.py holds its ids
+    equal to transformers' tokenizer's."""
+    eos_token = _eos_token(model_dir)
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")) and eos_token is not None:
+        tokenizer = CaptionTokenizer(os.path.join(model_dir, "tokenizer.json"), eos_token)
+        if tokenizer.eos_token_id is not None:
+            return tokenizer
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _eos_token(model_dir: str) -> str | None:
+    """The end-of-sequence token the saved tokenizer's configuration names (None: not said)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            with open(os.path.join(model_dir, name), encoding="utf-8") as f:
+                token = json.load(f).get("eos_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            return token
+    return None
+
+
+class CaptionTokenizer:
+    """A `tokenizers` tokenizer answering what token_ids asks of transformers' one: the ids of
+    a list of texts, special tokens added, cut at `max_length`; and `eos_token_id`."""
+
+    def __init__(self, path: str, eos_token: str):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.eos_token_id = Tokenizer.from_file(path).token_to_id(eos_token)
+        # One tokenizer per length: truncation is a setting of the tokenizer, and threads (the
+        # server's queries) share this object.
+        self._by_length: dict[int | None, object] = {}
+        self._lock = threading.Lock()
+
+    def _truncating(self, max_length: int | None):
+        with self._lock:
+            if max_length not in self._by_length:
+                from tokenizers import Tokenizer
+
+                tokenizer = Tokenizer.from_file(self.path)
+                if max_length is not None:
+                    tokenizer.enable_truncation(max_length=max_length)
+                self._by_length[max_length] = tokenizer
+            return self._by_length[max_length]
+
+    def __call__(self, texts: list[str], truncation: bool = False, max_length: int | None = None) -> dict:
+        tokenizer = self._truncating(max_length if truncation else None)
+        return {"input_ids": [encoding.ids for encoding in tokenizer.encode_batch(texts)]}
 
 
 def _start_of(caption: str, limit: int) -> str:
