@@ -192,9 +192,10 @@ def test_a_killed_driver_resumes_exactly_once(corpus, tiny_model, uninterrupted,
 def test_ctrl_c_late_in_a_run_keeps_the_partitions_the_towers_finished(corpus, tiny_model, uninterrupted,
                                                                          tmp_path):
     """With the default shard size (far more rows than the job has), writes and commits still
-    run while the towers run: a Ctrl-C at 80% of the rows keeps the partitions finished by
+    run while the towers run: a Ctrl-C past half of the rows keeps the partitions finished by
     then, says so, leaves no process behind, and the rerun does only the rest. Its own Ray, as
-    a user's command has."""
+    a user's command has. (At 80%, in a whole-suite run, all 200 rows reached their commit
+    before the Ctrl-C did, and there was nothing left to resume.)"""
     out = tmp_path / "out"
     args = ["embed", str(corpus), "--out", str(out), "--model", tiny_model, "--dtype", "float32",
             "--batch-size", "10"]
@@ -208,7 +209,7 @@ def test_ctrl_c_late_in_a_run_keeps_the_partitions_the_towers_finished(corpus, t
         for line in process.stdout:
             lines.append(line)
             event = json.loads(line)
-            if event["event"] == "progress" and event["rows_done"] >= 0.8 * ROWS:
+            if event["event"] == "progress" and event["rows_done"] >= ROWS // 2:
                 done_at_kill = event["rows_done"]
                 running = marked_processes(mark)
                 os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
@@ -216,7 +217,7 @@ def test_ctrl_c_late_in_a_run_keeps_the_partitions_the_towers_finished(corpus, t
         lines += process.communicate(timeout=120)[0].splitlines()
         stderr.seek(0)
         err = stderr.read()
-    assert done_at_kill, "the run finished before 80% of its rows could be seen"
+    assert done_at_kill, "the run finished before half of its rows could be seen"
     assert process.returncode == 130, err[-2000:]
     assert "interrupted: what was written so far is kept; run the same command again to resume" in err
     # Everything on stdout, Ray's own processes' output included, is one JSON event per line.
