@@ -213,7 +213,7 @@ def test_local_paths_are_an_allow_list(tmp_path):
     assert _kind(lambda: read_bytes("zip://inside.png::ftp://example.com/x.zip", local)) == "forbidden"
     # fsspec's protocols with `_` in their names are schemes too, not relative paths.
     for uri in [f"arrow_hdfs://namenode/{image}", f"async_wrapper://{image}",
-                f"zip://inside.png::arrow_hdfs://namenode/x.zip"]:
+                "zip://inside.png::arrow_hdfs://namenode/x.zip"]:
         assert _kind(lambda: read_bytes(uri, local)) == "forbidden", uri
 
 
