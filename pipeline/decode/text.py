@@ -65,9 +65,12 @@ class CaptionTokenizer:
         from tokenizers import Tokenizer
 
         self.path = path
-        self.eos_token_id = Tokenizer.from_file(path).token_to_id(eos_token)
+        tokenizer = Tokenizer.from_file(path)
+        self.eos_token_id = tokenizer.token_to_id(eos_token)
         # One tokenizer per length: truncation is a setting of the tokenizer, and threads (the
-        # server's queries) share this object.
+        # server's queries) share this object. The one read here serves the first length asked
+        # for (a run asks for one), so the file (17 MB for XLM-R) is read once.
+        self._unset: object | None = tokenizer
         self._by_length: dict[int | None, object] = {}
         self._lock = threading.Lock()
 
@@ -76,7 +79,8 @@ class CaptionTokenizer:
             if max_length not in self._by_length:
                 from tokenizers import Tokenizer
 
-                tokenizer = Tokenizer.from_file(self.path)
+                tokenizer = self._unset if self._unset is not None else Tokenizer.from_file(self.path)
+                self._unset = None
                 if max_length is not None:
                     tokenizer.enable_truncation(max_length=max_length)
                 self._by_length[max_length] = tokenizer
