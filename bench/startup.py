@@ -6,8 +6,8 @@ a search and a SQL query on a small table, and an embed rerun with nothing to do
 Builds the demo's corpus, outputs and table once (`altclip demo`, the tiny model of random
 weights where BAAI/AltCLIP cannot be loaded), then runs each command `--repeat` times and prints
 the fastest, median and slowest run beside the time the project means it to answer in (met:
-the median is under it). The machine's
-load average before and after is printed: other work moves every figure.
+the median is under it). The machine's load average before and after is printed: other work
+moves every figure.
 """
 
 from __future__ import annotations
@@ -18,23 +18,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
+from bench.fetch import timed
 from jobs.cli import COMMANDS
 
 # Seconds a user should wait at most, on an idle 2-core machine.
 HELP_S = 1.0
 QUERY_S = 5.0
 NOTHING_TO_DO_S = 10.0
-
-
-def timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds
 
 
 def main() -> None:
@@ -62,7 +53,7 @@ def main() -> None:
     print(f"{os.cpu_count()} cores, load average {load:.2f} before; {args.repeat} runs each")
     print(f"{'command':34} {'fastest s':>10} {'median s':>9} {'slowest s':>10} {'target s':>9}  met")
     for name, command, target in cases:
-        runs = sorted(timed(command) for _ in range(args.repeat))
+        runs = sorted(timed(command)[0] for _ in range(args.repeat))
         median = runs[len(runs) // 2]
         met = "yes" if median < target else "no"
         print(f"{name:34} {runs[0]:10.2f} {median:9.2f} {runs[-1]:10.2f} {target:9.1f}  {met}")
